@@ -1,0 +1,115 @@
+"""The backend interface: the small set of kernels that ops call.
+
+Shape convention: images are (N, C, H, W); conv weights are (C_out, C_in, kH, kW).
+
+A backend supplies an array module ``xp`` (numpy or a numpy-compatible library such
+as CuPy) used for simple elementwise work, and the heavy kernels below. Ops and the
+autograd only ever call these methods, so a backend may pick any layout or algorithm
+(im2col, Winograd, NHWC) as long as the results are the same.
+
+Must supply: conv2d, conv2d_grad_input, conv2d_grad_weight, max_pool2d,
+max_pool2d_backward. Everything else has a plain default written with ``xp`` that a
+fast backend may override with a fused kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, padding (top, bottom, left, right) and dilation of a 2-D convolution."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int] = (1, 1)
+
+    def output_hw(self, input_hw, kernel_hw) -> tuple[int, int]:
+        """PyTorch's size rule: floor((H + pads - dilation*(k-1) - 1) / stride) + 1."""
+        (h, w), (kh, kw) = input_hw, kernel_hw
+        top, bottom, left, right = self.padding
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        return (
+            (h + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+            (w + left + right - dw * (kw - 1) - 1) // sw + 1,
+        )
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Window, stride, symmetric padding and dilation of a 2-D max-pool."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def output_hw(self, input_hw) -> tuple[int, int]:
+        """PyTorch's size rule with ceil_mode=False (odd sizes round down)."""
+        conv = ConvGeometry(self.stride, (self.padding[0],) * 2 + (self.padding[1],) * 2,
+                            self.dilation)
+        return conv.output_hw(input_hw, self.kernel)
+
+
+class Backend:
+    """Base class of backends. Subclasses set ``name`` and ``xp`` and fill in the kernels."""
+
+    name = "abstract"
+    xp = None
+
+    # ---- moving data ------------------------------------------------------------
+    def asarray(self, host_array):
+        """A backend array holding a copy (or view) of a host numpy array."""
+        return self.xp.asarray(host_array)
+
+    def to_numpy(self, array):
+        return self.xp.asarray(array)
+
+    # ---- convolution --------------------------------------------------------------
+    def conv2d(self, x, w, geometry: ConvGeometry):
+        """y[n, o] = sum over c, i, j of x_padded[n, c, s*oh + d*i, s*ow + d*j] * w[o, c, i, j]."""
+        raise NotImplementedError
+
+    def conv2d_grad_input(self, dy, w, geometry: ConvGeometry, input_hw):
+        """dL/dx of conv2d given dL/dy; this is also the forward of conv_transpose2d."""
+        raise NotImplementedError
+
+    def conv2d_grad_weight(self, dy, x, geometry: ConvGeometry, kernel_hw):
+        """dL/dw of conv2d given dL/dy and the conv's input x."""
+        raise NotImplementedError
+
+    # ---- pooling ------------------------------------------------------------------
+    def max_pool2d(self, x, geometry: PoolGeometry):
+        """(y, argmax): argmax holds, per output, the flat index h*W + w of its winner."""
+        raise NotImplementedError
+
+    def max_pool2d_backward(self, dy, argmax, input_shape):
+        """Route each output gradient to its winner; overlapping windows add up."""
+        raise NotImplementedError
+
+    # ---- elementwise defaults -------------------------------------------------------
+    def relu(self, x):
+        return self.xp.maximum(x, 0)
+
+    def relu_backward(self, dy, y):
+        """Gradient through ReLU given its output: passes where y > 0 (zero at the kink)."""
+        return dy * (y > 0)
+
+    def sigmoid(self, x):
+        # Two branches keep exp's argument non-positive, so no overflow for large |x|.
+        xp = self.xp
+        e = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+    def log_softmax(self, x, axis):
+        xp = self.xp
+        shifted = x - x.max(axis=axis, keepdims=True)
+        return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+    def softmax(self, x, axis):
+        return self.xp.exp(self.log_softmax(x, axis))
+
+    def bias_grad(self, dy):
+        """Sum of an (N, C, H, W) gradient over everything but C."""
+        return dy.sum(axis=(0, 2, 3))

@@ -1,0 +1,35 @@
+"""The functional API, with ``torch.nn.functional``'s names, arguments and defaults.
+
+    import tinyunet.functional as F
+    y = F.relu(F.conv2d(x, w, b, padding="same"))
+"""
+
+from .ops.activations import log_softmax, relu, sigmoid, softmax
+from .ops.conv import conv2d, conv_transpose2d
+from .ops.losses import (
+    bce_dice_loss,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    dice_loss,
+    iou_loss,
+)
+from .ops.pool import max_pool2d
+from .ops.structural import cat, center_crop, concat
+
+__all__ = [
+    "bce_dice_loss",
+    "binary_cross_entropy_with_logits",
+    "cat",
+    "center_crop",
+    "concat",
+    "conv2d",
+    "conv_transpose2d",
+    "cross_entropy",
+    "dice_loss",
+    "iou_loss",
+    "log_softmax",
+    "max_pool2d",
+    "relu",
+    "sigmoid",
+    "softmax",
+]

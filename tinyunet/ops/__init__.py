@@ -1,0 +1,1 @@
+"""Differentiable ops: one file per family, each Function's backward beside its forward."""

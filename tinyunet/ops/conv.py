@@ -1,0 +1,168 @@
+"""2-D convolution and transposed convolution.
+
+Shapes (PyTorch's):
+    conv2d:            x (N, C_in, H, W), w (C_out, C_in, kH, kW), b (C_out,) -> (N, C_out, Ho, Wo)
+                       Ho = floor((H + pad_top + pad_bottom - dilation*(kH-1) - 1) / stride) + 1
+    conv_transpose2d:  x (N, C_in, H, W), w (C_in, C_out, kH, kW), b (C_out,) -> (N, C_out, Ho, Wo)
+                       Ho = (H-1)*stride - 2*padding + dilation*(kH-1) + output_padding + 1
+
+The two ops are adjoint: the input gradient of a conv is a transposed conv with the
+same weight, and the input gradient of a transposed conv is a conv. So the backend
+needs only three kernels (conv2d, conv2d_grad_input, conv2d_grad_weight) for both.
+"""
+
+from __future__ import annotations
+
+from ..autograd import Function, Tensor
+from ..backends import ConvGeometry
+from ..errors import check
+
+
+def pair(value, name, op):
+    """An int or a pair of ints -> a pair of ints."""
+    if isinstance(value, int):
+        return (value, value)
+    check(
+        isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value),
+        op,
+        f"{name} as an int or a pair of ints",
+        f"{value!r}",
+    )
+    return tuple(value)
+
+
+def _check_conv_inputs(op, x, w, b, weight_in_channels_axis):
+    check(x.ndim == 4, op, "input of rank 4 (N, C, H, W)", f"shape {x.shape}")
+    check(w.ndim == 4, op, "weight of rank 4", f"shape {w.shape}")
+    check(
+        x.shape[1] == w.shape[weight_in_channels_axis],
+        op,
+        f"input channels equal to weight.shape[{weight_in_channels_axis}] = "
+        f"{w.shape[weight_in_channels_axis]} (weight {w.shape})",
+        f"input {x.shape} with {x.shape[1]} channels",
+    )
+    check(x.dtype == w.dtype, op, f"input and weight of one dtype ({x.dtype})",
+          f"input {x.dtype}, weight {w.dtype}")
+    if b is not None:
+        out_channels = w.shape[1 - weight_in_channels_axis]
+        check(b.shape == (out_channels,), op, f"bias of shape ({out_channels},)",
+              f"shape {b.shape}")
+        check(b.dtype == x.dtype, op, f"bias of dtype {x.dtype}", f"{b.dtype}")
+
+
+def _check_positive(op, name, values):
+    check(all(v >= 1 for v in values), op, f"{name} of 1 or more", f"{name} {values}")
+
+
+def conv_geometry(op, input_hw, kernel_hw, stride, padding, dilation) -> ConvGeometry:
+    """Validate conv2d's arguments and resolve ``padding`` to (top, bottom, left, right)."""
+    stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
+    _check_positive(op, "stride", stride)
+    _check_positive(op, "dilation", dilation)
+    if padding == "valid":
+        pads = (0, 0, 0, 0)
+    elif padding == "same":
+        check(stride == (1, 1), op, "stride 1 with padding='same' (as in PyTorch)",
+              f"stride {stride}")
+        # PyTorch puts the odd pixel of an even kernel's padding at the bottom/right.
+        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel_hw, strict=True))
+        pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    else:
+        ph, pw = pair(padding, "padding", op)
+        check(ph >= 0 and pw >= 0, op, "padding of 0 or more", f"padding {(ph, pw)}")
+        pads = (ph, ph, pw, pw)
+    geometry = ConvGeometry(stride, pads, dilation)
+    padded = (input_hw[0] + pads[0] + pads[1], input_hw[1] + pads[2] + pads[3])
+    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_hw, strict=True))
+    check(
+        padded[0] >= reach[0] and padded[1] >= reach[1],
+        op,
+        f"a (dilated) kernel of {reach} that fits in the padded input",
+        f"padded input {padded} from input {tuple(input_hw)}",
+    )
+    return geometry
+
+
+class Conv2d(Function):
+    @staticmethod
+    def forward(ctx, x, w, b=None, geometry=None):
+        ctx.save_for_backward(x, w, geometry, b is not None)
+        y = ctx.backend.conv2d(x, w, geometry)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, geometry, has_bias = ctx.saved
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = ctx.backend.conv2d_grad_input(grad, w, geometry, x.shape[2:]) if need_x else None
+        dw = ctx.backend.conv2d_grad_weight(grad, x, geometry, w.shape[2:]) if need_w else None
+        db = ctx.backend.bias_grad(grad) if has_bias else None
+        return (dx, dw, db) if has_bias else (dx, dw)
+
+
+class ConvTranspose2d(Function):
+    @staticmethod
+    def forward(ctx, x, w, b=None, geometry=None, output_hw=None):
+        ctx.save_for_backward(x, w, geometry, b is not None)
+        y = ctx.backend.conv2d_grad_input(x, w, geometry, output_hw)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, geometry, has_bias = ctx.saved
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = ctx.backend.conv2d(grad, w, geometry) if need_x else None
+        # <conv_t(x, w), g> = <x, conv(g, w)>, so dL/dw is a conv weight-gradient with
+        # the roles of input and output gradient swapped.
+        dw = ctx.backend.conv2d_grad_weight(x, grad, geometry, w.shape[2:]) if need_w else None
+        db = ctx.backend.bias_grad(grad) if has_bias else None
+        return (dx, dw, db) if has_bias else (dx, dw)
+
+
+def _check_groups(op, groups):
+    check(groups == 1, op, "groups=1 (grouped convs are not implemented)", f"groups={groups}")
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups=1) -> Tensor:
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d`` (padding may be 'same'/'valid')."""
+    op = "conv2d"
+    _check_groups(op, groups)
+    _check_conv_inputs(op, input, weight, bias, weight_in_channels_axis=1)
+    geometry = conv_geometry(op, input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    args = (input, weight) if bias is None else (input, weight, bias)
+    return Conv2d.apply(*args, geometry=geometry)
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+                     padding=0, output_padding=0, groups=1, dilation=1) -> Tensor:
+    """Transposed conv, as ``torch.nn.functional.conv_transpose2d``.
+
+    ``output_padding`` must be smaller than ``stride`` (PyTorch also allows values
+    below ``dilation``; that rare case is not supported and raises).
+    """
+    op = "conv_transpose2d"
+    _check_groups(op, groups)
+    _check_conv_inputs(op, input, weight, bias, weight_in_channels_axis=0)
+    stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
+    _check_positive(op, "stride", stride)
+    _check_positive(op, "dilation", dilation)
+    ph, pw = pair(padding, "padding", op)
+    oph, opw = pair(output_padding, "output_padding", op)
+    check(ph >= 0 and pw >= 0, op, "padding of 0 or more", f"padding {(ph, pw)}")
+    check(0 <= oph < stride[0] and 0 <= opw < stride[1], op,
+          f"0 <= output_padding < stride {stride}", f"output_padding {(oph, opw)}")
+    (h, w), (kh, kw) = input.shape[2:], weight.shape[2:]
+    output_hw = (
+        (h - 1) * stride[0] - 2 * ph + dilation[0] * (kh - 1) + oph + 1,
+        (w - 1) * stride[1] - 2 * pw + dilation[1] * (kw - 1) + opw + 1,
+    )
+    check(output_hw[0] >= 1 and output_hw[1] >= 1, op, "a positive output size",
+          f"output size {output_hw} from input {(h, w)}, kernel {(kh, kw)}, padding {(ph, pw)}")
+    geometry = ConvGeometry(stride, (ph, ph, pw, pw), dilation)
+    args = (input, weight) if bias is None else (input, weight, bias)
+    return ConvTranspose2d.apply(*args, geometry=geometry, output_hw=output_hw)

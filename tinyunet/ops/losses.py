@@ -1,0 +1,286 @@
+"""Segmentation losses, each with a fused, hand-written backward.
+
+Shapes: logits (N, C, H, W) (any number of trailing spatial axes works, H and W
+included). Targets are never differentiated.
+
+binary_cross_entropy_with_logits(logits, target)
+    target: same shape as logits, values in [0, 1]. Stable for logits of any size:
+    l = max(z, 0) - z*t + log(1 + exp(-|z|)).
+cross_entropy(logits, target)
+    target: integer class labels (N, H, W); optional class ``weight`` (C,) and
+    ``ignore_index``. 'mean' divides by the summed weights of the counted pixels,
+    as PyTorch does.
+dice_loss / iou_loss (soft Dice and soft Jaccard), ``smooth`` s = 1 by default:
+    One channel (C == 1): p = sigmoid(logits), target (N, 1, H, W) or (N, H, W) in [0, 1].
+        Per sample n, with sums over C, H and W:
+        dice_n = (2*sum(p*t) + s) / (sum(p) + sum(t) + s)
+        iou_n  = (sum(p*t) + s) / (sum(p) + sum(t) - sum(p*t) + s)
+        loss_n = 1 - score_n
+    Several channels (C > 1): p = softmax(logits, dim=1); target is integer labels
+        (N, H, W) (made one-hot) or one-hot (N, C, H, W). The score is computed per
+        sample and per class with sums over H and W, then averaged over the classes
+        (class 0 left out when ``ignore_background=True``): loss_n = 1 - mean_c score_nc.
+    reduction: 'mean' (over the batch, the default), 'sum' or 'none' (one loss per sample).
+bce_dice_loss: bce_weight * BCE + (1 - bce_weight) * Dice; with C > 1 the
+    cross-entropy takes BCE's place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..autograd import Function, Tensor
+from ..errors import check
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(values, reduction):
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
+
+
+def _reduction_grad(grad, reduction, count):
+    """The incoming gradient spread back over the values that were reduced."""
+    return grad / count if reduction == "mean" else grad
+
+
+class BCEWithLogits(Function):
+    @staticmethod
+    def forward(ctx, z, target, weight, pos_weight, reduction):
+        xp = ctx.backend.xp
+        softplus_neg_z = xp.log1p(xp.exp(-xp.abs(z))) + xp.maximum(-z, 0)
+        scale = 1 if pos_weight is None else 1 + (pos_weight - 1) * target
+        loss = (1 - target) * z + scale * softplus_neg_z
+        if weight is not None:
+            loss = loss * weight
+        ctx.save_for_backward(z, target, weight, scale, reduction)
+        return _reduce(loss, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, target, weight, scale, reduction = ctx.saved
+        dz = (1 - target) - scale * ctx.backend.sigmoid(-z)
+        if weight is not None:
+            dz = dz * weight
+        return (dz * _reduction_grad(grad, reduction, z.size),)
+
+
+class CrossEntropy(Function):
+    @staticmethod
+    def forward(ctx, z, labels, weight, ignore_index, reduction):
+        xp = ctx.backend.xp
+        log_p = ctx.backend.log_softmax(z, 1)
+        counted = labels != ignore_index
+        safe_labels = xp.where(counted, labels, 0)
+        picked = xp.take_along_axis(log_p, safe_labels[:, None], axis=1)[:, 0]
+        pixel_weight = counted.astype(z.dtype)
+        if weight is not None:
+            pixel_weight = pixel_weight * weight[safe_labels]
+        loss = -picked * pixel_weight
+        total_weight = pixel_weight.sum()
+        ctx.save_for_backward(log_p, safe_labels, pixel_weight, total_weight, reduction)
+        if reduction == "mean":
+            return loss.sum() / total_weight
+        return _reduce(loss, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_p, labels, pixel_weight, total_weight, reduction = ctx.saved
+        xp = ctx.backend.xp
+        dz = xp.exp(log_p)
+        xp.put_along_axis(
+            dz, labels[:, None], xp.take_along_axis(dz, labels[:, None], axis=1) - 1, axis=1
+        )
+        per_pixel = pixel_weight * _reduction_grad(grad, reduction, total_weight)
+        return (dz * per_pixel[:, None],)
+
+
+def _dice_score(intersection, total, smooth):
+    """Soft Dice and its derivative by p (given t): total = sum(p) + sum(t)."""
+    denominator = total + smooth
+    score = (2 * intersection + smooth) / denominator
+
+    def d_score(t):
+        return (2 * t * denominator - (2 * intersection + smooth)) / denominator**2
+
+    return score, d_score
+
+
+def _iou_score(intersection, total, smooth):
+    """Soft Jaccard and its derivative by p (given t): union = total - intersection."""
+    union = total - intersection + smooth
+    score = (intersection + smooth) / union
+
+    def d_score(t):
+        return (t * union - (intersection + smooth) * (1 - t)) / union**2
+
+    return score, d_score
+
+
+_SCORES = {"dice": _dice_score, "iou": _iou_score}
+
+
+class SoftOverlapLoss(Function):
+    """1 - soft Dice or 1 - soft IoU on sigmoid (C == 1) or softmax (C > 1) probabilities."""
+
+    @staticmethod
+    def forward(ctx, z, target, kind, smooth, class_mask, reduction):
+        backend = ctx.backend
+        binary = z.shape[1] == 1
+        p = backend.sigmoid(z) if binary else backend.softmax(z, 1)
+        # Binary: one score per sample over C, H, W. Multi-class: one per (sample, class).
+        axes = tuple(range(1 if binary else 2, z.ndim))
+        intersection = (p * target).sum(axis=axes, keepdims=True)
+        total = p.sum(axis=axes, keepdims=True) + target.sum(axis=axes, keepdims=True)
+        score, d_score = _SCORES[kind](intersection, total, smooth)
+        score = score.reshape(score.shape[: 1 if binary else 2])
+        if binary:
+            per_sample = 1 - score
+        else:
+            per_sample = 1 - (score * class_mask).sum(axis=1) / class_mask.sum()
+        ctx.save_for_backward(p, target, d_score, binary, class_mask, reduction)
+        return _reduce(per_sample, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, target, d_score, binary, class_mask, reduction = ctx.saved
+        xp = ctx.backend.xp
+        n = p.shape[0]
+        g = _reduction_grad(grad, reduction, n)
+        g = xp.broadcast_to(g, (n,)).reshape((n,) + (1,) * (p.ndim - 1))
+        if binary:
+            dp = -g * d_score(target)
+            return (dp * p * (1 - p),)
+        weights = (class_mask / class_mask.sum()).reshape((1, -1) + (1,) * (p.ndim - 2))
+        dp = -g * weights * d_score(target)
+        return (p * (dp - (dp * p).sum(axis=1, keepdims=True)),)
+
+
+# ---- public functions -------------------------------------------------------------
+
+def _check_reduction(op, reduction):
+    check(reduction in REDUCTIONS, op, f"reduction in {REDUCTIONS}", f"'{reduction}'")
+
+
+def _check_logits(op, logits):
+    check(logits.ndim >= 2, op, "logits of rank 2 or more (N, C, ...)", f"shape {logits.shape}")
+    check(logits.dtype.kind == "f", op, "floating logits", f"dtype {logits.dtype}")
+
+
+def _float_target(op, logits, target):
+    """A target of the logits' shape and dtype, as a raw backend array."""
+    check(target.shape == logits.shape, op, f"target of the logits' shape {logits.shape}",
+          f"target shape {target.shape}")
+    if target.dtype.kind == "f":
+        check(target.dtype == logits.dtype, op, f"target of dtype {logits.dtype}",
+              f"target dtype {target.dtype}")
+    return target.data.astype(logits.data.dtype, copy=False)
+
+
+def _label_target(op, logits, target):
+    n, c, *spatial = logits.shape
+    check(target.shape == (n, *spatial), op,
+          f"integer class labels of shape {(n, *spatial)} for logits {logits.shape}",
+          f"target shape {target.shape}")
+    check(target.dtype.kind in "iu", op, "an integer label dtype", f"dtype {target.dtype}")
+    return target.data.astype(np.int64, copy=False)
+
+
+def _const(value, like: Tensor, op, name, shape=None):
+    if value is None:
+        return None
+    array = value.data if isinstance(value, Tensor) else like.backend.asarray(np.asarray(value))
+    array = array.astype(like.data.dtype, copy=False)
+    if shape is not None:
+        check(tuple(array.shape) == shape, op, f"{name} of shape {shape}",
+              f"shape {tuple(array.shape)}")
+    return array
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight=None,
+                                     reduction: str = "mean", pos_weight=None) -> Tensor:
+    op = "binary_cross_entropy_with_logits"
+    _check_logits(op, input)
+    _check_reduction(op, reduction)
+    return BCEWithLogits.apply(
+        input,
+        target=_float_target(op, input, target),
+        weight=_const(weight, input, op, "weight"),
+        pos_weight=_const(pos_weight, input, op, "pos_weight"),
+        reduction=reduction,
+    )
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight=None, ignore_index: int = -100,
+                  reduction: str = "mean") -> Tensor:
+    op = "cross_entropy"
+    _check_logits(op, input)
+    _check_reduction(op, reduction)
+    return CrossEntropy.apply(
+        input,
+        labels=_label_target(op, input, target),
+        weight=_const(weight, input, op, "weight", shape=(input.shape[1],)),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+
+
+def _overlap_target(op, logits, target):
+    n, c, *spatial = logits.shape
+    if c == 1 and target.shape == (n, *spatial):
+        target = target.reshape(n, 1, *spatial)
+    if c > 1 and target.dtype.kind in "iu":
+        labels = _label_target(op, logits, target)
+        xp = logits.backend.xp
+        one_hot = labels[:, None] == xp.arange(c).reshape((1, c) + (1,) * len(spatial))
+        return one_hot.astype(logits.data.dtype)
+    return _float_target(op, logits, target)
+
+
+def _overlap_loss(kind, logits, target, smooth, ignore_background, reduction):
+    op = f"{kind}_loss"
+    _check_logits(op, logits)
+    _check_reduction(op, reduction)
+    c = logits.shape[1]
+    check(not (ignore_background and c < 3), op,
+          "at least 3 channels with ignore_background=True", f"{c} channel(s)")
+    class_mask = np.ones(c, dtype=logits.dtype)
+    if ignore_background:
+        class_mask[0] = 0
+    return SoftOverlapLoss.apply(
+        logits,
+        target=_overlap_target(op, logits, target),
+        kind=kind,
+        smooth=float(smooth),
+        class_mask=logits.backend.asarray(class_mask),
+        reduction=reduction,
+    )
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0,
+              ignore_background: bool = False, reduction: str = "mean") -> Tensor:
+    """1 - soft Dice; see the module docstring for the exact definition."""
+    return _overlap_loss("dice", logits, target, smooth, ignore_background, reduction)
+
+
+def iou_loss(logits: Tensor, target: Tensor, smooth: float = 1.0,
+             ignore_background: bool = False, reduction: str = "mean") -> Tensor:
+    """1 - soft IoU (Jaccard); see the module docstring for the exact definition."""
+    return _overlap_loss("iou", logits, target, smooth, ignore_background, reduction)
+
+
+def bce_dice_loss(logits: Tensor, target: Tensor, bce_weight: float = 0.5,
+                  smooth: float = 1.0) -> Tensor:
+    """bce_weight * (BCE or cross-entropy) + (1 - bce_weight) * Dice, both batch means."""
+    check(0.0 <= bce_weight <= 1.0, "bce_dice_loss", "bce_weight in [0, 1]", f"{bce_weight}")
+    if logits.shape[1] == 1:
+        n, _, *spatial = logits.shape
+        binary_target = target.reshape(n, 1, *spatial) if target.ndim == logits.ndim - 1 else target
+        pixel = binary_cross_entropy_with_logits(logits, binary_target)
+    else:
+        pixel = cross_entropy(logits, target)
+    return pixel * bce_weight + dice_loss(logits, target, smooth=smooth) * (1 - bce_weight)

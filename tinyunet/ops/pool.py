@@ -1,0 +1,56 @@
+"""2-D max-pooling.
+
+Shapes: x (N, C, H, W) -> y (N, C, Ho, Wo), with PyTorch's rule (ceil_mode=False, so
+odd sizes round down): Ho = floor((H + 2*padding - dilation*(k-1) - 1) / stride) + 1.
+
+The forward keeps, per output, the flat index h*W + w of the input that won. The
+backward sends each output's gradient to exactly that one input. Ties go to the first
+maximum in row-major order within the window (as PyTorch's CPU kernel does). Padding
+counts as -inf, so it never wins.
+"""
+
+from __future__ import annotations
+
+from ..autograd import Function, Tensor
+from ..backends import PoolGeometry
+from ..errors import check
+from .conv import pair
+
+
+class MaxPool2d(Function):
+    @staticmethod
+    def forward(ctx, x, geometry):
+        y, argmax = ctx.backend.max_pool2d(x, geometry)
+        ctx.save_for_backward(argmax, x.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        argmax, input_shape = ctx.saved
+        return (ctx.backend.max_pool2d_backward(grad, argmax, input_shape),)
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
+               ceil_mode=False, return_indices=False) -> Tensor:
+    """Max-pool, as ``torch.nn.functional.max_pool2d`` (``stride`` defaults to the kernel)."""
+    op = "max_pool2d"
+    check(input.ndim == 4, op, "input of rank 4 (N, C, H, W)", f"shape {input.shape}")
+    check(not ceil_mode, op, "ceil_mode=False (ceil_mode is not implemented)", "ceil_mode=True")
+    check(not return_indices, op, "return_indices=False", "return_indices=True")
+    kernel = pair(kernel_size, "kernel_size", op)
+    stride = kernel if stride is None else pair(stride, "stride", op)
+    padding, dilation = pair(padding, "padding", op), pair(dilation, "dilation", op)
+    for name, values in (("kernel_size", kernel), ("stride", stride), ("dilation", dilation)):
+        check(all(v >= 1 for v in values), op, f"{name} of 1 or more", f"{name} {values}")
+    check(
+        all(0 <= p <= k // 2 for p, k in zip(padding, kernel, strict=True)),
+        op,
+        f"0 <= padding <= kernel_size // 2 for kernel {kernel}",
+        f"padding {padding}",
+    )
+    geometry = PoolGeometry(kernel, stride, padding, dilation)
+    ho, wo = geometry.output_hw(input.shape[2:])
+    check(ho >= 1 and wo >= 1, op,
+          f"an input of at least the (dilated) window, kernel {kernel}",
+          f"input {input.shape} with padding {padding}")
+    return MaxPool2d.apply(input, geometry=geometry)

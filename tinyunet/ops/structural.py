@@ -1,0 +1,83 @@
+"""Channel concatenation and center cropping, the glue of a U-Net's skip connections.
+
+Shapes: concat joins (N, C_i, H, W) tensors into (N, sum C_i, H, W) (any ``dim`` works;
+the other sizes must match). center_crop takes (N, C, H, W) to (N, C, h, w), cutting
+(H - h) // 2 rows from the top and the rest from the bottom, the same for columns,
+which is what the paper's unpadded U-Net does to its skips.
+"""
+
+from __future__ import annotations
+
+from ..autograd import Function, Tensor
+from ..errors import check
+
+
+class Concat(Function):
+    @staticmethod
+    def forward(ctx, *arrays, dim):
+        ctx.save_for_backward([a.shape[dim] for a in arrays], dim)
+        return ctx.backend.xp.concatenate(arrays, axis=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, dim = ctx.saved
+        pieces, start = [], 0
+        for size in sizes:
+            index = [slice(None)] * grad.ndim
+            index[dim] = slice(start, start + size)
+            pieces.append(grad[tuple(index)])
+            start += size
+        return tuple(pieces)
+
+
+class CenterCrop(Function):
+    @staticmethod
+    def forward(ctx, x, size):
+        h, w = size
+        top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+        ctx.save_for_backward(x.shape, top, left)
+        return x[:, :, top : top + h, left : left + w]
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, top, left = ctx.saved
+        dx = ctx.backend.xp.zeros(shape, dtype=grad.dtype)
+        dx[:, :, top : top + grad.shape[2], left : left + grad.shape[3]] = grad
+        return (dx,)
+
+
+def concat(tensors, dim: int = 1) -> Tensor:
+    """Join tensors along ``dim`` (default: channels), like ``torch.cat``."""
+    tensors = list(tensors)
+    op = "concat"
+    check(len(tensors) >= 1, op, "at least one tensor", "none")
+    first = tensors[0]
+    check(-first.ndim <= dim < first.ndim, op, f"dim in [-{first.ndim}, {first.ndim})",
+          f"dim {dim}")
+    dim %= first.ndim
+    for t in tensors[1:]:
+        same_rest = t.ndim == first.ndim and all(
+            a == b for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=True)) if i != dim
+        )
+        check(same_rest, op, f"shapes equal to {first.shape} except in dim {dim}",
+              f"shapes {[x.shape for x in tensors]}")
+        check(t.dtype == first.dtype, op, f"tensors of one dtype ({first.dtype})",
+              f"dtypes {[str(x.dtype) for x in tensors]}")
+    return Concat.apply(*tensors, dim=dim)
+
+
+cat = concat
+
+
+def center_crop(input: Tensor, size) -> Tensor:
+    """Cut the central ``size`` = (h, w) (or an int, or a tensor whose H, W to match)."""
+    op = "center_crop"
+    check(input.ndim == 4, op, "input of rank 4 (N, C, H, W)", f"shape {input.shape}")
+    if isinstance(size, Tensor):
+        size = size.shape[2:]
+    elif isinstance(size, int):
+        size = (size, size)
+    h, w = (int(s) for s in size)
+    check(1 <= h <= input.shape[2] and 1 <= w <= input.shape[3], op,
+          f"a crop size between (1, 1) and {input.shape[2:]}", f"size {(h, w)}")
+    return CenterCrop.apply(input, size=(h, w))
