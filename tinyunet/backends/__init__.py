@@ -22,6 +22,8 @@ __all__ = [
 # name -> "module:attribute" of a zero-argument factory that returns the Backend.
 _FACTORIES = {
     "numpy": "tinyunet.backends.numpy_backend:NumpyBackend",
+    "numba": "tinyunet.backends.numba_backend:NumbaBackend",
+    "cuda": "tinyunet.backends.cuda_backend:CudaBackend",
 }
 _instances: dict[str, Backend] = {}
 _default = "numpy"

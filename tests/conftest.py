@@ -1,0 +1,25 @@
+"""Shared fixtures: every backend that can run here, and bounded hypothesis settings."""
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import tinyunet as tu
+
+# Derandomized so that CI sees the same examples every run; bounded so that the whole
+# suite stays within its time budget.
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("ci")
+
+BACKENDS = tu.available_backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each backend available on this machine, by name."""
+    return request.param
