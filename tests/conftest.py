@@ -1,9 +1,15 @@
 """Shared fixtures: every backend that can run here, and bounded hypothesis settings."""
 
-import pytest
-from hypothesis import HealthCheck, settings
+import os
 
-import tinyunet as tu
+# The cuda backend's kernels run under Numba's CUDA simulator unless a real GPU is asked
+# for (NUMBA_ENABLE_CUDASIM=0). It must be set before numba is first imported.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import tinyunet as tu  # noqa: E402
 
 # Derandomized so that CI sees the same examples every run; bounded so that the whole
 # suite stays within its time budget.

@@ -14,7 +14,8 @@ from .ops.losses import (
     iou_loss,
 )
 from .ops.pool import max_pool2d
-from .ops.structural import cat, center_crop, concat
+from .ops.structural import cat, center_crop, concat, pad
+from .ops.upsample import interpolate
 
 __all__ = [
     "bce_dice_loss",
@@ -26,9 +27,11 @@ __all__ = [
     "conv_transpose2d",
     "cross_entropy",
     "dice_loss",
+    "interpolate",
     "iou_loss",
     "log_softmax",
     "max_pool2d",
+    "pad",
     "relu",
     "sigmoid",
     "softmax",

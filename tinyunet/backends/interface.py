@@ -113,3 +113,34 @@ class Backend:
     def bias_grad(self, dy):
         """Sum of an (N, C, H, W) gradient over everything but C."""
         return dy.sum(axis=(0, 2, 3))
+
+    # ---- optimizer updates (in place, over lists of raw arrays) ------------------------
+    def sgd_update(self, params, grads, buffers, lr, momentum, dampening, nesterov,
+                   weight_decay, first_step):
+        """PyTorch's SGD step. ``buffers`` holds one momentum buffer per parameter."""
+        for param, grad, buffer in zip(params, grads, buffers, strict=True):
+            step = grad + weight_decay * param if weight_decay else grad
+            if momentum:
+                if first_step:
+                    buffer[...] = step
+                else:
+                    buffer *= momentum
+                    buffer += (1 - dampening) * step
+                step = step + momentum * buffer if nesterov else buffer
+            param -= lr * step
+
+    def adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                    weight_decay, decoupled):
+        """PyTorch's Adam (L2 weight decay) or AdamW (``decoupled``) step; ``step`` counts from 1."""
+        xp = self.xp
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        for param, grad, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+            if decoupled:
+                param *= 1 - lr * weight_decay
+            elif weight_decay:
+                grad = grad + weight_decay * param
+            m *= beta1
+            m += (1 - beta1) * grad
+            v *= beta2
+            v += (1 - beta2) * grad * grad
+            param -= (lr / bias1) * m / (xp.sqrt(v / bias2) + eps)

@@ -1,0 +1,136 @@
+"""The U-Net of Ronneberger et al. (2015).
+
+Shapes: input (N, in_channels, H, W) -> logits (N, num_classes, h, w).
+
+Level i (0 = top) works on base_channels * 2**i channels. Going down, each level runs
+two 3x3 conv+ReLU and a 2x2 max-pool; the bottom level (i = depth) runs the convs
+only. Going up, a 2x2 stride-2 transposed conv (or, with up='upsample', a bilinear x2
+upsample and a 1x1 conv) halves the channels, the encoder's output at that level is
+joined on by concatenation, and two 3x3 conv+ReLU follow. A 1x1 conv gives the logits.
+
+padding='same': 3x3 convs pad by 1, so h, w == H, W. Sides that are not multiples of
+    2**depth are zero-padded at the bottom/right up to the next multiple, and the
+    logits are cropped back, so any size works.
+padding='valid': the paper's unpadded convs. Each conv loses 2 pixels, each skip is
+    center-cropped to the decoder's size, and the size before every pool must be even
+    (572 x 572 -> 388 x 388 at depth 4). ``output_hw`` and ``valid_input_hw`` give the
+    relation between input and output sizes.
+"""
+
+from __future__ import annotations
+
+from .. import functional as F
+from ..errors import ShapeError, check
+from .layers import Conv2d, ConvTranspose2d, Sequential, Upsample
+from .module import Module
+
+
+class DoubleConv(Module):
+    """Two 3x3 conv + ReLU: the work of one U-Net level."""
+
+    def __init__(self, in_channels, out_channels, padding):
+        super().__init__()
+        conv_padding = 1 if padding == "same" else 0
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=conv_padding)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=conv_padding)
+
+    def forward(self, x):
+        return F.relu(self.conv2(F.relu(self.conv1(x))))
+
+
+class UNet(Module):
+    def __init__(self, in_channels=1, num_classes=1, depth=4, base_channels=64, padding="same",
+                 up="transpose"):
+        super().__init__()
+        check(padding in ("same", "valid"), "UNet", "padding 'same' or 'valid'", f"'{padding}'")
+        check(up in ("transpose", "upsample"), "UNet", "up 'transpose' or 'upsample'", f"'{up}'")
+        check(depth >= 1 and base_channels >= 1 and in_channels >= 1 and num_classes >= 1,
+              "UNet", "depth, base_channels, in_channels and num_classes of 1 or more",
+              f"{depth}, {base_channels}, {in_channels}, {num_classes}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
+                           base_channels=base_channels, padding=padding, up=up)
+        self.depth, self.padding = depth, padding
+        channels = [base_channels * 2**level for level in range(depth + 1)]
+        self.encoders = Sequential(*[
+            DoubleConv(in_channels if level == 0 else channels[level - 1], channels[level], padding)
+            for level in range(depth + 1)
+        ])
+        self.ups = Sequential(*[
+            ConvTranspose2d(channels[level + 1], channels[level], 2, stride=2)
+            if up == "transpose"
+            else Sequential(Upsample(2, "bilinear"), Conv2d(channels[level + 1], channels[level], 1))
+            for level in range(depth)
+        ])
+        self.decoders = Sequential(*[
+            DoubleConv(2 * channels[level], channels[level], padding) for level in range(depth)
+        ])
+        self.head = Conv2d(channels[0], num_classes, 1)
+
+    def forward(self, x):
+        check(x.ndim == 4 and x.shape[1] == self.config["in_channels"], "UNet",
+              f"input (N, {self.config['in_channels']}, H, W)", f"shape {x.shape}")
+        height, width = x.shape[2:]
+        if self.padding == "same":
+            padded_h, padded_w = self.valid_input_hw((height, width))
+            if (padded_h, padded_w) != (height, width):
+                x = F.pad(x, (0, padded_w - width, 0, padded_h - height))
+        else:
+            self.output_hw((height, width))  # raises a clear error for unusable sizes
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if level < self.depth:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        for level in reversed(range(self.depth)):
+            x = self.ups[level](x)
+            skip = skips[level] if self.padding == "same" else F.center_crop(skips[level], x)
+            x = self.decoders[level](F.concat([skip, x], dim=1))
+        logits = self.head(x)
+        if self.padding == "same" and logits.shape[2:] != (height, width):
+            logits = F.pad(logits, (0, width - logits.shape[3], 0, height - logits.shape[2]))
+        return logits
+
+    # ---- size arithmetic ---------------------------------------------------------------
+    def _output_side(self, side: int) -> int | None:
+        """Output side for one input side, or None when the side can't be used."""
+        if self.padding == "same":
+            return side
+        for _ in range(self.depth):
+            side -= 4
+            if side < 2 or side % 2:
+                return None
+            side //= 2
+        side -= 4
+        if side < 1:
+            return None
+        for _ in range(self.depth):
+            side = 2 * side - 4
+            if side < 1:
+                return None
+        return side
+
+    def output_hw(self, input_hw) -> tuple[int, int]:
+        """(h, w) of the logits for an input of ``input_hw``; ShapeError if it can't be used."""
+        sides = [self._output_side(int(s)) for s in input_hw]
+        if None in sides:
+            suggestion = self.valid_input_hw(input_hw)
+            raise ShapeError(
+                f"UNet: Expect: an input size that the unpadded ('valid') U-Net of depth "
+                f"{self.depth} can use: each side minus 4 per conv pair must be even before "
+                f"every pool, e.g. {suggestion}. Actual: {tuple(input_hw)}."
+            )
+        return tuple(sides)
+
+    def valid_input_hw(self, min_hw) -> tuple[int, int]:
+        """The smallest usable input size at least ``min_hw`` (a multiple of 2**depth in 'same')."""
+        def smallest(side):
+            side = max(int(side), 1)
+            if self.padding == "same":
+                step = 2**self.depth
+                return -(-side // step) * step
+            while self._output_side(side) is None:
+                side += 1
+            return side
+
+        return tuple(smallest(s) for s in min_hw)
