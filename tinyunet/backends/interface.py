@@ -131,7 +131,7 @@ class Backend:
 
     def adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                     weight_decay, decoupled):
-        """PyTorch's Adam (L2 weight decay) or AdamW (``decoupled``) step; ``step`` counts from 1."""
+        """PyTorch's Adam (L2 decay) or AdamW (``decoupled``) step; ``step`` counts from 1."""
         xp = self.xp
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         for param, grad, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):

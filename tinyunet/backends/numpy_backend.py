@@ -19,20 +19,28 @@ def _pad(x, top, bottom, left, right, value=0.0):
     return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
 
 
+def _tap(i, j, out_hw, geometry: ConvGeometry):
+    """Slices of the padded input that kernel tap (i, j) reads for every output pixel."""
+    (sh, sw), (dh, dw), (ho, wo) = geometry.stride, geometry.dilation, out_hw
+    return (
+        slice(None),
+        slice(None),
+        slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
+        slice(j * dw, j * dw + sw * (wo - 1) + 1, sw),
+    )
+
+
 def im2col(x, kernel_hw, geometry: ConvGeometry):
     """(N, C, H, W) -> columns (N, C, kH, kW, Ho, Wo) of every receptive field."""
     n, c, h, w = x.shape
     kh, kw = kernel_hw
-    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
     ho, wo = geometry.output_hw((h, w), kernel_hw)
     padded = _pad(x, *geometry.padding)
     cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
     # One strided slice per kernel tap: kH*kW cheap copies instead of N*Ho*Wo small ones.
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, i, j] = padded[
-                :, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw
-            ]
+            cols[:, :, i, j] = padded[_tap(i, j, (ho, wo), geometry)]
     return cols
 
 
@@ -41,13 +49,10 @@ def col2im(cols, input_hw, geometry: ConvGeometry):
     n, c, kh, kw, ho, wo = cols.shape
     h, w = input_hw
     top, bottom, left, right = geometry.padding
-    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
     padded = np.zeros((n, c, h + top + bottom, w + left + right), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            padded[
-                :, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw
-            ] += cols[:, :, i, j]
+            padded[_tap(i, j, (ho, wo), geometry)] += cols[:, :, i, j]
     return padded[:, :, top : top + h, left : left + w]
 
 

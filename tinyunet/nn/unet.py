@@ -58,7 +58,8 @@ class UNet(Module):
         self.ups = Sequential(*[
             ConvTranspose2d(channels[level + 1], channels[level], 2, stride=2)
             if up == "transpose"
-            else Sequential(Upsample(2, "bilinear"), Conv2d(channels[level + 1], channels[level], 1))
+            else Sequential(Upsample(2, "bilinear"),
+                            Conv2d(channels[level + 1], channels[level], 1))
             for level in range(depth)
         ])
         self.decoders = Sequential(*[

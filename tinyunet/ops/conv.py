@@ -22,8 +22,9 @@ def pair(value, name, op):
     """An int or a pair of ints -> a pair of ints."""
     if isinstance(value, int):
         return (value, value)
+    is_pair = isinstance(value, (tuple, list)) and len(value) == 2
     check(
-        isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value),
+        is_pair and all(isinstance(v, int) for v in value),
         op,
         f"{name} as an int or a pair of ints",
         f"{value!r}",
