@@ -110,6 +110,17 @@ class Backend:
     def softmax(self, x, axis):
         return self.xp.exp(self.log_softmax(x, axis))
 
+    def add_bias(self, y, bias):
+        """y + bias[c] on (N, C, H, W); may work in place, since y is a fresh conv output."""
+        y += bias.reshape(1, -1, 1, 1)
+        return y
+
+    def overlap_sums(self, p, t, first_axis):
+        """(sum p*t, sum p, sum t) over the axes from ``first_axis`` on, dims kept (Dice, IoU)."""
+        axes = tuple(range(first_axis, p.ndim))
+        return ((p * t).sum(axis=axes, keepdims=True), p.sum(axis=axes, keepdims=True),
+                t.sum(axis=axes, keepdims=True))
+
     def bias_grad(self, dy):
         """Sum of an (N, C, H, W) gradient over everything but C."""
         return dy.sum(axis=(0, 2, 3))

@@ -89,9 +89,7 @@ class Conv2d(Function):
     def forward(ctx, x, w, b=None, geometry=None):
         ctx.save_for_backward(x, w, geometry, b is not None)
         y = ctx.backend.conv2d(x, w, geometry)
-        if b is not None:
-            y += b.reshape(1, -1, 1, 1)
-        return y
+        return y if b is None else ctx.backend.add_bias(y, b)
 
     @staticmethod
     def backward(ctx, grad):
@@ -108,9 +106,7 @@ class ConvTranspose2d(Function):
     def forward(ctx, x, w, b=None, geometry=None, output_hw=None):
         ctx.save_for_backward(x, w, geometry, b is not None)
         y = ctx.backend.conv2d_grad_input(x, w, geometry, output_hw)
-        if b is not None:
-            y += b.reshape(1, -1, 1, 1)
-        return y
+        return y if b is None else ctx.backend.add_bias(y, b)
 
     @staticmethod
     def backward(ctx, grad):

@@ -91,10 +91,8 @@ class CrossEntropy(Function):
     def backward(ctx, grad):
         log_p, labels, pixel_weight, total_weight, reduction = ctx.saved
         xp = ctx.backend.xp
-        dz = xp.exp(log_p)
-        xp.put_along_axis(
-            dz, labels[:, None], xp.take_along_axis(dz, labels[:, None], axis=1) - 1, axis=1
-        )
+        classes = xp.arange(log_p.shape[1]).reshape((1, -1) + (1,) * (log_p.ndim - 2))
+        dz = xp.exp(log_p) - (labels[:, None] == classes)
         per_pixel = pixel_weight * _reduction_grad(grad, reduction, total_weight)
         return (dz * per_pixel[:, None],)
 
@@ -133,9 +131,8 @@ class SoftOverlapLoss(Function):
         binary = z.shape[1] == 1
         p = backend.sigmoid(z) if binary else backend.softmax(z, 1)
         # Binary: one score per sample over C, H, W. Multi-class: one per (sample, class).
-        axes = tuple(range(1 if binary else 2, z.ndim))
-        intersection = (p * target).sum(axis=axes, keepdims=True)
-        total = p.sum(axis=axes, keepdims=True) + target.sum(axis=axes, keepdims=True)
+        intersection, p_total, t_total = backend.overlap_sums(p, target, 1 if binary else 2)
+        total = p_total + t_total
         score, d_score = _SCORES[kind](intersection, total, smooth)
         score = score.reshape(score.shape[: 1 if binary else 2])
         if binary:
