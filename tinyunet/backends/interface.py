@@ -84,8 +84,11 @@ class Backend:
         """(y, argmax): argmax holds, per output, the flat index h*W + w of its winner."""
         raise NotImplementedError
 
-    def max_pool2d_backward(self, dy, argmax, input_shape):
-        """Route each output gradient to its winner; overlapping windows add up."""
+    def max_pool2d_backward(self, dy, argmax, input_shape, geometry: PoolGeometry):
+        """Route each output gradient to its winner; overlapping windows add up.
+
+        ``geometry`` lets a gather kernel find the windows that cover an input pixel.
+        """
         raise NotImplementedError
 
     # ---- elementwise defaults -------------------------------------------------------

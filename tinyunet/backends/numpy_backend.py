@@ -105,7 +105,7 @@ class NumpyBackend(Backend):
         cols = np.arange(wo)[None, :] * sw - pw + (tap % kw) * dw
         return y, (rows * w + cols).astype(np.int64)
 
-    def max_pool2d_backward(self, dy, argmax, input_shape):
+    def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
         n, c, h, w = input_shape
         dx = np.zeros((n * c, h * w), dtype=dy.dtype)
         plane = np.arange(n * c)[:, None]

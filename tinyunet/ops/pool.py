@@ -21,13 +21,13 @@ class MaxPool2d(Function):
     @staticmethod
     def forward(ctx, x, geometry):
         y, argmax = ctx.backend.max_pool2d(x, geometry)
-        ctx.save_for_backward(argmax, x.shape)
+        ctx.save_for_backward(argmax, x.shape, geometry)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        argmax, input_shape = ctx.saved
-        return (ctx.backend.max_pool2d_backward(grad, argmax, input_shape),)
+        argmax, input_shape, geometry = ctx.saved
+        return (ctx.backend.max_pool2d_backward(grad, argmax, input_shape, geometry),)
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
