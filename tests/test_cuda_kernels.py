@@ -1,0 +1,127 @@
+"""The cuda backend's kernels equal the numpy reference backend.
+
+They run under Numba's CUDA simulator here (conftest.py turns it on), one simulated
+thread costing about a millisecond, so shapes stay small while still crossing the
+padding, the strides and several grid-stride rounds of the 32-thread launch.
+Tolerances: gathers add the same terms as numpy in another order (1e-12 relative in
+float64); the Dice/IoU block reduction sums in float64 partials (1e-12 relative).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinyunet as tu
+from tinyunet.backends import ConvGeometry, PoolGeometry
+
+pytestmark = pytest.mark.skipif("cuda" not in tu.available_backends(),
+                                reason="the cuda backend (GPU or simulator) is not available")
+
+CUDA_EXAMPLES = settings(max_examples=6)
+
+
+@st.composite
+def conv_problems(draw):
+    n, c, o = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - padding[0] - padding[1]), 6))
+    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - padding[2] - padding[3]), 6))
+    seed = draw(st.integers(0, 2**16))
+    return (n, c, h, w), (o, c, kh, kw), ConvGeometry(stride, padding, dilation), seed
+
+
+@CUDA_EXAMPLES
+@given(problem=conv_problems())
+def test_conv_kernels_match_numpy(problem):
+    x_shape, w_shape, geometry, seed = problem
+    cuda, numpy_ = tu.get_backend("cuda"), tu.get_backend("numpy")
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    y = numpy_.conv2d(x, w, geometry)
+    np.testing.assert_allclose(cuda.conv2d(x, w, geometry), y, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(cuda.conv2d_grad_input(dy, w, geometry, x_shape[2:]),
+                               numpy_.conv2d_grad_input(dy, w, geometry, x_shape[2:]),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cuda.conv2d_grad_weight(dy, x, geometry, w_shape[2:]),
+                               numpy_.conv2d_grad_weight(dy, x, geometry, w_shape[2:]),
+                               rtol=1e-12, atol=1e-12)
+
+
+@st.composite
+def pool_problems(draw):
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    geometry = PoolGeometry(kernel, stride, padding, dilation)
+    reach = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, padding, strict=True)]
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)),
+             draw(st.integers(max(1, reach[0]), 6)), draw(st.integers(max(1, reach[1]), 6)))
+    ties = draw(st.booleans())
+    return shape, geometry, ties, draw(st.integers(0, 2**16))
+
+
+@CUDA_EXAMPLES
+@given(problem=pool_problems())
+def test_pool_kernels_match_numpy_including_ties(problem):
+    shape, geometry, ties, seed = problem
+    cuda, numpy_ = tu.get_backend("cuda"), tu.get_backend("numpy")
+    rng = np.random.default_rng(seed)
+    # Few distinct values force ties, which both must break toward the first maximum.
+    x = rng.integers(0, 3, shape).astype(float) if ties else rng.standard_normal(shape)
+    y, argmax = cuda.max_pool2d(x, geometry)
+    y_ref, argmax_ref = numpy_.max_pool2d(x, geometry)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(cuda.max_pool2d_backward(dy, argmax, shape, geometry),
+                               numpy_.max_pool2d_backward(dy, argmax_ref, shape, geometry),
+                               rtol=1e-12, atol=1e-12)
+
+
+@CUDA_EXAMPLES
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5),
+                       st.integers(1, 5)), seed=st.integers(0, 2**16))
+def test_elementwise_and_reduction_kernels(shape, seed):
+    cuda, numpy_ = tu.get_backend("cuda"), tu.get_backend("numpy")
+    rng = np.random.default_rng(seed)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    np.testing.assert_array_equal(cuda.relu(x), numpy_.relu(x))
+    np.testing.assert_array_equal(cuda.relu_backward(dy, numpy_.relu(x)),
+                                  numpy_.relu_backward(dy, numpy_.relu(x)))
+    bias = rng.standard_normal(shape[1])
+    np.testing.assert_allclose(cuda.add_bias(x.copy(), bias), numpy_.add_bias(x.copy(), bias),
+                               rtol=1e-15)
+    p, t = rng.random(shape), (rng.random(shape) > 0.5).astype(float)
+    for first_axis in (1, 2):
+        for ours, ref in zip(cuda.overlap_sums(p, t, first_axis),
+                             numpy_.overlap_sums(p, t, first_axis), strict=True):
+            assert ours.shape == ref.shape
+            np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_kernels_match_numpy(dtype):
+    cuda, numpy_ = tu.get_backend("cuda"), tu.get_backend("numpy")
+    rng = np.random.default_rng(0)
+    shapes = [(3, 2, 3, 3), (3,), (40,)]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    for first_step in (True, False):
+        states = []
+        for backend in (cuda, numpy_):
+            params = [np.linspace(-1, 1, int(np.prod(s))).reshape(s).astype(dtype)
+                      for s in shapes]
+            buffers = [np.full(s, 0.5, dtype) for s in shapes]
+            backend.sgd_update(params, grads, buffers, 0.1, 0.9, 0.1, False, 0.01, first_step)
+            m, v = [np.full(s, 0.1, dtype) for s in shapes], [np.full(s, 0.2, dtype)
+                                                                for s in shapes]
+            backend.adam_update(params, grads, m, v, 3, 0.01, 0.9, 0.999, 1e-8, 0.01, True)
+            states.append(params + buffers + m + v)
+        rtol = 1e-6 if dtype == np.float32 else 1e-12
+        for ours, ref in zip(*states, strict=True):
+            np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol)
