@@ -1,0 +1,160 @@
+"""The command line, run as a user runs it: ``python -m tinyunet ...`` in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyunet
+from tinyunet import cli
+
+Image = pytest.importorskip("PIL.Image")
+
+TINY = ["--epochs", "2", "--batch-size", "4", "--depth", "2", "--base-channels", "4",
+        "--crop", "32", "--synthetic-train", "8", "--synthetic-val", "2",
+        "--synthetic-size", "32"]
+
+
+def run(*args, check=True):
+    done = subprocess.run([sys.executable, "-m", "tinyunet", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny synthetic training run shared by the predict/evaluate tests."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    done = run("train", *TINY, "--out", out)
+    return out, done
+
+
+def test_help_on_every_command():
+    for command in ([], ["train"], ["predict"], ["evaluate"]):
+        done = run(*command, "--help")
+        assert "usage: tinyunet" in done.stdout
+    assert "--resume" in run("train", "--help").stdout
+    assert "--probabilities" in run("predict", "--help").stdout
+
+
+def test_train_writes_its_files_and_reports(trained):
+    out, done = trained
+    for name in ("last.npz", "best.npz", "history.json", "history.csv", "curves.png",
+                 "samples.png"):
+        assert (out / name).is_file(), name
+    assert "final validation Dice" in done.stdout
+    # The progress bar (steps, loss, images/s) goes to stderr.
+    assert "epoch 2/2 [" in done.stderr and "img/s" in done.stderr
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    with Image.open(out / "samples.png") as samples:
+        assert samples.size[0] > samples.size[1] / 2  # three columns, two rows
+
+
+def test_resume_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    run("train", *TINY[2:], "--epochs", "1", "--out", out)
+    done = run("train", "--resume", "--epochs", "2", "--out", out)
+    assert "resuming" in done.stdout and "epoch 2/2" in done.stdout
+    meta = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in meta] == [1, 2]
+    clash = run("train", "--resume", "--depth", "3", "--out", out, check=False)
+    assert clash.returncode == 2 and "--depth is 2, not 3" in clash.stderr
+
+
+def test_predict_writes_masks_of_the_input_size(trained, tmp_path):
+    out, _ = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (45, 37), dtype=np.uint8)).save(inputs / "odd.png")
+    np.save(inputs / "rgb.npy", rng.random((33, 50, 3)))
+    masks = tmp_path / "masks"
+    run("predict", "--checkpoint", out / "best.npz", "--out", masks, "--probabilities",
+        inputs)
+    with Image.open(masks / "odd_mask.png") as mask:
+        assert mask.size == (37, 45)
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    with Image.open(masks / "rgb_mask.png") as mask:
+        assert mask.size == (50, 33)
+    probabilities = np.load(masks / "odd_prob.npy")
+    assert probabilities.shape == (1, 45, 37)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert (masks / "odd_prob.png").is_file()
+
+
+def test_evaluate_scores_each_image_of_a_folder(trained, tmp_path):
+    out, _ = trained
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    from tinyunet.data import SyntheticCells
+
+    cells = SyntheticCells(2, (40, 48), seed=9)
+    for i in range(2):
+        image, mask = cells[i]
+        pixels = (np.clip(image[0], 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(data / "images" / f"cell{i}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(data / "masks" / f"cell{i}.png")
+    scores = tmp_path / "scores.csv"
+    done = run("evaluate", "--checkpoint", out / "best.npz", "--data", data, "--csv", scores)
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("cell0") and lines[2].startswith("cell1")
+    assert lines[3].startswith("mean")
+    rows = scores.read_text().splitlines()
+    assert rows[0] == "image,dice,iou" and rows[-1].startswith("mean,")
+    mean_dice = float(lines[3].split()[1])
+    assert 0 <= mean_dice <= 1
+
+
+def test_train_on_a_data_folder(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    from tinyunet.data import SyntheticCells
+
+    cells = SyntheticCells(5, (40, 40), seed=3)
+    for i in range(5):
+        image, mask = cells[i]
+        np.save(data / "images" / f"c{i}.npy", image[0])
+        Image.fromarray(mask.astype(np.uint8)).save(data / "masks" / f"c{i}.png")
+    out = tmp_path / "run"
+    done = run("train", "--data", data, *TINY[2:], "--epochs", "1", "--out", out)
+    assert "on 4 training and 1 validation images" in done.stdout
+    assert (out / "best.npz").is_file()
+
+
+def test_user_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a checkpoint")
+    done = run("predict", "--checkpoint", bad, "--out", tmp_path, tmp_path, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("tinyunet: error:") and "bad.npz" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = run("train", "--data", tmp_path / "nothing", "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "nothing" in done.stderr and "Traceback" not in done.stderr
+
+    done = run("train", "--backend", "tpu", check=False)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_unavailable_backend_is_named(monkeypatch, capsys):
+    def refuse(name):
+        raise ImportError(f"no module for {name}")
+
+    monkeypatch.setattr(tinyunet, "set_backend", refuse)
+    monkeypatch.setattr(tinyunet, "available_backends", lambda: ["numpy"])
+    assert cli.main(["train", "--backend", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert "--backend cuda: not available" in error and "Available: numpy" in error
+
+
+def test_diverged_training_exits_1_with_a_message(tmp_path):
+    done = run("train", *TINY, "--optimizer", "sgd", "--lr", "1e30", "--schedule", "none",
+               "--out", tmp_path / "run", check=False)
+    assert done.returncode == 1
+    assert "training stopped" in done.stderr and "Traceback" not in done.stderr

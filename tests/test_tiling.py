@@ -1,0 +1,93 @@
+"""Overlap-tile prediction equals whole-image prediction where both fit."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinyunet as tu
+from tinyunet.data.tiling import (
+    logits_to_labels,
+    logits_to_probabilities,
+    predict_logits,
+    predict_tiled,
+    receptive_halo,
+)
+from tinyunet.nn import UNet
+
+
+def _model(padding, num_classes=2, depth=2, up="transpose", seed=0):
+    tu.manual_seed(seed)
+    return UNet(in_channels=1, num_classes=num_classes, depth=depth, base_channels=2,
+                padding=padding, up=up).eval()
+
+
+def _whole(model, image):
+    with tu.no_grad():
+        return model(tu.tensor(image[None])).numpy()[0]
+
+
+@settings(max_examples=6)
+@given(h=st.integers(20, 110), w=st.integers(20, 110), seed=st.integers(0, 1000),
+       up=st.sampled_from(["transpose", "upsample"]))
+def test_same_tiles_equal_the_whole_image(h, w, seed, up):
+    model = _model("same", up=up)
+    image = np.random.default_rng(seed).normal(size=(1, h, w)).astype(np.float32)
+    halo = receptive_halo(2)
+    # Tiles of 2 * halo + 8: several tiles per side for the larger images.
+    tiled = predict_logits(model, image, tile=2 * halo + 8, batch_size=3)
+    np.testing.assert_allclose(tiled, _whole(model, image), rtol=1e-4, atol=1e-5)
+
+
+def test_same_tiles_cover_several_rows_and_columns():
+    """A case that certainly stitches 3x3 tiles, with the image size off the 2**depth grid."""
+    model = _model("same", num_classes=1)
+    image = np.random.default_rng(1).normal(size=(1, 150, 141)).astype(np.float32)
+    tiled = predict_logits(model, image, tile=80, halo=32)
+    np.testing.assert_allclose(tiled, _whole(model, image), rtol=1e-4, atol=1e-5)
+    # A halo too small for the receptive field no longer matches: the check can fail.
+    too_small = predict_logits(model, image, tile=80, halo=4)
+    assert np.abs(too_small - _whole(model, image)).max() > 1e-3
+
+
+@settings(max_examples=5)
+@given(rows=st.integers(0, 12), cols=st.integers(0, 12), seed=st.integers(0, 1000))
+def test_valid_tiles_equal_the_whole_mirrored_image(rows, cols, seed):
+    model = _model("valid")
+    in_hw = model.valid_input_hw((40, 40))
+    out_hw = model.output_hw(in_hw)
+    margin = (in_hw[0] - out_hw[0]) // 2
+    # Output sizes with a usable whole input: the 2**depth grid of valid input sizes.
+    h, w = out_hw[0] + 4 * rows, out_hw[1] + 4 * cols
+    image = np.random.default_rng(seed).normal(size=(1, h, w)).astype(np.float32)
+    mirrored = np.pad(image, ((0, 0), (margin, margin), (margin, margin)), mode="reflect")
+    whole = _whole(model, mirrored)
+    assert whole.shape[1:] == (h, w)
+    tiled = predict_logits(model, image, tile=in_hw[0])
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_valid_prediction_of_an_odd_sized_image_has_its_size():
+    model = _model("valid", num_classes=1)
+    image = np.random.default_rng(2).normal(size=(1, 37, 53)).astype(np.float32)
+    probabilities = predict_tiled(model, image, tile=40)
+    assert probabilities.shape == (1, 37, 53)
+    assert ((probabilities > 0) & (probabilities < 1)).all()
+
+
+def test_probabilities_and_labels():
+    logits = np.random.default_rng(0).normal(size=(3, 5, 6)).astype(np.float32)
+    p = logits_to_probabilities(logits)
+    np.testing.assert_allclose(p.sum(axis=0), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(logits_to_labels(logits), logits.argmax(axis=0))
+    one = logits[:1]
+    np.testing.assert_array_equal(logits_to_labels(one), (one[0] > 0).astype(np.int64))
+    np.testing.assert_allclose(logits_to_probabilities(one), 1 / (1 + np.exp(-one)), rtol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = _model("same")
+    with pytest.raises(ValueError, match=r"predict: Expect: an image of shape \(1, H, W\)"):
+        predict_logits(model, np.zeros((3, 40, 40), dtype=np.float32))
+    with pytest.raises(ValueError, match="larger than 2 \\* halo"):
+        predict_logits(model, np.zeros((1, 200, 200), dtype=np.float32), tile=40, halo=32)

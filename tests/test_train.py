@@ -1,0 +1,242 @@
+"""Training loop: metrics, checkpoints, exact resume, determinism, divergence handling."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinyunet.train import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    _decode,
+    _encode,
+    dice_iou,
+    load_model,
+    one_class_warning,
+    read_checkpoint,
+)
+
+
+def tiny_config(out, **changes):
+    """A run that takes about a second: depth-2 U-Net, 4 base channels, 32-px images."""
+    settings = dict(epochs=2, batch_size=4, depth=2, base_channels=4, crop=32,
+                    synthetic_train=8, synthetic_val=2, synthetic_size=32, lr=3e-3,
+                    out=str(out))
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def quiet_trainer(config):
+    return Trainer(config, log=lambda line: None, progress_stream=False)
+
+
+def weights(model):
+    return {name: value.copy() for name, value in model.state_dict().items()}
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+def test_dice_and_iou_of_known_masks():
+    truth = np.zeros((4, 4), dtype=np.int64)
+    truth[:2] = 1                       # 8 foreground pixels
+    prediction = np.zeros_like(truth)
+    prediction[1:3] = 1                 # 8 predicted, 4 of them right
+    dice, iou = dice_iou(prediction, truth, num_classes=1)
+    assert dice == pytest.approx(2 * 4 / 16) and iou == pytest.approx(4 / 12)
+    assert dice_iou(truth, truth, 1) == (1.0, 1.0)
+    assert dice_iou(np.zeros_like(truth), np.zeros_like(truth), 1) == (1.0, 1.0)
+    assert dice_iou(np.zeros_like(truth), truth, 1) == (0.0, 0.0)
+    # Three classes: the mean over the foreground classes 1 and 2.
+    truth3 = np.array([[0, 1, 1, 2]])
+    prediction3 = np.array([[0, 1, 2, 2]])
+    dice3, iou3 = dice_iou(prediction3, truth3, num_classes=3)
+    assert dice3 == pytest.approx((2 / 3 + 2 / 3) / 2) and iou3 == pytest.approx(0.5)
+
+
+def test_one_class_warning():
+    truth = [np.array([[0, 1], [1, 0]])]
+    assert "all-black" in one_class_warning([np.zeros((2, 2), dtype=int)], truth)
+    assert "foreground" in one_class_warning([np.ones((2, 2), dtype=int)], truth)
+    assert one_class_warning([np.array([[0, 1], [0, 0]])], truth) is None
+    # Nothing to find in the truth either: no warning.
+    assert one_class_warning([np.zeros((2, 2), dtype=int)], [np.zeros((2, 2))]) is None
+
+
+# ---- checkpoint encoding ----------------------------------------------------------------------
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.integers(0, 5) | st.text(max_size=3), children, max_size=3)
+    | st.tuples(children, children),
+    max_leaves=10,
+))
+def test_encode_decode_round_trip(value):
+    arrays = {}
+    tree = json.loads(json.dumps(_encode(value, arrays, "x/")))
+    assert _decode(tree, arrays) == value
+
+
+def test_encode_keeps_arrays_and_numpy_scalars_exact():
+    value = {"state": {0: {"m": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+             "step": np.int64(7), "lr": np.float32(0.1)}
+    arrays = {}
+    decoded = _decode(json.loads(json.dumps(_encode(value, arrays, "o/"))), arrays)
+    np.testing.assert_array_equal(decoded["state"][0]["m"], value["state"][0]["m"])
+    assert decoded["step"] == 7 and decoded["step"].dtype == np.int64
+    assert decoded["lr"].dtype == np.float32 and decoded["lr"] == np.float32(0.1)
+
+
+# ---- training, checkpoints, resume --------------------------------------------------------------
+
+def test_training_writes_checkpoints_history_and_pngs(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    result = quiet_trainer(config).fit()
+    for name in ("last.npz", "best.npz", "history.json", "history.csv", "curves.png",
+                 "samples.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert result["epoch"] == 2 and 0 <= result["val_dice"] <= 1
+    meta, arrays = read_checkpoint(tmp_path / "run" / "last.npz")
+    assert meta["epoch"] == 2 and meta["config"]["depth"] == 2
+    assert meta["model_config"]["base_channels"] == 4
+    assert "rng_state" in meta and "optimizer" in meta
+    assert not list((tmp_path / "run").glob("*.tmp"))  # no temporary file left behind
+
+
+def test_checkpoint_round_trip_restores_the_model(tmp_path):
+    trainer = quiet_trainer(tiny_config(tmp_path / "run", epochs=1))
+    trainer.fit()
+    model, meta = load_model(tmp_path / "run" / "last.npz")
+    assert model.config == trainer.model.config
+    saved, loaded = weights(trainer.model), weights(model)
+    assert saved.keys() == loaded.keys()
+    for name in saved:
+        np.testing.assert_array_equal(saved[name], loaded[name])
+    assert meta["history"] == trainer.history
+
+
+def test_same_seed_same_loss_curve_other_seed_another(tmp_path):
+    runs = [quiet_trainer(tiny_config(tmp_path / f"r{i}", seed=seed, epochs=2))
+            for i, seed in enumerate((5, 5, 6))]
+    for run in runs:
+        run.fit()
+    losses = [[row["train_loss"] for row in run.history] for run in runs]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adam", "cosine"), ("sgd", "step")])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, optimizer, schedule):
+    config = dict(epochs=3, optimizer=optimizer, schedule=schedule)
+    whole = quiet_trainer(tiny_config(tmp_path / "whole", **config))
+    whole.fit()
+
+    interrupted = quiet_trainer(tiny_config(tmp_path / "parts", **config))
+    interrupted.fit(stop_after=1)  # as if killed after the first epoch's checkpoint
+    resumed = quiet_trainer(tiny_config(tmp_path / "parts", **config))
+    resumed.restore(tmp_path / "parts" / "last.npz")
+    assert resumed.epoch == 1
+    resumed.fit()
+
+    # Bit for bit: same weights, same loss curve.
+    final_whole, final_resumed = weights(whole.model), weights(resumed.model)
+    for name in final_whole:
+        np.testing.assert_array_equal(final_resumed[name], final_whole[name], err_msg=name)
+    keys = ("train_loss", "val_loss", "val_dice", "lr")
+    assert ([{k: r[k] for k in keys} for r in resumed.history]
+            == [{k: r[k] for k in keys} for r in whole.history])
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    quiet_trainer(tiny_config(tmp_path / "run", epochs=1)).fit()
+    other = quiet_trainer(tiny_config(tmp_path / "other", base_channels=6))
+    with pytest.raises(CheckpointError, match="base_channels=4.*base_channels=6"):
+        other.restore(tmp_path / "run" / "last.npz")
+
+
+def test_damaged_checkpoints_are_clear_errors(tmp_path):
+    quiet_trainer(tiny_config(tmp_path / "run", epochs=1)).fit()
+    good = tmp_path / "run" / "last.npz"
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.npz: not a tinyunet checkpoint"):
+        load_model(truncated)
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="garbage.npz"):
+        load_model(garbage)
+
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="plain.npz"):
+        load_model(plain)
+
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(tmp_path / "missing.npz")
+
+    # Weights that don't fit the architecture the metadata describes.
+    meta, arrays = read_checkpoint(good)
+    meta["model_config"]["base_channels"] = 5
+    arrays["meta"] = np.array(json.dumps(meta))
+    lying = tmp_path / "lying.npz"
+    np.savez(lying, **arrays)
+    with pytest.raises(CheckpointError, match="do not fit this U-Net"):
+        load_model(lying)
+
+    with zipfile.ZipFile(good) as archive:
+        assert "meta.npy" in archive.namelist()  # one file, readable without pickle
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = quiet_trainer(tiny_config(tmp_path / "run", epochs=3, optimizer="sgd",
+                                        schedule="none"))
+    trainer.fit(stop_after=1)
+    last = tmp_path / "run" / "last.npz"
+    before = last.read_bytes()
+    trainer.optimizer.param_groups[0]["lr"] = 1e30  # a learning rate that must blow up
+    with pytest.raises(TrainingDiverged, match=r"epoch 2.*last good checkpoint.*epoch 1"):
+        trainer.fit()
+    assert last.read_bytes() == before
+    model, meta = load_model(last)
+    assert meta["epoch"] == 1
+    assert all(np.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_nan_in_the_first_epoch_says_nothing_was_saved(tmp_path):
+    trainer = quiet_trainer(tiny_config(tmp_path / "run", lr=1e30, optimizer="sgd",
+                                        schedule="none"))
+    with pytest.raises(TrainingDiverged, match="No checkpoint had been written"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "last.npz").exists()
+
+
+def test_multiclass_and_valid_training_run(tmp_path):
+    config = tiny_config(tmp_path / "multi", classes="multiclass", loss="ce", epochs=1)
+    trainer = quiet_trainer(config)
+    assert trainer.model.config["num_classes"] == 3
+    trainer.fit()
+    config = tiny_config(tmp_path / "valid", padding="valid", crop=8, epochs=1,
+                         loss="dice")
+    trainer = quiet_trainer(config)
+    assert trainer.output_hw[0] < trainer.input_hw[0]
+    result = trainer.fit()
+    assert 0 <= result["val_dice"] <= 1
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(ValueError, match="--loss"):
+        tiny_config("x", loss="hinge").validate()
+    with pytest.raises(ValueError, match="--lr"):
+        tiny_config("x", lr=-1.0).validate()
+    with pytest.raises(ValueError, match="'ce' needs more than two classes"):
+        quiet_trainer(tiny_config("x", loss="ce"))

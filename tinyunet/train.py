@@ -1,0 +1,791 @@
+"""Training: the loop, metrics, checkpoints, resume, history, plots.
+
+    from tinyunet.train import TrainConfig, Trainer
+    result = Trainer(TrainConfig(epochs=5, out="runs/demo")).fit()
+
+Shapes: images (N, C, H, W) float32; masks (N, H, W) int64 class labels; logits
+(N, K, h, w) with K = 1 (binary, sigmoid) or the number of classes (softmax).
+
+Determinism: the model is initialised after ``tinyunet.manual_seed(seed)``; the data
+split, the batch order and every augmentation draw from numpy generators seeded by
+``seed``. The same seed on the same backend gives the same loss curve.
+
+Checkpoints are single ``.npz`` files without pickled objects (loaded with
+``allow_pickle=False``): every array as its own entry and one JSON entry ``meta`` with
+the epoch, the config, the model's constructor arguments, the optimizer's and the
+schedule's state, the training generator's state and the history. Each save writes a
+temporary file in the same folder and renames it over the old one, so a crash never
+leaves a half-written checkpoint. Resuming restores all of it, so an interrupted run
+continues exactly as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import secrets
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import functional as F
+from .autograd import no_grad, tensor
+from .backends import get_backend, set_backend
+from .data.augment import Augmenter
+from .data.folder import FolderDataset, train_val_split
+from .data.synthetic import SyntheticCells
+from .data.tiling import logits_to_labels, predict_logits
+from .errors import ShapeError
+
+CHECKPOINT_FORMAT = "tinyunet-checkpoint"
+CHECKPOINT_VERSION = 1
+LOSSES = ("dice", "iou", "bce", "ce", "dice+bce")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "step")
+# Options that fix the model or the data; a resumed run must keep them.
+RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
+                "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
+                "synthetic_size", "val_fraction")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupted, or does not fit the model asked for."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the weights) became NaN or infinite; the message says what was kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. The defaults are the built-in demo:
+    synthetic cells, a depth-3 U-Net with 16 base channels, about 5 minutes on 2 cores.
+    """
+
+    data: str | None = None          # folder with images/ and masks/; None: synthetic cells
+    classes: str = "binary"          # synthetic masks: 'binary' or 'multiclass' (with borders)
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 3e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9            # SGD only
+    schedule: str = "cosine"
+    loss: str = "dice+bce"
+    depth: int = 3
+    base_channels: int = 16
+    padding: str = "same"
+    up: str = "transpose"
+    crop: int = 64                   # side of the training crops' masks (see _crop_sizes)
+    augment: bool = True
+    elastic_sigma: float = 4.0
+    val_fraction: float = 0.2        # folder data only
+    synthetic_train: int = 96
+    synthetic_val: int = 16
+    synthetic_size: int = 96
+    backend: str | None = None       # None: tinyunet's default backend
+    seed: int = 0
+    out: str = "runs/tinyunet"
+    samples: int = 4                 # validation samples drawn in samples.png
+
+    def validate(self):
+        def need(condition, option, expect, actual):
+            if not condition:
+                raise ValueError(f"{option}: Expect: {expect}. Actual: {actual}.")
+
+        need(self.loss in LOSSES, "--loss", f"one of {LOSSES}", repr(self.loss))
+        need(self.optimizer in OPTIMIZERS, "--optimizer", f"one of {OPTIMIZERS}",
+             repr(self.optimizer))
+        need(self.schedule in SCHEDULES, "--schedule", f"one of {SCHEDULES}",
+             repr(self.schedule))
+        need(self.classes in ("binary", "multiclass"), "--classes",
+             "'binary' or 'multiclass'", repr(self.classes))
+        need(self.padding in ("same", "valid"), "--padding", "'same' or 'valid'",
+             repr(self.padding))
+        need(self.up in ("transpose", "upsample"), "--up", "'transpose' or 'upsample'",
+             repr(self.up))
+        for name in ("epochs", "batch_size", "depth", "base_channels", "crop",
+                     "synthetic_train", "synthetic_val", "synthetic_size"):
+            value = getattr(self, name)
+            need(value >= 1, f"--{name.replace('_', '-')}", ">= 1", value)
+        need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a positive number", self.lr)
+        need(0 < self.val_fraction < 1, "--val-fraction", "a number in (0, 1)",
+             self.val_fraction)
+
+
+# ---- metrics --------------------------------------------------------------------------
+
+def dice_iou(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> tuple[float, float]:
+    """Hard Dice and IoU of one label map (H, W) against the truth (H, W).
+
+    Binary problems (``num_classes`` 1 or 2) score the foreground; multi-class problems
+    average over the foreground classes 1..K-1 that occur in the truth or the prediction.
+    A class absent from both scores 1 (nothing to find, nothing found).
+    """
+    classes = [1] if num_classes <= 2 else range(1, num_classes)
+    dices, ious = [], []
+    for k in classes:
+        p, t = prediction == k, truth == k
+        both, either = np.count_nonzero(p & t), np.count_nonzero(p | t)
+        if either == 0:
+            if num_classes <= 2:
+                return 1.0, 1.0
+            continue
+        dices.append(2 * both / (np.count_nonzero(p) + np.count_nonzero(t)))
+        ious.append(both / either)
+    if not dices:
+        return 1.0, 1.0
+    return float(np.mean(dices)), float(np.mean(ious))
+
+
+def one_class_warning(predictions, truths) -> str | None:
+    """A warning when every prediction is one single class but the truth has several."""
+    predicted = set()
+    for p in predictions:
+        predicted.update(np.unique(p).tolist())
+    true = set()
+    for t in truths:
+        true.update(np.unique(t).tolist())
+    if len(predicted) == 1 and len(true) > 1:
+        (label,) = predicted
+        kind = "all-black masks" if label == 0 else "every pixel foreground"
+        return (
+            f"warning: the model predicts class {label} everywhere on the validation images "
+            f"({kind}). Train longer, change --lr, or use --loss dice+bce, which copes with "
+            "rare foreground better."
+        )
+    return None
+
+
+def loss_function(name: str, num_classes: int):
+    """loss(logits (N, K, h, w), masks (N, h, w) int64) -> scalar Tensor."""
+    if name in ("bce",) and num_classes > 1:
+        raise ValueError(f"--loss: 'bce' needs binary masks, but there are {num_classes} "
+                         "classes; use 'ce', 'dice' or 'dice+bce'.")
+    if name == "ce" and num_classes == 1:
+        raise ValueError("--loss: 'ce' needs more than two classes, but the masks are binary; "
+                         "use 'bce', 'dice' or 'dice+bce'.")
+
+    def target(logits, masks):
+        if num_classes == 1:
+            return tensor(masks[:, None].astype(np.float32), backend=logits.backend)
+        return tensor(masks, backend=logits.backend)
+
+    def loss(logits, masks):
+        t = target(logits, masks)
+        if name == "dice":
+            return F.dice_loss(logits, t)
+        if name == "iou":
+            return F.iou_loss(logits, t)
+        if name == "bce":
+            return F.binary_cross_entropy_with_logits(logits, t)
+        if name == "ce":
+            return F.cross_entropy(logits, t)
+        return F.bce_dice_loss(logits, t)
+
+    return loss
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+def _encode(value, arrays: dict, prefix: str):
+    """A JSON-able tree for ``value``; arrays (and numpy scalars) go into ``arrays``."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        key = f"{prefix}{len(arrays)}"
+        arrays[key] = np.asarray(value)
+        return {"__array__": key}
+    if hasattr(value, "numpy") and callable(value.numpy):  # a Tensor
+        return _encode(value.numpy(), arrays, prefix)
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k, arrays, prefix), _encode(v, arrays, prefix)]
+                             for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, arrays, prefix) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, arrays, prefix) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"__float__": repr(value)}
+        return value
+    raise TypeError(f"checkpoint: cannot store a value of type {type(value).__name__}")
+
+
+def _decode(tree, arrays):
+    if isinstance(tree, list):
+        return [_decode(v, arrays) for v in tree]
+    if isinstance(tree, dict):
+        if "__array__" in tree:
+            array = arrays[tree["__array__"]]
+            return array[()] if array.ndim == 0 else array
+        if "__dict__" in tree:
+            return {_decode(k, arrays): _decode(v, arrays) for k, v in tree["__dict__"]}
+        if "__tuple__" in tree:
+            return tuple(_decode(v, arrays) for v in tree["__tuple__"])
+        if "__float__" in tree:
+            return float(tree["__float__"])
+    return tree
+
+
+def save_checkpoint(path, model, meta: dict, optimizer=None, scheduler=None):
+    """Write ``path`` atomically: weights, optimizer/schedule state and ``meta`` (JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"model/{name}": np.asarray(value)
+              for name, value in model.state_dict().items()}
+    record = dict(meta)
+    record["format"] = CHECKPOINT_FORMAT
+    record["version"] = CHECKPOINT_VERSION
+    record["model_config"] = dict(model.config)
+    if optimizer is not None:
+        record["optimizer"] = _encode(optimizer.state_dict(), arrays, "optim/")
+    if scheduler is not None:
+        record["scheduler"] = _encode(scheduler.state_dict(), arrays, "sched/")
+    arrays["meta"] = np.array(json.dumps(record))
+    # A unique name in the same folder, so the rename is atomic; opened with the user's
+    # usual permissions (mkstemp would make it private).
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temporary, "xb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(meta, arrays) of a checkpoint file, or a CheckpointError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as error:
+        raise CheckpointError(
+            f"{path}: not a tinyunet checkpoint, or a damaged one "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a tinyunet checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              "marker in its metadata)")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: Expect: checkpoint format version "
+                              f"{CHECKPOINT_VERSION}. Actual: {meta.get('version')}.")
+    return meta, arrays
+
+
+def _restore_weights(path, model, meta, arrays):
+    state = {key[len("model/"):]: value for key, value in arrays.items()
+             if key.startswith("model/")}
+    try:
+        model.load_state_dict(state)
+    except (ShapeError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: its weights do not fit this U-Net ({_describe(model.config)}); "
+            f"the checkpoint was saved from {_describe(meta['model_config'])}. {error}"
+        ) from error
+
+
+def _describe(config: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in config.items())
+
+
+def load_model(path, backend=None):
+    """(model, meta): the U-Net saved in checkpoint ``path``, ready for prediction."""
+    from .nn import UNet
+
+    meta, arrays = read_checkpoint(path)
+    try:
+        model = UNet(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its model description is unusable "
+                              f"({type(error).__name__}: {error})") from error
+    _restore_weights(path, model, meta, arrays)
+    if backend is not None:
+        model.to(get_backend(backend))
+    model.eval()
+    return model, meta
+
+
+# ---- progress and plots -----------------------------------------------------------------
+
+class ProgressBar:
+    """A one-line progress bar on stderr: steps, loss and images per second.
+
+    On a terminal the line is redrawn in place; in a log (not a terminal) only the
+    finished line is written, once.
+    """
+
+    def __init__(self, total: int, label: str, stream=None, width: int = 24):
+        self.total, self.label, self.width = total, label, width
+        self.stream = stream or sys.stderr
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.done = 0
+        self.images = 0
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+
+    def line(self, loss: float) -> str:
+        filled = int(self.width * self.done / max(self.total, 1))
+        bar = "#" * filled + "-" * (self.width - filled)
+        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+        return (f"{self.label} [{bar}] {self.done}/{self.total} "
+                f"loss {loss:.4f} {rate:.1f} img/s")
+
+    def update(self, images: int, loss: float):
+        self.done += 1
+        self.images += images
+        now = time.perf_counter()
+        if self.live and (now - self.last_draw > 0.1 or self.done == self.total):
+            self.stream.write("\r" + self.line(loss))
+            self.stream.flush()
+            self.last_draw = now
+
+    def close(self, loss: float):
+        prefix = "\r" if self.live else ""
+        self.stream.write(prefix + self.line(loss) + "\n")
+        self.stream.flush()
+
+
+PALETTE = np.array([[0, 0, 0], [255, 255, 255], [235, 70, 60], [70, 140, 255],
+                    [250, 200, 40], [80, 200, 120], [200, 90, 220], [120, 120, 120]],
+                   dtype=np.uint8)
+
+
+def colour_labels(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) uint8: 0 black, 1 white, 2 red, then more colours."""
+    return PALETTE[np.asarray(labels) % len(PALETTE)]
+
+
+def grey_to_rgb(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) normalised image -> (H, W, 3) uint8 (values clipped to [0, 1])."""
+    pixels = np.clip(image if image.shape[0] == 3 else image[:1].repeat(3, 0), 0, 1)
+    return (np.moveaxis(pixels, 0, -1) * 255).round().astype(np.uint8)
+
+
+def save_sample_grid(path, rows, cell: int = 128):
+    """A PNG with one row per sample: image | truth | prediction.
+
+    ``rows``: list of (image (C, H, W), truth (H, W), prediction (H, W)).
+    """
+    from .data.folder import require_pillow
+
+    Image = require_pillow("writing sample PNGs")
+    from PIL import ImageDraw
+
+    header, gap = 16, 4
+    canvas = Image.new("RGB", (3 * cell + 4 * gap, header + len(rows) * (cell + gap) + gap),
+                       (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+    for column, title in enumerate(("image", "truth", "prediction")):
+        draw.text((gap + column * (cell + gap) + 4, 3), title, fill=(230, 230, 230))
+    for row, (image, truth, prediction) in enumerate(rows):
+        panels = (grey_to_rgb(image), colour_labels(truth), colour_labels(prediction))
+        for column, panel in enumerate(panels):
+            tile = Image.fromarray(panel).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (gap + column * (cell + gap), header + row * (cell + gap)))
+    canvas.save(path)
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> np.ndarray:
+    """About ``count`` round tick values covering [low, high]."""
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = min(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first, last = math.floor(low / step), math.ceil(high / step)
+    return np.arange(first, last + 1) * step
+
+
+def _draw_panel(draw, box, title, epochs, series):
+    """One line chart in ``box`` (left, top, right, bottom): ``series`` is
+    [(label, values, colour)] against ``epochs``.
+    """
+    left, top, right, bottom = box
+    plot_l, plot_t, plot_r, plot_b = left + 50, top + 28, right - 16, bottom - 30
+    values = np.concatenate([np.asarray(v, dtype=float) for _, v, _ in series])
+    values = values[np.isfinite(values)]
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    ticks = _nice_ticks(low, high)
+    y_low, y_high = float(ticks[0]), float(ticks[-1])
+    x_low, x_high = min(epochs), max(max(epochs), min(epochs) + 1)
+
+    def to_xy(epoch, value):
+        x = plot_l + (epoch - x_low) / (x_high - x_low) * (plot_r - plot_l)
+        y = plot_b - (value - y_low) / (y_high - y_low) * (plot_b - plot_t)
+        return x, y
+
+    draw.text((plot_l, top + 6), title, fill=(0, 0, 0))
+    for tick in ticks:
+        _, y = to_xy(x_low, tick)
+        draw.line([(plot_l, y), (plot_r, y)], fill=(225, 225, 225))
+        draw.text((left + 8, y - 6), f"{tick:.3g}", fill=(60, 60, 60))
+    for epoch in _nice_ticks(x_low, x_high, 6):
+        if epoch != int(epoch) or not x_low <= epoch <= x_high:
+            continue
+        x, _ = to_xy(epoch, y_low)
+        draw.line([(x, plot_b), (x, plot_b + 4)], fill=(60, 60, 60))
+        draw.text((x - 6, plot_b + 6), str(int(epoch)), fill=(60, 60, 60))
+    draw.rectangle([plot_l, plot_t, plot_r, plot_b], outline=(60, 60, 60))
+    draw.text(((plot_l + plot_r) // 2 - 14, bottom - 14), "epoch", fill=(60, 60, 60))
+    for index, (label, series_values, colour) in enumerate(series):
+        points = [to_xy(e, v) for e, v in zip(epochs, series_values, strict=True)
+                  if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        # The legend sits in the header row, right of the title, clear of the lines.
+        legend_x = plot_l + 110 + 100 * index
+        draw.line([(legend_x, top + 12), (legend_x + 18, top + 12)], fill=colour, width=2)
+        draw.text((legend_x + 22, top + 6), label, fill=(0, 0, 0))
+
+
+def save_curves(path, history: list[dict]):
+    """A PNG with two charts: train/validation loss and validation Dice/IoU per epoch."""
+    from .data.folder import require_pillow
+
+    Image = require_pillow("writing the training-curve PNG")
+    from PIL import ImageDraw
+
+    epochs = [row["epoch"] for row in history]
+    canvas = Image.new("RGB", (800, 300), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    _draw_panel(draw, (0, 0, 400, 300), "loss", epochs, [
+        ("train", [row["train_loss"] for row in history], (30, 100, 220)),
+        ("validation", [row["val_loss"] for row in history], (240, 130, 30)),
+    ])
+    _draw_panel(draw, (400, 0, 800, 300), "validation score", epochs, [
+        ("Dice", [row["val_dice"] for row in history], (40, 160, 70)),
+        ("IoU", [row["val_iou"] for row in history], (150, 60, 200)),
+    ])
+    canvas.save(path)
+
+
+def write_history(out: Path, history: list[dict]):
+    """history.json and history.csv: one row per epoch."""
+    text = json.dumps(history, indent=1)
+    (out / "history.json").write_text(text + "\n")
+    if history:
+        with open(out / "history.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+
+
+# ---- the trainer ------------------------------------------------------------------------
+
+def build_datasets(config: TrainConfig):
+    """(train, validation) datasets for ``config``: a folder split by seed, or synthetic."""
+    if config.data is not None:
+        return train_val_split(FolderDataset(config.data), config.val_fraction, config.seed)
+    size = (config.synthetic_size, config.synthetic_size)
+    # Separate seeds streams: the validation images are never training images.
+    train = SyntheticCells(config.synthetic_train, size, seed=2 * config.seed,
+                           kind=config.classes)
+    val = SyntheticCells(config.synthetic_val, size, seed=2 * config.seed + 1,
+                         kind=config.classes)
+    return train, val
+
+
+def _seed_model_init(seed: int):
+    import tinyunet
+
+    tinyunet.manual_seed(seed)
+
+
+def _make_optimizer(config: TrainConfig, parameters):
+    from . import optim
+
+    if config.optimizer == "sgd":
+        return optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                         weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(config: TrainConfig, optimizer):
+    from . import optim
+
+    if config.schedule == "cosine":
+        return optim.CosineAnnealingLR(optimizer, T_max=config.epochs,
+                                       eta_min=config.lr * 0.01)
+    if config.schedule == "step":
+        return optim.StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.3)
+    return None
+
+
+class Trainer:
+    """Trains a U-Net as ``config`` says; ``fit()`` runs the epochs.
+
+    ``log`` receives the per-epoch summary lines (default: print to stdout); the progress
+    bar goes to ``progress_stream`` (default stderr), or nowhere when it is False.
+    """
+
+    def __init__(self, config: TrainConfig, log=print, progress_stream=None):
+        from .nn import UNet
+
+        config.validate()
+        self.config = config
+        self.log = log
+        self.progress_stream = progress_stream
+        if config.backend is not None:
+            set_backend(config.backend)
+        self.backend = get_backend()
+        self.out = Path(config.out)
+
+        self.train_set, self.val_set = build_datasets(config)
+        self.num_classes = self.train_set.num_classes
+        _seed_model_init(config.seed)
+        self.model = UNet(in_channels=self.train_set.in_channels,
+                          num_classes=self.num_classes, depth=config.depth,
+                          base_channels=config.base_channels, padding=config.padding,
+                          up=config.up)
+        self.optimizer = _make_optimizer(config, list(self.model.parameters()))
+        self.scheduler = _make_scheduler(config, self.optimizer)
+        self.loss_fn = loss_function(config.loss, self.num_classes)
+
+        self.input_hw, self.output_hw = _crop_sizes(self.model, config.crop)
+        self.augment = Augmenter(
+            crop=self.input_hw,
+            flip=config.augment,
+            elastic_p=0.5 if config.augment else 0.0,
+            elastic_sigma=config.elastic_sigma,
+            jitter=config.augment,
+        )
+        # One generator for batch order and augmentation; its state is checkpointed.
+        self.rng = np.random.default_rng([config.seed, 1])
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best_dice = -1.0
+        self.best_epoch = 0
+
+    # -- checkpoints --
+    def _meta(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "config": dataclasses.asdict(self.config),
+            "history": self.history,
+            "best_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "rng_state": self.rng.bit_generator.state,
+            "num_classes": self.num_classes,
+            "in_channels": self.train_set.in_channels,
+            "backend": self.backend.name,
+        }
+
+    def save(self, path):
+        save_checkpoint(path, self.model, self._meta(), self.optimizer, self.scheduler)
+
+    def restore(self, path):
+        """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG, history."""
+        meta, arrays = read_checkpoint(path)
+        if meta["model_config"] != dict(self.model.config):
+            raise CheckpointError(
+                f"{path}: it holds a U-Net with {_describe(meta['model_config'])}, "
+                f"but this run builds one with {_describe(self.model.config)}"
+            )
+        _restore_weights(path, self.model, meta, arrays)
+        self.model.to(self.backend)
+        try:
+            self.optimizer.load_state_dict(_decode(meta["optimizer"], arrays))
+            if self.scheduler is not None and "scheduler" in meta:
+                self.scheduler.load_state_dict(_decode(meta["scheduler"], arrays))
+            self.rng.bit_generator.state = meta["rng_state"]
+        except (KeyError, ValueError, TypeError, ShapeError) as error:
+            raise CheckpointError(f"{path}: its optimizer or generator state does not fit "
+                                  f"this run ({type(error).__name__}: {error})") from error
+        self.epoch = int(meta["epoch"])
+        self.history = list(meta["history"])
+        self.best_dice = float(meta["best_dice"])
+        self.best_epoch = int(meta["best_epoch"])
+
+    # -- one epoch --
+    def _batch(self, indices):
+        images, masks = [], []
+        for index in indices:
+            image, mask = self.train_set[int(index)]
+            image, mask = self.augment(image, mask, self.rng)
+            images.append(image)
+            masks.append(_center_crop(mask, self.output_hw))
+        return np.stack(images), np.stack(masks)
+
+    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
+        where = f"epoch {self.epoch + 1}" + (f", step {step}" if step is not None else "")
+        last = self.out / "last.npz"
+        if last.is_file():
+            kept = (f"The last good checkpoint, {last} (epoch {self.epoch}), was kept "
+                    "as it was.")
+        else:
+            kept = "No checkpoint had been written yet (it diverged in the first epoch)."
+        lr = self.optimizer.param_groups[0]["lr"]
+        return TrainingDiverged(f"{what} at {where}: training stopped. {kept} "
+                                f"Try a lower --lr (it was {lr:g}).")
+
+    def train_epoch(self) -> tuple[float, float]:
+        """One pass over the training set; (mean loss, images per second)."""
+        self.model.train()
+        n = len(self.train_set)
+        order = self.rng.permutation(n)
+        steps = math.ceil(n / self.config.batch_size)
+        bar = None
+        if self.progress_stream is not False:
+            bar = ProgressBar(steps, f"epoch {self.epoch + 1}/{self.config.epochs}",
+                              self.progress_stream)
+        total, loss_value = 0.0, float("nan")
+        started = time.perf_counter()
+        for step in range(steps):
+            chunk = order[step * self.config.batch_size : (step + 1) * self.config.batch_size]
+            images, masks = self._batch(chunk)
+            # Overflow is caught below as a non-finite loss, with a clearer message than
+            # numpy's warnings.
+            with np.errstate(over="ignore", invalid="ignore"):
+                logits = self.model(tensor(images, backend=self.backend))
+                loss = self.loss_fn(logits, masks)
+                loss_value = float(loss.item())
+                if not math.isfinite(loss_value):
+                    if bar is not None:
+                        bar.close(loss_value)
+                    raise self._diverged(f"the loss became {loss_value}", step + 1)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+            total += loss_value * len(chunk)
+            if bar is not None:
+                bar.update(len(chunk), loss_value)
+        if bar is not None:
+            bar.close(total / n)
+        return total / n, n / max(time.perf_counter() - started, 1e-9)
+
+    def evaluate(self, dataset=None):
+        """Validation loss and per-image Dice/IoU; also the label maps for plots."""
+        dataset = self.val_set if dataset is None else dataset
+        self.model.eval()
+        losses, dices, ious, predictions, truths = [], [], [], [], []
+        for index in range(len(dataset)):
+            image, mask = dataset[index]
+            logits = predict_logits(self.model, image)
+            with no_grad():
+                loss = self.loss_fn(tensor(logits[None], backend=self.backend), mask[None])
+            losses.append(float(loss.item()))
+            labels = logits_to_labels(logits)
+            dice, iou = dice_iou(labels, mask, self.num_classes)
+            dices.append(dice)
+            ious.append(iou)
+            predictions.append(labels)
+            truths.append(mask)
+        return {
+            "loss": float(np.mean(losses)),
+            "dice": float(np.mean(dices)),
+            "iou": float(np.mean(ious)),
+            "dices": dices,
+            "ious": ious,
+            "predictions": predictions,
+            "truths": truths,
+        }
+
+    def _check_weights(self):
+        for name, parameter in self.model.named_parameters():
+            if not np.isfinite(parameter.numpy()).all():
+                raise self._diverged(f"the weight {name} became NaN or infinite")
+
+    # -- the run --
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train up to ``config.epochs`` (or ``stop_after`` more epochs, which simulates an
+        interruption); save last/best checkpoints, history and PNGs after every epoch.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        first = self.epoch
+        result = None
+        while self.epoch < self.config.epochs:
+            if stop_after is not None and self.epoch - first >= stop_after:
+                break
+            started = time.perf_counter()
+            train_loss, rate = self.train_epoch()
+            self._check_weights()
+            result = self.evaluate()
+            if not math.isfinite(result["loss"]):
+                raise self._diverged(f"the validation loss became {result['loss']}")
+            lr = self.optimizer.param_groups[0]["lr"]
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.epoch += 1
+            self.history.append({
+                "epoch": self.epoch,
+                "train_loss": train_loss,
+                "val_loss": result["loss"],
+                "val_dice": result["dice"],
+                "val_iou": result["iou"],
+                "lr": lr,
+                "images_per_s": rate,
+                "seconds": time.perf_counter() - started,
+            })
+            improved = result["dice"] > self.best_dice
+            if improved:
+                self.best_dice, self.best_epoch = result["dice"], self.epoch
+            self.save(self.out / "last.npz")
+            if improved:
+                self.save(self.out / "best.npz")
+            self._write_reports(result)
+            self.log(
+                f"epoch {self.epoch}/{self.config.epochs}  train loss {train_loss:.4f}  "
+                f"val loss {result['loss']:.4f}  val Dice {result['dice']:.4f}  "
+                f"IoU {result['iou']:.4f}  ({self.history[-1]['seconds']:.1f} s)"
+            )
+        if result is None:
+            result = self.evaluate()
+        warning = one_class_warning(result["predictions"], result["truths"])
+        return {
+            "epoch": self.epoch,
+            "val_dice": result["dice"],
+            "val_iou": result["iou"],
+            "best_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "warning": warning,
+            "out": str(self.out),
+        }
+
+    def _write_reports(self, result):
+        write_history(self.out, self.history)
+        try:
+            save_curves(self.out / "curves.png", self.history)
+            rows = [(self.val_set[i][0], result["truths"][i], result["predictions"][i])
+                    for i in range(min(self.config.samples, len(self.val_set)))]
+            save_sample_grid(self.out / "samples.png", rows)
+        except ImportError as error:
+            if not getattr(self, "_warned_pillow", False):
+                self.log(f"note: {error}; skipping the PNG plots")
+                self._warned_pillow = True
+
+
+def _crop_sizes(model, side: int):
+    """(input (H, W), output (h, w)): the smallest input whose output is at least
+    ``side`` x ``side``. In 'same' mode both are ``side`` (rounded up to a usable size).
+    """
+    input_hw = model.valid_input_hw((side, side))
+    output_hw = model.output_hw(input_hw)
+    while min(output_hw) < side:
+        input_hw = model.valid_input_hw((input_hw[0] + 1, input_hw[1] + 1))
+        output_hw = model.output_hw(input_hw)
+    return input_hw, output_hw
+
+
+def _center_crop(mask: np.ndarray, hw) -> np.ndarray:
+    """The central (h, w) part of ``mask`` (H, W), cut as the 'valid' U-Net cuts."""
+    h, w = hw
+    top, left = (mask.shape[0] - h) // 2, (mask.shape[1] - w) // 2
+    return mask[top : top + h, left : left + w]
