@@ -1,0 +1,161 @@
+"""GPU benchmark: the cuda backend's kernels and training step, and PyTorch on the same GPU.
+
+    python -m benchmarks.gpu [--configs A B C] [--no-write]
+    NUMBA_ENABLE_CUDASIM=1 python -m benchmarks.gpu --smoke      # no GPU: a tiny smoke run
+
+Per-op figures time the backend's kernels (im2col + cuBLAS GEMM + col2im for convs,
+max-pool forward/backward, ReLU) with CUDA events, as the median of many runs after a
+warm-up. The training step is the one of benchmarks.train_step (configs A, B, C): zero_grad,
+forward, soft-Dice loss, backward, SGD-momentum step, timed until the GPU is idle.
+When PyTorch with CUDA is installed, the same ops and model run in the same process,
+alternating with ours, and the ratio (PyTorch time / ours) is printed.
+
+Under the simulator (``--smoke``) the shapes are tiny and the timings mean nothing;
+it only proves that the script and every kernel launch run. It writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from .common import median, table, write_section
+from .train_step import CONFIGS, Config, tinyunet_runs, torch_runs
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+SMOKE_CONFIG = Config(depth=2, base=2, batch=1, size=8, repeats=2)
+
+
+def gpu_timer(torch=None):
+    """Seconds of one call: CUDA events on a GPU, the host clock when simulated."""
+    if SIMULATED:
+        def host(run):
+            start = time.perf_counter()
+            run()
+            return time.perf_counter() - start
+
+        return host
+    import cupy
+
+    def events(run):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        if torch is not None:
+            torch.cuda.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) / 1e3
+
+    return events
+
+
+def timed(runs: dict, repeats: int, timer) -> dict:
+    """name -> median seconds, alternating the runs, after one warm-up call each."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timer(run))
+    return {name: median(values) for name, values in times.items()}
+
+
+def op_runs(backend, rng, n, c, o, size):
+    """Zero-argument closures of the kernels behind one U-Net level."""
+    from tinyunet.backends import ConvGeometry, PoolGeometry
+
+    xp = backend.xp
+    x = backend.asarray(rng.standard_normal((n, c, size, size), dtype=np.float32))
+    w = backend.asarray(rng.standard_normal((o, c, 3, 3), dtype=np.float32))
+    same = ConvGeometry((1, 1), (1, 1, 1, 1))
+    dy = xp.ones((n, o, size, size), dtype=np.float32)
+    pool = PoolGeometry((2, 2), (2, 2))
+    pooled, argmax = backend.max_pool2d(x, pool)
+    return {
+        "conv3x3 forward": lambda: backend.conv2d(x, w, same),
+        "conv3x3 grad input": lambda: backend.conv2d_grad_input(dy, w, same, (size, size)),
+        "conv3x3 grad weight": lambda: backend.conv2d_grad_weight(dy, x, same, (3, 3)),
+        "max-pool forward": lambda: backend.max_pool2d(x, pool),
+        "max-pool backward": lambda: backend.max_pool2d_backward(
+            xp.ones_like(pooled), argmax, x.shape, pool),
+        "relu": lambda: backend.relu(x),
+    }
+
+
+def import_torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, few repeats, nothing written (for the simulator)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args(argv)
+
+    import tinyunet as tu
+
+    backend = tu.get_backend("cuda")
+    torch = None if SIMULATED else import_torch_cuda()
+    timer = gpu_timer(torch)
+    repeats = 2 if args.smoke else 50
+    rng = np.random.default_rng(0)
+
+    level = (1, 2, 2, 6) if args.smoke else (8, 64, 64, 128)
+    ours = timed(op_runs(backend, rng, *level), repeats, timer)
+    op_rows = [[name, f"{seconds * 1e3:.3f}"] for name, seconds in ours.items()]
+    print(table(["op (N, C, O, size) = " + str(level), "ms (median)"], op_rows))
+
+    step_rows = []
+    configs = {"smoke": SMOKE_CONFIG} if args.smoke else {k: CONFIGS[k] for k in args.configs}
+    for name, config in configs.items():
+        train_step, inference = tinyunet_runs(config, "cuda")
+        runs = {"tinyunet train": train_step, "tinyunet inference": inference}
+        if torch is not None:
+            torch_train, torch_inference = torch_runs(config, torch, device="cuda")
+            runs.update({"torch train": torch_train, "torch inference": torch_inference})
+        seconds = timed(runs, config.repeats if args.smoke else 3 * config.repeats, timer)
+        row = [name, f"{seconds['tinyunet train'] * 1e3:.2f}",
+               f"{config.batch / seconds['tinyunet train']:.1f}",
+               f"{seconds['tinyunet inference'] * 1e3:.2f}"]
+        if torch is not None:
+            row += [f"{seconds['torch train'] * 1e3:.2f}",
+                    f"{seconds['torch train'] / seconds['tinyunet train']:.2f}x"]
+        step_rows.append(row)
+    header = ["config", "train step ms", "img/s", "inference ms"]
+    if torch is not None:
+        header += ["torch train step ms", "speed-up vs torch"]
+    print(table(header, step_rows))
+
+    if args.smoke or args.no_write:
+        return
+    import cupy
+
+    device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    body = "\n".join([
+        "## GPU (cuda backend)",
+        "",
+        f"- GPU: {device}; CuPy {cupy.__version__}; PyTorch "
+        + (torch.__version__ if torch else "with CUDA not installed"),
+        "- Command: `python -m benchmarks.gpu " + " ".join(argv or []) + "`",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M')}; medians of CUDA-event timings",
+        "",
+        table(["op (N, C, O, size) = " + str(level), "ms (median)"], op_rows),
+        "",
+        table(header, step_rows),
+    ])
+    write_section("gpu", body)
+    print("wrote benchmarks/RESULTS.md (section 'gpu')")
+
+
+if __name__ == "__main__":
+    main()
