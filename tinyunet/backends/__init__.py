@@ -7,6 +7,8 @@ so that importing tinyunet needs numpy alone.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 
 from .interface import Backend, ConvGeometry, PoolGeometry
 
@@ -26,7 +28,18 @@ _FACTORIES = {
     "cuda": "tinyunet.backends.cuda_backend:CudaBackend",
 }
 _instances: dict[str, Backend] = {}
-_default = "numpy"
+
+
+def _cpu_default() -> str:
+    """'numba' when numba is installed, else 'numpy' with a one-line notice on stderr."""
+    if importlib.util.find_spec("numba") is not None:
+        return "numba"
+    print("tinyunet: numba is not installed, so the default backend is the slower 'numpy' "
+          "(pip install 'tinyunet[fast]' for 'numba').", file=sys.stderr)
+    return "numpy"
+
+
+_default = _cpu_default()
 
 
 def _create(name: str) -> Backend:

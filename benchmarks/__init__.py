@@ -1,0 +1,8 @@
+"""Benchmarks of tinyunet against its own backends and, when installed, PyTorch.
+
+    python -m benchmarks.ops          # per-op forward/backward, GFLOP/s, % of sgemm
+    python -m benchmarks.train_step   # U-Net training steps (configs A, B, C) vs PyTorch
+
+Each writes its own section of benchmarks/RESULTS.md. Timings are medians over
+repeats that interleave the competitors, so machine noise hits all of them alike.
+"""

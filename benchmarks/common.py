@@ -1,0 +1,139 @@
+"""Shared helpers of the benchmarks: timing, machine facts, sgemm peak, RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def import_torch(threads: int):
+    """PyTorch with ``threads`` intra-op threads, or None when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def compute_threads() -> int:
+    """Threads our numba kernels use (NUMBA_NUM_THREADS, else the core count)."""
+    try:
+        import numba
+
+        import tinyunet as tu
+
+        # Load the backend (and its choice of numba threading layer) before numba's
+        # thread pool is first started by get_num_threads.
+        tu.get_backend("numba")
+        return numba.get_num_threads()
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+# Seconds of rest before each timed call. Thread pools keep spinning for a while after
+# their last task (OpenBLAS's workers for about 0.1 s, PyTorch's OpenMP threads a few
+# ms), and on 2 cores that spinning slowed whichever competitor ran next by up to 5x
+# (measured: PyTorch's 3 ms conv took 27 ms right after one of ours, 5 ms after 0.2 s).
+REST = 0.2
+
+
+def interleaved(runs: dict, repeats: int, warmup: int = 1) -> dict:
+    """Time each zero-argument callable in ``runs``, round-robin, ``repeats`` times.
+
+    Returns name -> sorted list of seconds. Round-robin order means a noisy moment on
+    a shared machine slows all competitors, not just one.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            time.sleep(REST)
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values) for name, values in times.items()}
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def sgemm_gflops(size: int = 1024, repeats: int = 7) -> float:
+    """Median GFLOP/s of a float32 size^3 GEMM in numpy (BLAS), measured now."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    seconds = interleaved({"sgemm": lambda: a @ b}, repeats)["sgemm"]
+    return 2 * size**3 / median(seconds) / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_lines(threads: int, torch) -> list[str]:
+    """Markdown bullet lines describing the machine and the software."""
+    import numba
+
+    blas = "unknown"
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]["name"]
+    except Exception:  # noqa: BLE001 - only a label; older numpy has no mode="dicts"
+        pass
+    env = ", ".join(f"{k}={os.environ[k]}" for k in
+                    ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                    if k in os.environ) or "none set"
+    return [
+        f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; {platform.system()} "
+        f"{platform.release()}",
+        f"- Python {platform.python_version()}, numpy {np.__version__} ({blas}), "
+        f"numba {numba.__version__} (threading layer {numba.threading_layer()})",
+        "- PyTorch: " + (f"{torch.__version__}, {torch.get_num_threads()} threads"
+                         if torch else "not installed"),
+        f"- Threads: {threads} for numba kernels and PyTorch; thread env vars: {env}",
+        f"- Command: `python -m {' '.join([_module_name(), *sys.argv[1:]])}`",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M')}",
+    ]
+
+
+def _module_name() -> str:
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec else Path(sys.argv[0]).stem
+
+
+def write_section(name: str, body: str):
+    """Replace (or append) the section ``name`` of RESULTS.md, keeping the others."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else (
+        "# Benchmark results\n\nWritten by the benchmarks themselves; regenerate with the "
+        "commands below.\n\n")
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block
+    RESULTS.write_text(text)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Per-op benchmark: forward and backward of U-Net-typical layers on every CPU backend.
+
+    python -m benchmarks.ops [--repeats 7] [--no-write]
+
+For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends and, when
+installed, PyTorch (same thread count), round-robin. Conv rows report GFLOP/s of
+the conv arithmetic (2*N*O*C*kH*kW*Ho*Wo per pass; backward = input + weight
+gradients = 2 passes) and the percentage of a float32 GEMM measured in the same run.
+The table goes into the "ops" section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import tinyunet as tu
+from tinyunet.backends import ConvGeometry, PoolGeometry
+
+from .common import (
+    compute_threads,
+    import_torch,
+    interleaved,
+    machine_lines,
+    median,
+    sgemm_gflops,
+    table,
+    write_section,
+)
+
+# (label, N, C_in, C_out, H, W): the 3x3 'same' convs of configs A and B.
+CONV3 = [
+    ("A level 0, 16->16", 4, 16, 16, 128, 128),
+    ("A level 0 up, 32->16", 4, 32, 16, 128, 128),
+    ("A level 1, 32->32", 4, 32, 32, 64, 64),
+    ("A level 2, 64->64", 4, 64, 64, 32, 32),
+    ("A level 3, 128->128", 4, 128, 128, 16, 16),
+    ("A bottom, 256->256", 4, 256, 256, 8, 8),
+    ("B level 1, 64->64", 2, 64, 64, 128, 128),
+]
+# (label, N, C_in, C_out, H, W) of the input of a 2x2 stride-2 transposed conv.
+UPCONV = [
+    ("A up to level 0, 32->16", 4, 32, 16, 64, 64),
+    ("A up to level 3, 256->128", 4, 256, 128, 8, 8),
+]
+POOL = [("A level 0, 16 ch", 4, 16, 128, 128)]
+
+
+def conv3x3_runs(torch, rng, n, c, o, h, w):
+    """{backend: (forward, backward)} of a 3x3 'same' conv with bias."""
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    weight = rng.standard_normal((o, c, 3, 3), dtype=np.float32) * 0.1
+    dy = rng.standard_normal((n, o, h, w), dtype=np.float32)
+    geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
+    runs = {}
+    for name in ("numpy", "numba"):
+        b = tu.get_backend(name)
+        runs[name] = (
+            lambda b=b: b.conv2d(x, weight, geometry),
+            lambda b=b: (b.conv2d_grad_input(dy, weight, geometry, (h, w)),
+                         b.conv2d_grad_weight(dy, x, geometry, (3, 3)), b.bias_grad(dy)),
+        )
+    if torch:
+        runs["torch"] = torch_conv(torch, x, weight, dy, stride=1, padding=1, transposed=False)
+    return runs
+
+
+def upconv_runs(torch, rng, n, c, o, h, w):
+    """{backend: (forward, backward)} of a 2x2 stride-2 transposed conv with bias."""
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    weight = rng.standard_normal((c, o, 2, 2), dtype=np.float32) * 0.1
+    dy = rng.standard_normal((n, o, 2 * h, 2 * w), dtype=np.float32)
+    geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
+    runs = {}
+    for name in ("numpy", "numba"):
+        b = tu.get_backend(name)
+        runs[name] = (
+            lambda b=b: b.conv2d_grad_input(x, weight, geometry, (2 * h, 2 * w)),
+            lambda b=b: (b.conv2d(dy, weight, geometry),
+                         b.conv2d_grad_weight(x, dy, geometry, (2, 2)), b.bias_grad(dy)),
+        )
+    if torch:
+        runs["torch"] = torch_conv(torch, x, weight, dy, stride=2, padding=0, transposed=True)
+    return runs
+
+
+def conv_cases(torch, rng):
+    """Yield (label, flops_per_pass, {backend: (forward, backward)})."""
+    for label, n, c, o, h, w in CONV3:
+        yield (f"conv 3x3, {label}", 2 * n * o * c * 9 * h * w,
+               conv3x3_runs(torch, rng, n, c, o, h, w))
+    for label, n, c, o, h, w in UPCONV:
+        yield (f"convT 2x2/2, {label}", 2 * n * o * c * 4 * h * w,
+               upconv_runs(torch, rng, n, c, o, h, w))
+
+
+def torch_conv(torch, x, weight, dy, stride, padding, transposed):
+    """Forward and backward (input, weight and bias gradients) of PyTorch's own kernels."""
+    tx, tw, tdy = (torch.from_numpy(a) for a in (x, weight, dy))
+    out_channels = weight.shape[1] if transposed else weight.shape[0]
+    bias = torch.zeros(out_channels)
+    forward_fn = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+
+    def forward():
+        with torch.no_grad():
+            return forward_fn(tx, tw, bias, stride=stride, padding=padding)
+
+    def backward():
+        return torch.ops.aten.convolution_backward(
+            tdy, tx, tw, [out_channels], [stride] * 2, [padding] * 2, [1, 1], transposed,
+            [0, 0], 1, [True, True, True])
+
+    return forward, backward
+
+
+def pool_runs(torch, rng, n, c, h, w):
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    dy = rng.standard_normal((n, c, h // 2, w // 2), dtype=np.float32)
+    geometry = PoolGeometry((2, 2), (2, 2))
+    runs = {}
+    for name in ("numpy", "numba"):
+        b = tu.get_backend(name)
+        _, argmax = b.max_pool2d(x, geometry)
+        runs[name] = (lambda b=b: b.max_pool2d(x, geometry),
+                      lambda b=b, a=argmax: b.max_pool2d_backward(dy, a, x.shape))
+    if torch:
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        _, index = torch.nn.functional.max_pool2d(tx, 2, return_indices=True)
+        runs["torch"] = (
+            lambda: torch.nn.functional.max_pool2d(tx, 2, return_indices=True),
+            lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+                tdy, tx, [2, 2], [2, 2], [0, 0], [1, 1], False, index),
+        )
+    return runs
+
+
+def relu_runs(torch, rng, n, c, h, w):
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    y = np.maximum(x, 0)
+    dy = rng.standard_normal(x.shape, dtype=np.float32)
+    runs = {}
+    for name in ("numpy", "numba"):
+        b = tu.get_backend(name)
+        runs[name] = (lambda b=b: b.relu(x), lambda b=b: b.relu_backward(dy, y))
+    if torch:
+        tx, ty, tdy = (torch.from_numpy(a) for a in (x, y, dy))
+        runs["torch"] = (lambda: torch.relu(tx),
+                         lambda: torch.ops.aten.threshold_backward(tdy, ty, 0))
+    return runs
+
+
+def other_cases(torch, rng):
+    for label, n, c, h, w in POOL:
+        yield f"max-pool 2x2, {label}", 0, pool_runs(torch, rng, n, c, h, w)
+        yield f"ReLU, {label}", 0, relu_runs(torch, rng, n, c, h, w)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args(argv)
+
+    threads = compute_threads()
+    torch = import_torch(threads)
+    rng = np.random.default_rng(0)
+    peak = sgemm_gflops()
+    print(f"sgemm 1024^3 in numpy: {peak:.1f} GFLOP/s; threads {threads}; "
+          f"torch {torch.__version__ if torch else 'not installed'}")
+    backends = ["numpy", "numba"] + (["torch"] if torch else [])
+    rows = []
+    cases = list(conv_cases(torch, rng)) + list(other_cases(torch, rng))
+    for label, flops, runs in cases:
+        for phase, index in (("fwd", 0), ("bwd", 1)):
+            # The numpy reference is slow on big maps; fewer repeats keep the run short.
+            times = interleaved({name: runs[name][index] for name in backends}, args.repeats)
+            cells = [f"{label}", phase]
+            for name in backends:
+                seconds = median(times[name])
+                cell = f"{seconds * 1e3:.2f} ms"
+                if flops:
+                    gflops = flops * (2 if phase == "bwd" else 1) / seconds / 1e9
+                    cell += f" ({gflops:.0f} GF/s, {100 * gflops / peak:.0f}%)"
+                cells.append(cell)
+            if torch:
+                cells.append(f"{median(times['torch']) / median(times['numba']):.2f}x")
+            rows.append(cells)
+            print(" | ".join(cells), flush=True)
+    header = ["layer", "pass"] + backends + (["numba speed-up vs torch"] if torch else [])
+    body = "\n".join([
+        "## Per-op benchmark (`python -m benchmarks.ops`)",
+        "",
+        *machine_lines(threads, torch),
+        f"- float32 sgemm 1024^3 in numpy, measured in this run: {peak:.1f} GFLOP/s "
+        "(the % in the table is of this)",
+        f"- Medians of {args.repeats} round-robin repeats. Conv backward = input, weight and "
+        "bias gradients; GFLOP/s count conv arithmetic only.",
+        "",
+        table(header, rows),
+    ])
+    if not args.no_write:
+        write_section("ops", body)
+        print("wrote benchmarks/RESULTS.md (section 'ops')")
+
+
+if __name__ == "__main__":
+    main()

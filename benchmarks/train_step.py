@@ -1,0 +1,314 @@
+"""Training-step benchmark: tinyunet's U-Net against the same U-Net in PyTorch.
+
+    python -m benchmarks.train_step [--configs A B C] [--backend numba] [--no-write]
+
+A training step is zero_grad + forward + loss + backward + optimizer step, on float32,
+1 input channel, 1 class (sigmoid + soft Dice), SGD with momentum 0.9, a U-Net with
+'same' padding, 2x2 transposed-conv up and no normalisation:
+
+    config  depth  base channels  batch  input
+    A       4      16             4      128x128
+    B       4      32             2      256x256
+    C       3      8              8      64x64
+
+Steps of the two frameworks alternate (round-robin, with a short rest before each),
+and the medians, min/max and their ratio come from that one run. Inference (forward
+only, no graph) is timed the same way. Peak memory is measured in a fresh child
+process per framework and config: the growth of the peak resident set (VmHWM) over a
+few training steps, above what it held after building the model and data.
+PyTorch is optional; without it only tinyunet's figures are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import (
+    compute_threads,
+    import_torch,
+    interleaved,
+    machine_lines,
+    median,
+    table,
+    write_section,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    depth: int
+    base: int
+    batch: int
+    size: int
+    repeats: int  # timed steps per framework; fewer for the slow config B
+
+
+CONFIGS = {
+    "A": Config(depth=4, base=16, batch=4, size=128, repeats=15),
+    "B": Config(depth=4, base=32, batch=2, size=256, repeats=7),
+    "C": Config(depth=3, base=8, batch=8, size=64, repeats=30),
+}
+# The bars of issue 4: speed-up over PyTorch (its time / ours) that each config must reach.
+TRAIN_TARGETS = {"A": 1.1, "B": 1.3, "C": 1.5}
+INFERENCE_TARGETS = {"A": 1.1, "B": 1.3}
+LEARNING_RATE, MOMENTUM = 0.01, 0.9
+
+
+def make_batch(config: Config, seed: int = 0):
+    """A float32 image batch (N, 1, H, W) and a binary mask batch of blobs, same shape."""
+    rng = np.random.default_rng(seed)
+    shape = (config.batch, 1, config.size, config.size)
+    image = rng.standard_normal(shape, dtype=np.float32)
+    yy, xx = np.mgrid[: config.size, : config.size] / config.size
+    centres = rng.uniform(0.2, 0.8, size=(config.batch, 2))
+    distance = ((yy[None] - centres[:, 0, None, None]) ** 2
+                + (xx[None] - centres[:, 1, None, None]) ** 2)
+    mask = (distance < 0.05).astype(np.float32)[:, None]
+    return image + 2 * mask, mask
+
+
+# ---- tinyunet ---------------------------------------------------------------------
+
+def tinyunet_runs(config: Config, backend: str):
+    """(train_step, inference) closures of tinyunet's U-Net on ``backend``."""
+    import tinyunet as tu
+    import tinyunet.functional as F
+    from tinyunet import nn, optim
+
+    tu.set_backend(backend)
+    tu.manual_seed(0)
+    model = nn.UNet(in_channels=1, num_classes=1, depth=config.depth,
+                    base_channels=config.base, padding="same", up="transpose")
+    optimizer = optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    image, mask = make_batch(config)
+    x, target = tu.tensor(image), tu.tensor(mask)
+
+    def train_step():
+        optimizer.zero_grad()
+        loss = F.dice_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def inference():
+        with tu.no_grad():
+            return model(x).data
+
+    return train_step, inference
+
+
+# ---- PyTorch (the peer) -------------------------------------------------------------
+
+def torch_runs(config: Config, torch):
+    """The same U-Net, loss and optimizer in PyTorch."""
+    nn = torch.nn
+
+    def double_conv(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())
+
+    class UNet(nn.Module):
+        def __init__(self, depth, base):
+            super().__init__()
+            widths = [base * 2**level for level in range(depth + 1)]
+            self.down = nn.ModuleList(
+                [double_conv(1 if level == 0 else widths[level - 1], widths[level])
+                 for level in range(depth)])
+            self.bottom = double_conv(widths[depth - 1], widths[depth])
+            self.up = nn.ModuleList(
+                [nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2)
+                 for level in range(depth)])
+            self.merge = nn.ModuleList(
+                [double_conv(2 * widths[level], widths[level]) for level in range(depth)])
+            self.head = nn.Conv2d(base, 1, 1)
+
+        def forward(self, x):
+            skips = []
+            for block in self.down:
+                x = block(x)
+                skips.append(x)
+                x = nn.functional.max_pool2d(x, 2)
+            x = self.bottom(x)
+            for level in reversed(range(len(skips))):
+                x = self.up[level](x)
+                x = self.merge[level](torch.cat([skips[level], x], dim=1))
+            return self.head(x)
+
+    def dice_loss(logits, target, smooth=1.0):
+        p = torch.sigmoid(logits)
+        intersection = (p * target).sum(dim=(1, 2, 3))
+        total = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+        return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
+
+    torch.manual_seed(0)
+    model = UNet(config.depth, config.base)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    image, mask = (torch.from_numpy(a) for a in make_batch(config))
+
+    def train_step():
+        optimizer.zero_grad()
+        loss = dice_loss(model(image), mask)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def inference():
+        with torch.no_grad():
+            return model(image)
+
+    return train_step, inference
+
+
+# ---- peak memory, in a fresh process ------------------------------------------------
+
+def _rss_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in KiB, from /proc/self/status.
+
+    Not ru_maxrss: Linux carries that across exec, so a child started by a big parent
+    would report the parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(framework: str, config_name: str, backend: str, threads: int):
+    """Run in a child process: a few training steps; print peak RSS figures as JSON."""
+    config = CONFIGS[config_name]
+    if framework == "torch":
+        torch = import_torch(threads)
+        step, _ = torch_runs(config, torch)
+    else:
+        step, _ = tinyunet_runs(config, backend)
+    before = _rss_kib("VmRSS")
+    for _ in range(3):
+        step()
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"peak_mib": peak / 1024, "growth_mib": (peak - before) / 1024}))
+
+
+def measure_memory(framework, config_name, backend, threads):
+    command = [sys.executable, "-m", "benchmarks.train_step", "--memory-probe", framework,
+               "--configs", config_name, "--backend", backend]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- the benchmark --------------------------------------------------------------------
+
+def _fmt(seconds_list):
+    """'median ms (min-max)' of a sorted list of seconds."""
+    return (f"{median(seconds_list) * 1e3:.1f} ms "
+            f"({seconds_list[0] * 1e3:.1f}-{seconds_list[-1] * 1e3:.1f})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--backend", default="numba", help="tinyunet backend (default numba)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per framework (default: 15 for A, 7 for B, 30 for C)")
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--memory-probe", choices=["tinyunet", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    threads = compute_threads()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.configs[0], args.backend, threads)
+        return
+    torch = None if args.no_torch else import_torch(threads)
+    print(f"threads {threads}; tinyunet backend {args.backend}; "
+          f"torch {torch.__version__ if torch else 'not used'}", flush=True)
+
+    train_rows, infer_rows, memory_rows, verdicts = [], [], [], []
+    for name in args.configs:
+        config = CONFIGS[name]
+        repeats = args.repeats or config.repeats
+        ours_step, ours_infer = tinyunet_runs(config, args.backend)
+        runs_train, runs_infer = {"tinyunet": ours_step}, {"tinyunet": ours_infer}
+        if torch:
+            runs_train["torch"], runs_infer["torch"] = torch_runs(config, torch)
+        train = interleaved(runs_train, repeats, warmup=2)
+        infer = interleaved(runs_infer, repeats, warmup=1)
+        images = config.batch
+        row = [name, _fmt(train["tinyunet"]),
+               f"{images / median(train['tinyunet']):.1f}"]
+        infer_row = [name, _fmt(infer["tinyunet"])]
+        if torch:
+            train_ratio = median(train["torch"]) / median(train["tinyunet"])
+            row += [_fmt(train["torch"]), f"{images / median(train['torch']):.1f}",
+                    f"**{train_ratio:.2f}x**", f"{TRAIN_TARGETS[name]}x"]
+            verdicts.append((f"training {name}", train_ratio, TRAIN_TARGETS[name]))
+            infer_ratio = median(infer["torch"]) / median(infer["tinyunet"])
+            infer_row += [_fmt(infer["torch"]), f"**{infer_ratio:.2f}x**",
+                          f"{INFERENCE_TARGETS[name]}x" if name in INFERENCE_TARGETS else "-"]
+            if name in INFERENCE_TARGETS:
+                verdicts.append((f"inference {name}", infer_ratio, INFERENCE_TARGETS[name]))
+        train_rows.append(row)
+        infer_rows.append(infer_row)
+        print("train", " | ".join(row), flush=True)
+        print("infer", " | ".join(infer_row), flush=True)
+        if not args.no_memory:
+            ours = measure_memory("tinyunet", name, args.backend, threads)
+            mem_row = [name, f"{ours['peak_mib']:.0f} MiB", f"{ours['growth_mib']:.0f} MiB"]
+            if torch:
+                peer = measure_memory("torch", name, args.backend, threads)
+                mem_row += [f"{peer['peak_mib']:.0f} MiB", f"{peer['growth_mib']:.0f} MiB",
+                            "yes" if ours["growth_mib"] <= peer["growth_mib"] else "no"]
+            memory_rows.append(mem_row)
+            print("memory", " | ".join(mem_row), flush=True)
+
+    peer_cols = ["PyTorch step", "PyTorch img/s", "speed-up", "target"] if torch else []
+    lines = [
+        "## Training step (`python -m benchmarks.train_step`)",
+        "",
+        *machine_lines(threads, torch),
+        f"- tinyunet backend: `{args.backend}`. Medians over round-robin repeats (15 steps for "
+        "A, 7 for B, 30 for C unless --repeats), min-max in brackets; speed-up = PyTorch "
+        "time / tinyunet time.",
+        "",
+        "### Training step (zero_grad + forward + loss + backward + SGD step)",
+        "",
+        table(["config", "tinyunet step", "tinyunet img/s", *peer_cols], train_rows),
+        "",
+        "### Inference (forward only, batch as above)",
+        "",
+        table(["config", "tinyunet", *(["PyTorch", "speed-up", "target"] if torch else [])],
+              infer_rows),
+    ]
+    if memory_rows:
+        lines += [
+            "",
+            "### Peak memory of training (fresh process per row, 3 steps)",
+            "",
+            "Peak = the process's peak resident set (VmHWM); growth = peak minus the "
+            "resident set after building the model and data (what the steps add).",
+            "",
+            table(["config", "tinyunet peak", "tinyunet growth",
+                   *(["PyTorch peak", "PyTorch growth", "growth <= PyTorch's"] if torch
+                     else [])], memory_rows),
+        ]
+    if verdicts:
+        lines += ["", "### Targets of issue 4", ""]
+        lines += [f"- {label}: {ratio:.2f}x vs target {target}x: "
+                  f"{'met' if ratio >= target else 'NOT met'}"
+                  for label, ratio, target in verdicts]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("train_step", body)
+        print("wrote benchmarks/RESULTS.md (section 'train_step')")
+
+
+if __name__ == "__main__":
+    main()

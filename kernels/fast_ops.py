@@ -1,0 +1,305 @@
+"""Numba CPU kernels of the ``numba`` backend (the data movement around BLAS GEMMs).
+
+Shape convention: images are C-contiguous (N, C, H, W) arrays; conv weights are
+(C_out, C_in, kH, kW). The GEMMs themselves run in BLAS (numpy's matmul); these
+kernels do everything else in one parallel pass each:
+
+* ``im2col_rows``: a band of output rows (of one or more images) -> a column matrix in exactly
+  the (C*kH*kW, rows*Wo) layout the GEMM wants, with the zero padding written in the
+  same pass (no padded copy of the input is ever made).
+* ``col2im_gather``: the adjoint of im2col; each parallel step owns one input row and
+  sums what lands in it, so there are no races and no atomics.
+* max-pool forward with argmax, and its backward; ReLU and its backward; the bias
+  gradient; a stable sigmoid; the SGD and Adam updates.
+
+Every kernel is ``parallel=True, cache=True``. Only ``channel_sums`` uses a fast-math
+flag, reassociation alone (see there); the other kernels copy data, accumulate in a
+fixed order, or must round exactly as the numpy reference does. Callers pass
+contiguous float32/float64 arrays only, which keeps the number of compiled
+specialisations (and the first-run compile time) small.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# These kernels alternate with BLAS GEMMs many times per step. OpenMP's worker threads
+# spin after each parallel region and steal the cores BLAS needs (measured: a conv
+# forward 5-10x slower on 2 cores); numba's own workqueue pool sleeps instead. A
+# layer the user picked (NUMBA_THREADING_LAYER) is left alone.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+KERNEL_OPTIONS = {"parallel": True, "cache": True, "nogil": True}
+
+
+@njit(cache=True, inline="always")
+def valid_outputs(shift, stride, size, count):
+    """[lo, hi): the outputs o < count whose input o*stride + shift lies in [0, size)."""
+    lo = 0 if shift >= 0 else min(count, (stride - 1 - shift) // stride)
+    if size - 1 - shift < 0:
+        return lo, lo
+    return lo, max(lo, min(count, (size - 1 - shift) // stride + 1))
+
+
+@njit(**KERNEL_OPTIONS)
+def im2col_rows(x, n0, count, row0, rows, kh, kw, sh, sw, top, left, dh, dw, wo, cols):
+    """Columns of output rows [row0, row0 + rows) of images n0 .. n0 + count - 1.
+
+    x: (N, C, H, W). cols: (C*kh*kw, >= count*rows*wo); entry (c*kh*kw + i*kw + j,
+    (k*rows + r)*wo + ow) = x[n0 + k, c, (row0 + r)*sh - top + i*dh, ow*sw - left + j*dw],
+    or 0 where that position falls in the padding. Several images side by side make
+    one wide GEMM; one call per band keeps the thread-pool wake-ups few.
+    """
+    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    taps = kh * kw
+    depth = c_in * taps
+    for task in prange(count * depth):
+        k = task // depth
+        row = task % depth
+        n = n0 + k
+        c = row // taps
+        i = (row % taps) // kw
+        j = row % kw
+        shift = j * dw - left
+        ow_lo, ow_hi = valid_outputs(shift, sw, w, wo)
+        if sh == 1 and sw == 1 and wo == w:
+            # 'same'-style rows: the band is one contiguous run of the input plane
+            # shifted by `shift`, so copy it in one go and then zero the few entries
+            # that wrapped around from a neighbouring row or fell in the padding.
+            plane = x[n, c].reshape(h * w)
+            dest = cols[row]
+            r_lo, r_hi = valid_outputs(row0 - top + i * dh, 1, h, rows)
+            first = (k * rows) * wo
+            for q in range(first, first + r_lo * wo):
+                dest[q] = 0
+            for q in range(first + r_hi * wo, first + rows * wo):
+                dest[q] = 0
+            if r_hi > r_lo:
+                start = (row0 + r_lo - top + i * dh) * w + shift
+                stop = (row0 + r_hi - top + i * dh) * w + shift
+                lo, hi = max(start, 0), min(stop, h * w)
+                out = first + r_lo * wo - start
+                dest[out + lo : out + hi] = plane[lo:hi]
+                for r in range(r_lo, r_hi):
+                    base = first + r * wo
+                    for ow in range(ow_lo):
+                        dest[base + ow] = 0
+                    for ow in range(ow_hi, wo):
+                        dest[base + ow] = 0
+            continue
+        for r in range(rows):
+            base = (k * rows + r) * wo
+            ih = (row0 + r) * sh - top + i * dh
+            if ih < 0 or ih >= h:
+                for ow in range(wo):
+                    cols[row, base + ow] = 0
+                continue
+            for ow in range(ow_lo):
+                cols[row, base + ow] = 0
+            if sw == 1:
+                # A contiguous run: a slice copy that LLVM turns into a memcpy.
+                cols[row, base + ow_lo : base + ow_hi] = x[n, c, ih, ow_lo + shift : ow_hi + shift]
+            else:
+                for ow in range(ow_lo, ow_hi):
+                    cols[row, base + ow] = x[n, c, ih, ow * sw + shift]
+            for ow in range(ow_hi, wo):
+                cols[row, base + ow] = 0
+
+
+@njit(**KERNEL_OPTIONS)
+def col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx):
+    """dx (N, C, H, W) = the adjoint of im2col applied to ``cols`` (N, C*kh*kw, ho*wo).
+
+    Input pixel (h, w) receives the entry of tap (i, j) at output (oh, ow) when
+    oh*sh = h + top - i*dh and ow*sw = w + left - j*dw. Each parallel step owns one
+    input row (n, c, h) and sums everything that lands in it, taps in (i, j) order, so
+    no two steps write the same pixel and no atomics are needed.
+    """
+    n_img, c_in, h, w = dx.shape
+    for task in prange(n_img * c_in * h):
+        n = task // (c_in * h)
+        c = (task // h) % c_in
+        ih = task % h
+        for iw in range(w):
+            dx[n, c, ih, iw] = 0
+        for i in range(kh):
+            oh_scaled = ih + top - i * dh
+            if oh_scaled < 0 or oh_scaled % sh != 0 or oh_scaled // sh >= ho:
+                continue
+            oh = oh_scaled // sh
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                shift = j * dw - left
+                ow_lo, ow_hi = valid_outputs(shift, sw, w, wo)
+                for ow in range(ow_lo, ow_hi):
+                    dx[n, c, ih, ow * sw + shift] += cols[n, row, oh * wo + ow]
+
+
+@njit(**KERNEL_OPTIONS)
+def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax):
+    """y[n, c, oh, ow] = max of the window; argmax = flat index h*W + w of the winner.
+
+    Padding never wins (it counts as -inf). Ties go to the first maximum in
+    row-major window order; a NaN wins over numbers (the first NaN), as in numpy.
+    """
+    n_img, c_in, h, w = x.shape
+    ho, wo = y.shape[2], y.shape[3]
+    for plane in prange(n_img * c_in):
+        n = plane // c_in
+        c = plane % c_in
+        for oh in range(ho):
+            for ow in range(wo):
+                best = -np.inf
+                best_index = -1
+                for i in range(kh):
+                    ih = oh * sh - ph + i * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    for j in range(kw):
+                        iw = ow * sw - pw + j * dw
+                        if iw < 0 or iw >= w:
+                            continue
+                        v = x[n, c, ih, iw]
+                        if best_index < 0 or v > best or (v != v and best == best):
+                            best = v
+                            best_index = ih * w + iw
+                y[n, c, oh, ow] = best
+                argmax[n, c, oh, ow] = best_index
+
+
+@njit(**KERNEL_OPTIONS)
+def max_pool2d_backward(dy, argmax, dx):
+    """dx (N, C, H, W) = each output gradient added onto its window's winner.
+
+    One (n, c) plane per parallel step, so overlapping windows add up without races.
+    """
+    n_img, c_in, h, w = dx.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    for plane in prange(n_img * c_in):
+        n = plane // c_in
+        c = plane % c_in
+        for ih in range(h):
+            for iw in range(w):
+                dx[n, c, ih, iw] = 0
+        for oh in range(ho):
+            for ow in range(wo):
+                index = argmax[n, c, oh, ow]
+                dx[n, c, index // w, index % w] += dy[n, c, oh, ow]
+
+
+@njit(**KERNEL_OPTIONS)
+def relu_forward(x, y):
+    """y = max(x, 0) over flat arrays; NaN stays NaN, as numpy.maximum does."""
+    zero = x.dtype.type(0)
+    for k in prange(x.size):
+        v = x[k]
+        y[k] = v if (v > 0 or v != v) else zero
+    return y
+
+
+@njit(**KERNEL_OPTIONS)
+def relu_backward(dy, y, dx):
+    """dx = dy where y > 0 else dy * 0 (flat arrays), exactly numpy's dy * (y > 0)."""
+    one, zero = dy.dtype.type(1), dy.dtype.type(0)
+    for k in prange(dy.size):
+        dx[k] = dy[k] * (one if y[k] > 0 else zero)
+    return dx
+
+
+@njit(**KERNEL_OPTIONS)
+def bias_add_relu(y, bias, relu):
+    """In place: y (N, C, H*W) += bias[c], then max(., 0) when ``relu``."""
+    n_img, c_out, pixels = y.shape
+    zero = y.dtype.type(0)
+    for plane in prange(n_img * c_out):
+        n = plane // c_out
+        c = plane % c_out
+        b = bias[c]
+        for p in range(pixels):
+            v = y[n, c, p] + b
+            y[n, c, p] = v if (not relu or v > 0 or v != v) else zero
+
+
+# Reassociation only: it lets LLVM vectorise the sum by adding in another order (numpy's
+# pairwise sum uses yet another). No other fast-math flag, so NaN and Inf still
+# propagate exactly as in the reference.
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+def channel_sums(dy, out):
+    """out[c] = sum of dy (N, C, H*W) over N and H*W, accumulated in float64."""
+    n_img, c_out, pixels = dy.shape
+    for task in prange(c_out):
+        total = 0.0
+        for n in range(n_img):
+            plane_total = 0.0
+            for p in range(pixels):
+                plane_total += dy[n, task, p]
+            total += plane_total
+        out[task] = total
+    return out
+
+
+@njit(**KERNEL_OPTIONS)
+def sigmoid(x, y):
+    """y = 1 / (1 + exp(-x)) over flat arrays, exp's argument kept non-positive."""
+    one = x.dtype.type(1)
+    for k in prange(x.size):
+        v = x[k]
+        e = math.exp(-abs(v))
+        y[k] = one / (one + e) if v >= 0 else e / (one + e)
+    return y
+
+
+@njit(**KERNEL_OPTIONS)
+def sgd_update(param, grad, buf, lr, momentum, keep, nesterov, weight_decay, first):
+    """One SGD step on flat arrays, in place, in the numpy reference's order of operations.
+
+    g = grad + wd*param; buf = g (first step) or buf*momentum + keep*g, keep = 1 -
+    dampening; step = g + momentum*buf (nesterov) or buf; param -= lr*step. ``buf``
+    is untouched when momentum is 0. Scalars arrive as Python floats and are rounded
+    to the arrays' dtype once, as numpy does with Python scalars.
+    """
+    dt = param.dtype.type
+    lr, momentum, keep, weight_decay = dt(lr), dt(momentum), dt(keep), dt(weight_decay)
+    for k in prange(param.size):
+        g = grad[k]
+        if weight_decay != 0:
+            g = g + weight_decay * param[k]
+        if momentum != 0:
+            b = g if first else buf[k] * momentum + keep * g
+            buf[k] = b
+            g = g + momentum * b if nesterov else b
+        param[k] = param[k] - lr * g
+
+
+@njit(**KERNEL_OPTIONS)
+def adam_update(param, grad, m, v, step_size, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, bias2, eps, weight_decay, decay_factor, decoupled):
+    """One Adam (AdamW when ``decoupled``) step on flat arrays, in place.
+
+    m = m*b1 + (1-b1)*g; v = v*b2 + ((1-b2)*g)*g;
+    param -= (step_size*m) / (sqrt(v / bias2) + eps), step_size = lr / bias1;
+    AdamW first scales param by decay_factor = 1 - lr*wd, Adam adds wd*param to g.
+    The order of operations is the numpy reference's, so the rounding is the same.
+    """
+    dt = param.dtype.type
+    step_size, beta1, one_minus_beta1 = dt(step_size), dt(beta1), dt(one_minus_beta1)
+    beta2, one_minus_beta2, bias2, eps = dt(beta2), dt(one_minus_beta2), dt(bias2), dt(eps)
+    weight_decay, decay_factor = dt(weight_decay), dt(decay_factor)
+    for k in prange(param.size):
+        g = grad[k]
+        p = param[k]
+        if decoupled:
+            p = p * decay_factor
+        elif weight_decay != 0:
+            g = g + weight_decay * p
+        mk = m[k] * beta1 + one_minus_beta1 * g
+        vk = v[k] * beta2 + one_minus_beta2 * g * g
+        m[k] = mk
+        v[k] = vk
+        param[k] = p - step_size * mk / (np.sqrt(vk / bias2) + eps)

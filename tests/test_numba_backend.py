@@ -1,0 +1,273 @@
+"""The numba backend against the numpy reference, kernel by kernel and on a training run.
+
+Shapes, strides, paddings, dilations and channel counts are drawn by hypothesis. Each
+conv case runs twice: with the default column budget (whole images, or the whole batch,
+in one GEMM) and with a tiny one that forces bands of a few output rows, so both paths
+of the backend are checked.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from tinyunet.backends import (  # noqa: E402
+    ConvGeometry,
+    PoolGeometry,
+    get_backend,
+    numba_backend,
+)
+
+NUMPY = get_backend("numpy")
+NUMBA = get_backend("numba")
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+def assert_close(actual, expected, dtype):
+    """Equal up to rounding: the two backends sum the same products in other orders."""
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    scale = max(1.0, float(np.abs(expected).max(initial=0)))
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * scale)
+
+
+@st.composite
+def conv_cases(draw):
+    """(x, w, geometry): any kernel, stride, dilation and (asymmetric) padding that fits."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    reach_h, reach_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    h = draw(st.integers(max(1, reach_h - padding[0] - padding[1]), 10))
+    w = draw(st.integers(max(1, reach_w - padding[2] - padding[3]), 10))
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dtype = draw(DTYPES)
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    weight = rng.standard_normal((o, c, kh, kw)).astype(dtype)
+    return x, weight, ConvGeometry(stride, padding, dilation)
+
+
+@pytest.mark.parametrize("column_budget", [numba_backend.COLUMN_BUDGET, 64],
+                         ids=["default budget", "bands of rows"])
+@given(case=conv_cases())
+def test_conv2d_and_its_gradients_match_numpy(column_budget, case):
+    x, weight, geometry = case
+    dtype = x.dtype
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "COLUMN_BUDGET", column_budget)
+        check_conv(x, weight, geometry, dtype)
+
+
+def check_conv(x, weight, geometry, dtype):
+    y = NUMBA.conv2d(x, weight, geometry)
+    assert_close(y, NUMPY.conv2d(x, weight, geometry), dtype)
+    dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+    assert_close(NUMBA.conv2d_grad_input(dy, weight, geometry, x.shape[2:]),
+                 NUMPY.conv2d_grad_input(dy, weight, geometry, x.shape[2:]), dtype)
+    assert_close(NUMBA.conv2d_grad_weight(dy, x, geometry, weight.shape[2:]),
+                 NUMPY.conv2d_grad_weight(dy, x, geometry, weight.shape[2:]), dtype)
+
+
+@given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
+       h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w, seed):
+    """The U-Net's up-conv: conv2d_grad_input with stride 2 (GEMM + pixel shuffle)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
+    weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
+    geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
+    out_hw = (2 * h, 2 * w)
+    assert_close(NUMBA.conv2d_grad_input(x, weight, geometry, out_hw),
+                 NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
+
+
+def test_conv2d_accepts_non_contiguous_input():
+    x = np.random.default_rng(0).standard_normal((3, 2, 5, 6))
+    weight = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
+    view = x.transpose(1, 0, 2, 3)  # (2, 3, 5, 6) with strides of another layout
+    assert_close(NUMBA.conv2d(view, weight, geometry), NUMPY.conv2d(view, weight, geometry),
+                 np.float64)
+
+
+@st.composite
+def pool_cases(draw):
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    geometry = PoolGeometry(kernel, stride, padding, dilation)
+    reach = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, padding, strict=True)]
+    h, w = draw(st.integers(max(1, reach[0]), 9)), draw(st.integers(max(1, reach[1]), 9))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    # Few distinct values, so windows often hold ties (the first maximum must win).
+    x = rng.integers(-2, 3, size=(n, c, h, w)).astype(draw(DTYPES))
+    return x, geometry
+
+
+@given(case=pool_cases())
+def test_max_pool_forward_argmax_and_backward_match_numpy(case):
+    x, geometry = case
+    y, argmax = NUMBA.max_pool2d(x, geometry)
+    y_ref, argmax_ref = NUMPY.max_pool2d(x, geometry)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(x.dtype)
+    assert_close(NUMBA.max_pool2d_backward(dy, argmax, x.shape),
+                 NUMPY.max_pool2d_backward(dy, argmax_ref, x.shape), x.dtype)
+
+
+def test_max_pool_treats_nan_as_the_maximum_like_numpy():
+    x = np.array([[[[1.0, np.nan], [np.nan, 3.0]]]])
+    y, argmax = NUMBA.max_pool2d(x, PoolGeometry((2, 2), (2, 2)))
+    y_ref, argmax_ref = NUMPY.max_pool2d(x, PoolGeometry((2, 2), (2, 2)))
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+
+
+@given(dtype=DTYPES, shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_elementwise_kernels_match_numpy(dtype, shape, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 20).astype(dtype)
+    x.flat[0] = 0  # the kink of ReLU
+    dy = rng.standard_normal(shape).astype(dtype)
+    np.testing.assert_array_equal(NUMBA.relu(x), NUMPY.relu(x))
+    y = NUMPY.relu(x)
+    np.testing.assert_array_equal(NUMBA.relu_backward(dy, y), NUMPY.relu_backward(dy, y))
+    assert_close(NUMBA.sigmoid(x), NUMPY.sigmoid(x), dtype)
+
+
+@given(dtype=DTYPES, n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6),
+       w=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_bias_grad_matches_numpy(dtype, n, c, h, w, seed):
+    dy = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
+    assert_close(NUMBA.bias_grad(dy), NUMPY.bias_grad(dy), dtype)
+
+
+def test_relu_keeps_nan_like_numpy():
+    x = np.array([np.nan, -1.0, 2.0], dtype=np.float32)
+    np.testing.assert_array_equal(NUMBA.relu(x), NUMPY.relu(x))
+
+
+def train_tiny_unet(backend, make_optimizer, steps=4):
+    """Losses and final weights of a few training steps of a tiny U-Net on ``backend``."""
+    import tinyunet as tu
+    import tinyunet.functional as F
+    from tinyunet import nn
+
+    tu.manual_seed(0)
+    model = nn.UNet(in_channels=1, num_classes=1, depth=2, base_channels=4).to(backend)
+    optimizer = make_optimizer(model.parameters())
+    rng = np.random.default_rng(0)
+    mask = (rng.random((2, 1, 16, 16)) > 0.6).astype(np.float32)
+    image = (mask + 0.3 * rng.standard_normal(mask.shape)).astype(np.float32)
+    x, target = tu.tensor(image, backend=backend), tu.tensor(mask, backend=backend)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.bce_dice_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
+def sgd_momentum(params):
+    from tinyunet import optim
+
+    return optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def adam(params):
+    from tinyunet import optim
+
+    return optim.Adam(params, lr=1e-2)
+
+
+OPTIMIZERS = {"sgd-momentum": sgd_momentum, "adam": adam}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_training_on_numba_matches_numpy_step_by_step(optimizer):
+    """Same seed, same data: every step's loss and the final weights agree up to float32
+    rounding (the backends sum GEMM products in different orders)."""
+    losses_numba, weights_numba = train_tiny_unet("numba", OPTIMIZERS[optimizer])
+    losses_numpy, weights_numpy = train_tiny_unet("numpy", OPTIMIZERS[optimizer])
+    assert losses_numba[-1] < losses_numba[0]  # it trains at all
+    np.testing.assert_allclose(losses_numba, losses_numpy, rtol=1e-4)
+    assert weights_numba.keys() == weights_numpy.keys()
+    for name, value in weights_numpy.items():
+        np.testing.assert_allclose(weights_numba[name], value, rtol=1e-3, atol=1e-5,
+                                   err_msg=name)
+
+
+@st.composite
+def optimizer_state(draw):
+    """Parameters, gradients and two state arrays per parameter, of a few shapes."""
+    dtype = draw(DTYPES)
+    shapes = draw(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=4),
+                           min_size=1, max_size=3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    arrays = [[rng.standard_normal(shape).astype(dtype) for shape in shapes]
+              for _ in range(4)]
+    arrays[3] = [np.abs(a) for a in arrays[3]]  # Adam's second moment is non-negative
+    return arrays
+
+
+def copies(arrays):
+    return [[a.copy() for a in group] for group in arrays]
+
+
+@given(state=optimizer_state(), momentum=st.sampled_from([0.0, 0.9]),
+       dampening=st.sampled_from([0.0, 0.1]), nesterov=st.booleans(),
+       weight_decay=st.sampled_from([0.0, 1e-2]), first_step=st.booleans())
+def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_decay,
+                                  first_step):
+    nesterov = nesterov and momentum > 0 and dampening == 0
+    ours, reference = copies(state), copies(state)
+    for backend, (params, grads, buffers, _) in ((NUMBA, ours), (NUMPY, reference)):
+        backend.sgd_update(params, grads, buffers, 0.1, momentum, dampening, nesterov,
+                           weight_decay, first_step)
+    # Same operations in the same order per element: bit-for-bit the same result.
+    for group, group_ref in zip(ours, reference, strict=True):
+        for a, b in zip(group, group_ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@given(state=optimizer_state(), step=st.integers(1, 5), weight_decay=st.sampled_from([0.0, 0.1]),
+       decoupled=st.booleans())
+def test_adam_update_matches_numpy(state, step, weight_decay, decoupled):
+    ours, reference = copies(state), copies(state)
+    for backend, (params, grads, m, v) in ((NUMBA, ours), (NUMPY, reference)):
+        backend.adam_update(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay,
+                            decoupled)
+    # Same operations in the same order per element: bit-for-bit the same result.
+    for group, group_ref in zip(ours, reference, strict=True):
+        for a, b in zip(group, group_ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_default_backend_is_numba_and_falls_back_to_numpy_with_a_notice():
+    import subprocess
+    import sys
+
+    show_default = "import tinyunet as tu; print(tu.get_backend().name)"
+    with_numba = subprocess.run([sys.executable, "-c", show_default], capture_output=True,
+                                text=True, check=True)
+    assert with_numba.stdout.strip() == "numba"
+    assert with_numba.stderr == ""
+    # sys.modules[name] = None makes the import machinery treat numba as absent.
+    without = subprocess.run([sys.executable, "-c", "import sys; sys.modules['numba'] = None; "
+                              + show_default], capture_output=True, text=True, check=True)
+    assert without.stdout.strip() == "numpy"
+    notice = without.stderr.strip().splitlines()
+    assert len(notice) == 1 and "numba" in notice[0] and "numpy" in notice[0]
