@@ -203,11 +203,19 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight=None,
     op = "binary_cross_entropy_with_logits"
     _check_logits(op, input)
     _check_reduction(op, reduction)
+    weight, pos_weight = (_const(w, input, op, name) for w, name in
+                          ((weight, "weight"), (pos_weight, "pos_weight")))
+    for name, array in (("weight", weight), ("pos_weight", pos_weight)):
+        if array is not None:
+            fits = len(array.shape) <= input.ndim and all(
+                a in (1, b) for a, b in zip(array.shape[::-1], input.shape[::-1], strict=False))
+            check(fits, op, f"{name} that broadcasts to the input's shape {input.shape} "
+                  "(e.g. (C, 1, 1) per channel)", f"shape {tuple(array.shape)}")
     return BCEWithLogits.apply(
         input,
         target=_float_target(op, input, target),
-        weight=_const(weight, input, op, "weight"),
-        pos_weight=_const(pos_weight, input, op, "pos_weight"),
+        weight=weight,
+        pos_weight=pos_weight,
         reduction=reduction,
     )
 

@@ -1,0 +1,146 @@
+"""Hypothesis strategies and per-backend budgets, kept in one place.
+
+Every backend runs the same checks, but not at the same cost: the cuda backend runs
+under Numba's CUDA simulator here (about 1 ms per simulated thread), so it draws
+fewer examples of smaller shapes. Shapes still cross padding, strides and dilation.
+
+    def test_something(backend):
+        @budget(backend)
+        @given(case=conv_cases(size_limit(backend)))
+        def check(case): ...
+        check()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import settings
+from hypothesis import strategies as st
+
+EXAMPLES = {"numpy": 12, "numba": 8, "cuda": 3}
+
+
+@dataclass(frozen=True)
+class Limit:
+    batch: int
+    channels: int
+    side: int
+
+
+LIMITS = {"numpy": Limit(2, 3, 9), "numba": Limit(2, 3, 9), "cuda": Limit(2, 2, 5)}
+
+
+def budget(backend: str):
+    """Hypothesis settings for a check run on ``backend``."""
+    return settings(max_examples=EXAMPLES.get(backend, 5))
+
+
+def size_limit(backend: str) -> Limit:
+    return LIMITS.get(backend, LIMITS["cuda"])
+
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    x_shape: tuple
+    w_shape: tuple  # (C_out, C_in, kH, kW)
+    stride: tuple
+    padding: object  # (ph, pw), 'same' or 'valid'
+    dilation: tuple
+    bias: bool
+    seed: int
+
+
+@st.composite
+def conv_cases(draw, limit: Limit):
+    """conv2d arguments whose (dilated) kernel fits the padded input."""
+    n = draw(st.integers(1, limit.batch))
+    c_in, c_out = draw(st.integers(1, limit.channels)), draw(st.integers(1, limit.channels))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    mode = draw(st.sampled_from(["pair", "pair", "same", "valid"]))
+    stride = (1, 1) if mode == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2))) if mode == "pair" else mode
+    pads = padding if mode == "pair" else (0, 0)
+    reach = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    h = draw(st.integers(max(1, reach[0] - 2 * pads[0]), max(reach[0], limit.side)))
+    w = draw(st.integers(max(1, reach[1] - 2 * pads[1]), max(reach[1], limit.side)))
+    return ConvCase((n, c_in, h, w), (c_out, c_in, kh, kw), stride, padding, dilation,
+                    draw(st.booleans()), draw(seeds))
+
+
+@dataclass(frozen=True)
+class ConvTransposeCase:
+    x_shape: tuple
+    w_shape: tuple  # (C_in, C_out, kH, kW)
+    stride: tuple
+    padding: tuple
+    output_padding: tuple
+    dilation: tuple
+    bias: bool
+    seed: int
+
+
+@st.composite
+def conv_transpose_cases(draw, limit: Limit):
+    """conv_transpose2d arguments with a positive output size (output_padding < stride)."""
+    n = draw(st.integers(1, limit.batch))
+    c_in, c_out = draw(st.integers(1, limit.channels)), draw(st.integers(1, limit.channels))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    output_padding = (draw(st.integers(0, stride[0] - 1)), draw(st.integers(0, stride[1] - 1)))
+    side = max(2, limit.side // 2)
+    h, w = draw(st.integers(1, side)), draw(st.integers(1, side))
+    full = ((h - 1) * stride[0] + dilation[0] * (kh - 1) + output_padding[0] + 1,
+            (w - 1) * stride[1] + dilation[1] * (kw - 1) + output_padding[1] + 1)
+    padding = (draw(st.integers(0, (full[0] - 1) // 2)), draw(st.integers(0, (full[1] - 1) // 2)))
+    return ConvTransposeCase((n, c_in, h, w), (c_in, c_out, kh, kw), stride, padding,
+                             output_padding, dilation, draw(st.booleans()), draw(seeds))
+
+
+@dataclass(frozen=True)
+class PoolCase:
+    x_shape: tuple
+    kernel: tuple
+    stride: tuple | None
+    padding: tuple
+    dilation: tuple
+    seed: int
+
+
+@st.composite
+def pool_cases(draw, limit: Limit):
+    """max_pool2d arguments (padding at most half the kernel, as PyTorch requires)."""
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    reach = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, padding, strict=True)]
+    shape = (draw(st.integers(1, limit.batch)), draw(st.integers(1, limit.channels)),
+             draw(st.integers(max(1, reach[0]), max(reach[0], limit.side))),
+             draw(st.integers(max(1, reach[1]), max(reach[1], limit.side))))
+    return PoolCase(shape, kernel, stride, padding, dilation, draw(seeds))
+
+
+@st.composite
+def image_shapes(draw, limit: Limit, min_channels: int = 1):
+    return (draw(st.integers(1, limit.batch)),
+            draw(st.integers(min_channels, max(min_channels, limit.channels))),
+            draw(st.integers(1, limit.side)), draw(st.integers(1, limit.side)))
+
+
+def distinct_values(rng, shape, spacing=0.05):
+    """Values at least ``spacing`` apart in random order: max-pool has no ties."""
+    count = int(np.prod(shape))
+    return (rng.permutation(count) * spacing - count * spacing / 2).reshape(shape)
+
+
+def away_from_zero(rng, shape, gap=0.1):
+    """Normal values pushed at least ``gap`` away from 0: ReLU's kink is never crossed."""
+    x = rng.standard_normal(shape)
+    return np.sign(x) * (np.abs(x) + gap) + (x == 0) * gap
