@@ -105,8 +105,8 @@ def tinyunet_runs(config: Config, backend: str):
 
 # ---- PyTorch (the peer) -------------------------------------------------------------
 
-def torch_runs(config: Config, torch):
-    """The same U-Net, loss and optimizer in PyTorch."""
+def torch_runs(config: Config, torch, device: str = "cpu"):
+    """The same U-Net, loss and optimizer in PyTorch, on ``device``."""
     nn = torch.nn
 
     def double_conv(c_in, c_out):
@@ -147,9 +147,9 @@ def torch_runs(config: Config, torch):
         return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
 
     torch.manual_seed(0)
-    model = UNet(config.depth, config.base)
+    model = UNet(config.depth, config.base).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-    image, mask = (torch.from_numpy(a) for a in make_batch(config))
+    image, mask = (torch.from_numpy(a).to(device) for a in make_batch(config))
 
     def train_step():
         optimizer.zero_grad()
