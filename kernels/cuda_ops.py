@@ -8,6 +8,10 @@ reads whatever it needs, so no two threads write one address, no atomics are nee
 and results are deterministic. Threads walk their share with a grid-stride loop, so
 any launch size covers any array; ``launch_config`` picks the size from the work.
 
+Each kernel spells out its own index arithmetic rather than calling shared device
+functions: with numba 0.68, compiling a kernel that calls a device function to PTX
+initialises the CUDA driver, so the PTX check could no longer run without a GPU.
+
 On a real GPU the arrays are CuPy arrays, passed through ``__cuda_array_interface__``;
 under Numba's simulator (NUMBA_ENABLE_CUDASIM=1) they are numpy arrays and the same
 source runs on the host.
@@ -122,13 +126,12 @@ def max_pool_forward(x, y, argmax, kernel_h, kernel_w, stride_h, stride_w, pad_h
                 if w < 0 or w >= width:
                     continue
                 value = x[n, c, h, w]
-                # Strictly greater keeps the first maximum (PyTorch's tie rule); a NaN
-                # wins so that it propagates.
-                if value > best or best_index < 0 or math.isnan(value):
+                # Strictly greater keeps the first maximum (PyTorch's tie rule); the
+                # first NaN wins and stays, so that it propagates as in numpy.
+                if best_index < 0 or value > best or (math.isnan(value)
+                                                      and not math.isnan(best)):
                     best = value
                     best_index = h * width + w
-                    if math.isnan(value):
-                        break
         y[n, c, oh, ow] = best
         argmax[n, c, oh, ow] = best_index
 
