@@ -4,6 +4,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 
 import tinyunet as tu
 import tinyunet.functional as F
@@ -66,7 +67,7 @@ def test_intermediates_are_released_after_backward():
     loss.backward()
     gc.collect()
     assert saved() is None
-    assert loss.is_leaf
+    assert not loss.is_leaf  # still a graph output, now with its saved values released
 
 
 def test_retain_graph_allows_a_second_backward():
@@ -75,6 +76,22 @@ def test_retain_graph_allows_a_second_backward():
     y.backward(retain_graph=True)
     y.backward()
     np.testing.assert_array_equal(x.grad.numpy(), [4.0, 8.0])
+
+
+def test_output_gradient_takes_the_output_dtype():
+    x = tu.tensor(np.array([1.0, 2.0]), requires_grad=True)  # float32
+    (x * 2).backward(np.array([1.0, 1.0]))  # a float64 output gradient
+    assert x.grad.dtype == np.float32
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0])
+
+
+def test_cast_sends_the_gradient_back_in_the_input_dtype():
+    x = tu.tensor(np.array([1.5, -2.0]), requires_grad=True)  # float32
+    y = x.astype(np.float64)
+    assert y.dtype == np.float64
+    (y * y).sum().backward()
+    assert x.grad.dtype == np.float32
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, -4.0])
 
 
 def test_tensor_basics():
@@ -89,13 +106,29 @@ def test_tensor_basics():
     np.testing.assert_array_equal(moved.numpy(), y.numpy())
 
 
-def test_bce_is_stable_for_large_logits():
-    z = tu.tensor(np.array([[-100.0, 100.0, -100.0, 100.0]]), requires_grad=True)
-    target = tu.tensor(np.array([[0.0, 1.0, 1.0, 0.0]]))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bce_is_stable_for_large_logits(backend, dtype):
+    z = tu.tensor(np.array([[-100.0, 100.0, -100.0, 100.0]]), requires_grad=True, dtype=dtype,
+                  backend=backend)
+    target = tu.tensor(np.array([[0.0, 1.0, 1.0, 0.0]]), dtype=dtype, backend=backend)
     loss = F.binary_cross_entropy_with_logits(z, target, reduction="none")
     np.testing.assert_allclose(loss.numpy(), [[0.0, 0.0, 100.0, 100.0]], atol=1e-6)
     loss.sum().backward()
     np.testing.assert_allclose(z.grad.numpy(), [[0.0, 0.0, -1.0, 1.0]], atol=1e-6)
-    p = F.sigmoid(tu.tensor(np.array([-100.0, 100.0])))
-    assert np.all(np.isfinite(p.numpy()))
+    x = tu.tensor(np.array([-100.0, 100.0]), requires_grad=True, dtype=dtype, backend=backend)
+    p = F.sigmoid(x)
     np.testing.assert_allclose(p.numpy(), [0.0, 1.0], atol=1e-30)
+    p.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [0.0, 0.0], atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_losses_are_stable_for_large_logits(backend, dtype):
+    z = tu.tensor(np.array([[1000.0, -1000.0], [-1000.0, 1000.0]]).reshape(1, 2, 2, 1),
+                  requires_grad=True, dtype=dtype, backend=backend)
+    labels = tu.tensor(np.array([[[1], [1]]]), backend=backend)
+    loss = F.cross_entropy(z, labels) + F.dice_loss(z, labels)
+    loss.backward()
+    assert np.isfinite(loss.item()) and np.all(np.isfinite(z.grad.numpy()))
+    np.testing.assert_allclose(F.cross_entropy(z, labels, reduction="none").numpy(),
+                               [[[2000.0], [0.0]]])

@@ -5,7 +5,9 @@ Every op is a ``Function`` subclass with a static ``forward(ctx, ...)`` that wor
 raw backend arrays and a static ``backward(ctx, grad)`` that returns one gradient per
 tensor input. ``Function.apply`` runs the forward and, when gradients are wanted,
 records a node in the graph. ``Tensor.backward`` walks that graph in reverse
-topological order without recursion, so graphs of any depth are fine.
+topological order without recursion, so graphs of any depth are fine. It releases
+each node's saved arrays once used, so a second backward through the same graph raises
+unless the first was given ``retain_graph=True``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class Node:
         self.function = function
         self.ctx = ctx
         self.inputs = inputs
+
+
+# Stands in for a node whose saved values a backward has already released, so that a
+# second backward through it raises instead of treating the tensor as a leaf.
+_FREED = Node(None, None, ())
 
 
 class Function:
@@ -153,6 +160,7 @@ class Tensor:
         return Tensor._wrap(self.data, self.backend, False)
 
     def to(self, backend: Backend | str) -> Tensor:
+        """A copy on another backend: a new leaf, so no gradient flows back across."""
         target = get_backend(backend)
         if target is self.backend:
             return self
@@ -204,6 +212,8 @@ class Tensor:
             seed = self.backend.xp.ones(self.data.shape, dtype=self.data.dtype)
         else:
             seed = grad.data if isinstance(grad, Tensor) else self.backend.asarray(grad)
+            # As in PyTorch, the output gradient takes the output's dtype.
+            seed = seed.astype(self.data.dtype, copy=False)
             check(
                 tuple(seed.shape) == self.shape,
                 "backward",
@@ -221,6 +231,12 @@ class Tensor:
             if node is None:
                 _accumulate_leaf(tensor, g)
                 continue
+            check(
+                node is not _FREED,
+                "backward",
+                "a graph not yet backpropagated (use retain_graph=True to go through it twice)",
+                f"a path through a {tensor!r} whose saved values an earlier backward released",
+            )
             input_grads = node.function.backward(node.ctx, g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -236,9 +252,10 @@ class Tensor:
                 key = id(inp)
                 grads[key] = ig if key not in grads else grads[key] + ig
             if not retain_graph:
-                # Frees the saved activations as soon as they are used.
+                # Frees the saved activations, and the graph above them, as soon as they
+                # are used.
                 node.ctx.saved = ()
-                tensor._node = None
+                tensor._node = _FREED
 
     # ---- operators (defined in ops; bound here for a PyTorch feel) ---------------
     def __add__(self, other):

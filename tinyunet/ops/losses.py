@@ -225,9 +225,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight=None, ignore_index: int 
     op = "cross_entropy"
     _check_logits(op, input)
     _check_reduction(op, reduction)
+    labels = _label_target(op, input, target)
+    classes = input.shape[1]
+    # A label outside [0, C) would silently index another class (or wrap around).
+    stray = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)
+    check(not bool(stray.any()), op,
+          f"labels in [0, {classes}) or equal to ignore_index={ignore_index}",
+          f"labels {sorted({int(v) for v in labels[stray][:8].tolist()})}")
     return CrossEntropy.apply(
         input,
-        labels=_label_target(op, input, target),
+        labels=labels,
         weight=_const(weight, input, op, "weight", shape=(input.shape[1],)),
         ignore_index=ignore_index,
         reduction=reduction,
@@ -251,8 +258,8 @@ def _overlap_loss(kind, logits, target, smooth, ignore_background, reduction):
     _check_logits(op, logits)
     _check_reduction(op, reduction)
     c = logits.shape[1]
-    check(not (ignore_background and c < 3), op,
-          "at least 3 channels with ignore_background=True", f"{c} channel(s)")
+    check(not (ignore_background and c < 2), op,
+          "at least 2 channels (softmax) with ignore_background=True", f"{c} channel(s)")
     class_mask = np.ones(c, dtype=logits.dtype)
     if ignore_background:
         class_mask[0] = 0

@@ -6,7 +6,8 @@ odd sizes round down): Ho = floor((H + 2*padding - dilation*(k-1) - 1) / stride)
 The forward keeps, per output, the flat index h*W + w of the input that won. The
 backward sends each output's gradient to exactly that one input. Ties go to the first
 maximum in row-major order within the window (as PyTorch's CPU kernel does). Padding
-counts as -inf, so it never wins.
+counts as -inf, so it never wins. A window that sees only padding (possible only when
+the dilation is larger than the input) is rejected, where PyTorch would return -inf.
 """
 
 from __future__ import annotations
@@ -53,4 +54,23 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     check(ho >= 1 and wo >= 1, op,
           f"an input of at least the (dilated) window, kernel {kernel}",
           f"input {input.shape} with padding {padding}")
+    for axis, axis_name in ((0, "row"), (1, "column")):
+        blind = _blind_window(input.shape[2 + axis], (ho, wo)[axis], kernel[axis],
+                              stride[axis], padding[axis], dilation[axis])
+        check(blind is None, op, "every window to hold at least one input pixel",
+              f"the window of output {axis_name} {blind} sees only padding (input "
+              f"{input.shape}, kernel {kernel}, padding {padding}, dilation {dilation})")
     return MaxPool2d.apply(input, geometry=geometry)
+
+
+def _blind_window(size, out_size, kernel, stride, padding, dilation):
+    """The first output position along one axis whose dilated taps all miss the input.
+
+    Only a dilation larger than the input can do this. PyTorch then returns -inf and an
+    index outside the input; tinyunet raises instead, so that every output has a winner.
+    """
+    for o in range(out_size):
+        taps = (o * stride - padding + i * dilation for i in range(kernel))
+        if not any(0 <= t < size for t in taps):
+            return o
+    return None
