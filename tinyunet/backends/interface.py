@@ -131,7 +131,15 @@ class Backend:
     # ---- optimizer updates (in place, over lists of raw arrays) ------------------------
     def sgd_update(self, params, grads, buffers, lr, momentum, dampening, nesterov,
                    weight_decay, first_step):
-        """PyTorch's SGD step. ``buffers`` holds one momentum buffer per parameter."""
+        """PyTorch's SGD step, in place on every ``params[i]`` (and ``buffers[i]``).
+
+        params, grads, buffers: equal-length lists of arrays, ``buffers[i]`` shaped like
+        ``params[i]``. Per parameter: g = grad + weight_decay * param; with momentum,
+        buffer = g when ``first_step`` (the buffer's first use), else
+        buffer = momentum * buffer + (1 - dampening) * g, and g becomes
+        g + momentum * buffer (``nesterov``) or buffer; then param -= lr * g.
+        With momentum 0 the buffers are neither read nor written. grads are not modified.
+        """
         for param, grad, buffer in zip(params, grads, buffers, strict=True):
             step = grad + weight_decay * param if weight_decay else grad
             if momentum:
@@ -145,7 +153,15 @@ class Backend:
 
     def adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                     weight_decay, decoupled):
-        """PyTorch's Adam (L2 decay) or AdamW (``decoupled``) step; ``step`` counts from 1."""
+        """PyTorch's Adam (L2 decay) or AdamW (``decoupled``) step, in place.
+
+        params, grads, exp_avgs (m), exp_avg_sqs (v): equal-length lists of arrays of
+        matching shapes; ``step`` (t) counts this update from 1, for every parameter in
+        the call. Per parameter: AdamW scales param by 1 - lr * weight_decay, Adam adds
+        weight_decay * param to g; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
+        param -= lr / (1 - b1**t) * m / (sqrt(v / (1 - b2**t)) + eps). grads are not
+        modified.
+        """
         xp = self.xp
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         for param, grad, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):

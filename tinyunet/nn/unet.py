@@ -3,21 +3,31 @@
 Shapes: input (N, in_channels, H, W) -> logits (N, num_classes, h, w).
 
 Level i (0 = top) works on base_channels * 2**i channels. Going down, each level runs
-two 3x3 conv+ReLU and a 2x2 max-pool; the bottom level (i = depth) runs the convs
-only. Going up, a 2x2 stride-2 transposed conv (or, with up='upsample', a bilinear x2
-upsample and a 1x1 conv) halves the channels, the encoder's output at that level is
-joined on by concatenation, and two 3x3 conv+ReLU follow. A 1x1 conv gives the logits.
+two 3x3 conv+ReLU and a 2x2 max-pool (stride 2), and the next level doubles the
+channels; the bottom level (i = depth) runs the convs only. Going up, each level
+halves the channels and doubles the size with
+    up='transpose': a 2x2 stride-2 transposed conv (the paper's up-conv), or
+    up='upsample':  a bilinear x2 upsample (align_corners=False) then a 1x1 conv;
+    a 1x1 conv keeps the size, so both variants give the same sizes in both modes.
+The encoder's output at that level is joined on by concatenation (skip first), and two
+3x3 conv+ReLU follow. A 1x1 conv gives the logits. No normalisation layers.
+
+Weights are He-normal, std sqrt(2 / fan_in) (the paper's sqrt(2/N)); biases are zero.
 
 padding='same': 3x3 convs pad by 1, so h, w == H, W. Sides that are not multiples of
-    2**depth are zero-padded at the bottom/right up to the next multiple, and the
-    logits are cropped back, so any size works.
+    2**depth are zero-padded at the bottom/right up to the next multiple (so every pool
+    sees an even size), and the logits are cropped back to H x W, so any size works.
+    ``valid_input_hw`` gives the sizes that need no padding.
 padding='valid': the paper's unpadded convs. Each conv loses 2 pixels, each skip is
-    center-cropped to the decoder's size, and the size before every pool must be even
-    (572 x 572 -> 388 x 388 at depth 4). ``output_hw`` and ``valid_input_hw`` give the
-    relation between input and output sizes.
+    center-cropped to the decoder's size, and the size before every pool must be even.
+    At depth 4 an input of 572 x 572 gives 388 x 388 logits (output = input - 184 there).
+    ``output_hw`` maps an input size to the output size (and raises a ShapeError naming
+    a usable size for one that can't be used); ``valid_input_hw`` finds usable sizes.
 """
 
 from __future__ import annotations
+
+import numbers
 
 from .. import functional as F
 from ..errors import ShapeError, check
@@ -39,14 +49,23 @@ class DoubleConv(Module):
 
 
 class UNet(Module):
+    """U-Net mapping (N, in_channels, H, W) images to (N, num_classes, h, w) logits.
+
+        model = UNet(in_channels=1, num_classes=1, depth=4, base_channels=64)
+        logits = model(x)            # 'same': h, w == H, W for any H, W
+        UNet(**model.config)         # the same architecture, freshly initialised
+    """
+
     def __init__(self, in_channels=1, num_classes=1, depth=4, base_channels=64, padding="same",
                  up="transpose"):
         super().__init__()
+        sizes = (in_channels, num_classes, depth, base_channels)
+        check(all(isinstance(v, numbers.Integral) and v >= 1 for v in sizes), "UNet",
+              "in_channels, num_classes, depth and base_channels integers of 1 or more",
+              f"{in_channels!r}, {num_classes!r}, {depth!r}, {base_channels!r}")
+        in_channels, num_classes, depth, base_channels = (int(v) for v in sizes)
         check(padding in ("same", "valid"), "UNet", "padding 'same' or 'valid'", f"'{padding}'")
         check(up in ("transpose", "upsample"), "UNet", "up 'transpose' or 'upsample'", f"'{up}'")
-        check(depth >= 1 and base_channels >= 1 and in_channels >= 1 and num_classes >= 1,
-              "UNet", "depth, base_channels, in_channels and num_classes of 1 or more",
-              f"{depth}, {base_channels}, {in_channels}, {num_classes}")
         self.config = dict(in_channels=in_channels, num_classes=num_classes, depth=depth,
                            base_channels=base_channels, padding=padding, up=up)
         self.depth, self.padding = depth, padding
@@ -89,8 +108,12 @@ class UNet(Module):
             x = self.decoders[level](F.concat([skip, x], dim=1))
         logits = self.head(x)
         if self.padding == "same" and logits.shape[2:] != (height, width):
+            # Negative pad amounts crop: back to the caller's H x W.
             logits = F.pad(logits, (0, width - logits.shape[3], 0, height - logits.shape[2]))
         return logits
+
+    def extra_repr(self):
+        return ", ".join(f"{key}={value!r}" for key, value in self.config.items())
 
     # ---- size arithmetic ---------------------------------------------------------------
     def _output_side(self, side: int) -> int | None:
