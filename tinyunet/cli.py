@@ -218,8 +218,10 @@ def _train(args):
         print(result["warning"], file=sys.stderr)
     print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
           f"best Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
-    print(f"wrote {trainer.out}/last.npz, best.npz, history.json, history.csv, curves.png, "
-          "samples.png")
+    # The PNGs are missing when Pillow is not installed, so list what is really there.
+    written = [name for name in ("last.npz", "best.npz", "history.json", "history.csv",
+                                 "curves.png", "samples.png") if (trainer.out / name).exists()]
+    print(f"wrote {trainer.out}/{', '.join(written)}")
     return 0
 
 
