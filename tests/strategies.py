@@ -79,6 +79,27 @@ def conv_cases(draw, limit: Limit):
                     draw(st.booleans()), draw(seeds))
 
 
+@st.composite
+def conv_geometries(draw, limit: Limit, max_kernel: int = 3, max_pad: int = 2):
+    """Backend-level conv problems: (x_shape, w_shape, ConvGeometry, seed).
+
+    Unlike conv_cases, each of the four sides gets its own padding, as a backend
+    kernel must handle (the ops produce uneven padding for 'same' with even kernels).
+    """
+    from tinyunet.backends import ConvGeometry
+
+    kh, kw = draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = tuple(draw(st.integers(0, max_pad)) for _ in range(4))
+    reach = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    h = draw(st.integers(max(1, reach[0] - padding[0] - padding[1]), max(reach[0], limit.side)))
+    w = draw(st.integers(max(1, reach[1] - padding[2] - padding[3]), max(reach[1], limit.side)))
+    n = draw(st.integers(1, limit.batch))
+    c, o = draw(st.integers(1, limit.channels)), draw(st.integers(1, limit.channels))
+    return (n, c, h, w), (o, c, kh, kw), ConvGeometry(stride, padding, dilation), draw(seeds)
+
+
 @dataclass(frozen=True)
 class ConvTransposeCase:
     x_shape: tuple
@@ -117,6 +138,14 @@ class PoolCase:
     padding: tuple
     dilation: tuple
     seed: int
+
+    @property
+    def geometry(self):
+        """The backend-level PoolGeometry (stride None means the kernel, as in PyTorch)."""
+        from tinyunet.backends import PoolGeometry
+
+        return PoolGeometry(self.kernel, self.stride or self.kernel, self.padding,
+                            self.dilation)
 
 
 @st.composite

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import conv_geometries, pool_cases, size_limit
 
 import tinyunet as tu
-from tinyunet.backends import ConvGeometry, PoolGeometry
 
 pytestmark = pytest.mark.skipif("cuda" not in tu.available_backends(),
                                 reason="the cuda backend (GPU or simulator) is not available")
@@ -26,21 +26,8 @@ def on_gpu(backend, *arrays):
     return [backend.asarray(a) for a in arrays]
 
 
-@st.composite
-def conv_problems(draw):
-    n, c, o = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
-    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - padding[0] - padding[1]), 6))
-    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - padding[2] - padding[3]), 6))
-    seed = draw(st.integers(0, 2**16))
-    return (n, c, h, w), (o, c, kh, kw), ConvGeometry(stride, padding, dilation), seed
-
-
 @CUDA_EXAMPLES
-@given(problem=conv_problems())
+@given(problem=conv_geometries(size_limit("cuda"), max_pad=2))
 def test_conv_kernels_match_numpy(problem):
     x_shape, w_shape, geometry, seed = problem
     cuda, numpy_ = tu.get_backend("cuda"), tu.get_backend("numpy")
@@ -59,26 +46,12 @@ def test_conv_kernels_match_numpy(problem):
         np.testing.assert_allclose(cuda.to_numpy(ours), ref, rtol=1e-12, atol=1e-12)
 
 
-@st.composite
-def pool_problems(draw):
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    geometry = PoolGeometry(kernel, stride, padding, dilation)
-    reach = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, padding, strict=True)]
-    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)),
-             draw(st.integers(max(1, reach[0]), 6)), draw(st.integers(max(1, reach[1]), 6)))
-    ties = draw(st.booleans())
-    return shape, geometry, ties, draw(st.integers(0, 2**16))
-
-
 @CUDA_EXAMPLES
-@given(problem=pool_problems())
-def test_pool_kernels_match_numpy_including_ties(problem):
-    shape, geometry, ties, seed = problem
+@given(case=pool_cases(size_limit("cuda")), ties=st.booleans())
+def test_pool_kernels_match_numpy_including_ties(case, ties):
+    shape, geometry = case.x_shape, case.geometry
     cuda, numpy_ = tu.get_backend("cuda"), tu.get_backend("numpy")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(case.seed)
     # Few distinct values force ties, which both must break toward the first maximum.
     x = rng.integers(0, 3, shape).astype(float) if ties else rng.standard_normal(shape)
     y, argmax = cuda.max_pool2d(cuda.asarray(x), geometry)

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
+from strategies import Limit, conv_geometries, pool_cases  # noqa: E402
+
 from tinyunet.backends import (  # noqa: E402
     ConvGeometry,
     PoolGeometry,
@@ -35,31 +37,19 @@ def assert_close(actual, expected, dtype):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * scale)
 
 
-@st.composite
-def conv_cases(draw):
-    """(x, w, geometry): any kernel, stride, dilation and (asymmetric) padding that fits."""
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = tuple(draw(st.integers(0, 3)) for _ in range(4))
-    reach_h, reach_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    h = draw(st.integers(max(1, reach_h - padding[0] - padding[1]), 10))
-    w = draw(st.integers(max(1, reach_w - padding[2] - padding[3]), 10))
-    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    dtype = draw(DTYPES)
-    seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    weight = rng.standard_normal((o, c, kh, kw)).astype(dtype)
-    return x, weight, ConvGeometry(stride, padding, dilation)
+# Kernels up to 4x4 and paddings up to 3 on maps up to 10x10, so the banded paths see
+# several bands and every edge case of the fused padding.
+NUMBA_CONV = Limit(batch=3, channels=4, side=10)
 
 
 @pytest.mark.parametrize("column_budget", [numba_backend.COLUMN_BUDGET, 64],
                          ids=["default budget", "bands of rows"])
-@given(case=conv_cases())
-def test_conv2d_and_its_gradients_match_numpy(column_budget, case):
-    x, weight, geometry = case
-    dtype = x.dtype
+@given(case=conv_geometries(NUMBA_CONV, max_kernel=4, max_pad=3), dtype=DTYPES)
+def test_conv2d_and_its_gradients_match_numpy(column_budget, case, dtype):
+    x_shape, w_shape, geometry, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numba_backend, "COLUMN_BUDGET", column_budget)
         check_conv(x, weight, geometry, dtype)
@@ -97,25 +87,11 @@ def test_conv2d_accepts_non_contiguous_input():
                  np.float64)
 
 
-@st.composite
-def pool_cases(draw):
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    geometry = PoolGeometry(kernel, stride, padding, dilation)
-    reach = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(dilation, kernel, padding, strict=True)]
-    h, w = draw(st.integers(max(1, reach[0]), 9)), draw(st.integers(max(1, reach[1]), 9))
-    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+@given(case=pool_cases(Limit(batch=3, channels=3, side=9)), dtype=DTYPES)
+def test_max_pool_forward_argmax_and_backward_match_numpy(case, dtype):
+    geometry = case.geometry
     # Few distinct values, so windows often hold ties (the first maximum must win).
-    x = rng.integers(-2, 3, size=(n, c, h, w)).astype(draw(DTYPES))
-    return x, geometry
-
-
-@given(case=pool_cases())
-def test_max_pool_forward_argmax_and_backward_match_numpy(case):
-    x, geometry = case
+    x = np.random.default_rng(case.seed).integers(-2, 3, size=case.x_shape).astype(dtype)
     y, argmax = NUMBA.max_pool2d(x, geometry)
     y_ref, argmax_ref = NUMPY.max_pool2d(x, geometry)
     np.testing.assert_array_equal(y, y_ref)
