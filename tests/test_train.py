@@ -8,17 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyunet.train import (
+from tinyunet.checkpoint import (
     CheckpointError,
+    decode_tree,
+    encode_tree,
+    load_model,
+    read_checkpoint,
+)
+from tinyunet.train import (
     TrainConfig,
     Trainer,
     TrainingDiverged,
-    _decode,
-    _encode,
     dice_iou,
-    load_model,
     one_class_warning,
-    read_checkpoint,
 )
 
 
@@ -79,15 +81,15 @@ def test_one_class_warning():
 ))
 def test_encode_decode_round_trip(value):
     arrays = {}
-    tree = json.loads(json.dumps(_encode(value, arrays, "x/")))
-    assert _decode(tree, arrays) == value
+    tree = json.loads(json.dumps(encode_tree(value, arrays, "x/")))
+    assert decode_tree(tree, arrays) == value
 
 
 def test_encode_keeps_arrays_and_numpy_scalars_exact():
     value = {"state": {0: {"m": np.arange(6, dtype=np.float32).reshape(2, 3)}},
              "step": np.int64(7), "lr": np.float32(0.1)}
     arrays = {}
-    decoded = _decode(json.loads(json.dumps(_encode(value, arrays, "o/"))), arrays)
+    decoded = decode_tree(json.loads(json.dumps(encode_tree(value, arrays, "o/"))), arrays)
     np.testing.assert_array_equal(decoded["state"][0]["m"], value["state"][0]["m"])
     assert decoded["step"] == 7 and decoded["step"].dtype == np.int64
     assert decoded["lr"].dtype == np.float32 and decoded["lr"] == np.float32(0.1)

@@ -15,20 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data.folder import EXTENSIONS, DataError, FolderDataset, read_image, require_pillow
 from .train import (
     LOSSES,
     OPTIMIZERS,
     RUN_DEFINING,
     SCHEDULES,
-    CheckpointError,
     TrainConfig,
     Trainer,
     TrainingDiverged,
     dice_iou,
-    load_model,
     one_class_warning,
-    read_checkpoint,
 )
 
 BACKENDS = ("numpy", "numba", "cuda")

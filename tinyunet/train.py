@@ -1,4 +1,4 @@
-"""Training: the loop, metrics, checkpoints, resume, history, plots.
+"""Training: the loop, metrics, resume and the choice of loss, optimizer and schedule.
 
     from tinyunet.train import TrainConfig, Trainer
     result = Trainer(TrainConfig(epochs=5, out="runs/demo")).fit()
@@ -10,26 +10,17 @@ Determinism: the model is initialised after ``tinyunet.manual_seed(seed)``; the 
 split, the batch order and every augmentation draw from numpy generators seeded by
 ``seed``. The same seed on the same backend gives the same loss curve.
 
-Checkpoints are single ``.npz`` files without pickled objects (loaded with
-``allow_pickle=False``): every array as its own entry and one JSON entry ``meta`` with
-the epoch, the config, the model's constructor arguments, the optimizer's and the
-schedule's state, the training generator's state and the history. Each save writes a
-temporary file in the same folder and renames it over the old one, so a crash never
-leaves a half-written checkpoint. Resuming restores all of it, so an interrupted run
-continues exactly as it would have without the interruption.
+Checkpoints (tinyunet/checkpoint.py) hold the weights, the optimizer's and the
+schedule's state, the training generator's state and the history, so a resumed run
+continues exactly as it would have without the interruption. The progress bar, the
+history files and the PNG reports are in tinyunet/reports.py.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
-import os
-import secrets
-import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +29,21 @@ import numpy as np
 from . import functional as F
 from .autograd import no_grad, tensor
 from .backends import get_backend, set_backend
+from .checkpoint import (
+    CheckpointError,
+    decode_tree,
+    describe_config,
+    read_checkpoint,
+    restore_weights,
+    save_checkpoint,
+)
 from .data.augment import Augmenter
 from .data.folder import FolderDataset, train_val_split
 from .data.synthetic import SyntheticCells
 from .data.tiling import logits_to_labels, predict_logits
 from .errors import ShapeError
+from .reports import ProgressBar, save_curves, save_sample_grid, write_history
 
-CHECKPOINT_FORMAT = "tinyunet-checkpoint"
-CHECKPOINT_VERSION = 1
 LOSSES = ("dice", "iou", "bce", "ce", "dice+bce")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
@@ -53,10 +51,6 @@ SCHEDULES = ("none", "cosine", "step")
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
                 "synthetic_size", "val_fraction")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupted, or does not fit the model asked for."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,299 +187,6 @@ def loss_function(name: str, num_classes: int):
     return loss
 
 
-# ---- checkpoints ----------------------------------------------------------------------
-
-def _encode(value, arrays: dict, prefix: str):
-    """A JSON-able tree for ``value``; arrays (and numpy scalars) go into ``arrays``."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        key = f"{prefix}{len(arrays)}"
-        arrays[key] = np.asarray(value)
-        return {"__array__": key}
-    if hasattr(value, "numpy") and callable(value.numpy):  # a Tensor
-        return _encode(value.numpy(), arrays, prefix)
-    if isinstance(value, dict):
-        return {"__dict__": [[_encode(k, arrays, prefix), _encode(v, arrays, prefix)]
-                             for k, v in value.items()]}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, arrays, prefix) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v, arrays, prefix) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        if isinstance(value, float) and not math.isfinite(value):
-            return {"__float__": repr(value)}
-        return value
-    raise TypeError(f"checkpoint: cannot store a value of type {type(value).__name__}")
-
-
-def _decode(tree, arrays):
-    if isinstance(tree, list):
-        return [_decode(v, arrays) for v in tree]
-    if isinstance(tree, dict):
-        if "__array__" in tree:
-            array = arrays[tree["__array__"]]
-            return array[()] if array.ndim == 0 else array
-        if "__dict__" in tree:
-            return {_decode(k, arrays): _decode(v, arrays) for k, v in tree["__dict__"]}
-        if "__tuple__" in tree:
-            return tuple(_decode(v, arrays) for v in tree["__tuple__"])
-        if "__float__" in tree:
-            return float(tree["__float__"])
-    return tree
-
-
-def save_checkpoint(path, model, meta: dict, optimizer=None, scheduler=None):
-    """Write ``path`` atomically: weights, optimizer/schedule state and ``meta`` (JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"model/{name}": np.asarray(value)
-              for name, value in model.state_dict().items()}
-    record = dict(meta)
-    record["format"] = CHECKPOINT_FORMAT
-    record["version"] = CHECKPOINT_VERSION
-    record["model_config"] = dict(model.config)
-    if optimizer is not None:
-        record["optimizer"] = _encode(optimizer.state_dict(), arrays, "optim/")
-    if scheduler is not None:
-        record["scheduler"] = _encode(scheduler.state_dict(), arrays, "sched/")
-    arrays["meta"] = np.array(json.dumps(record))
-    # A unique name in the same folder, so the rename is atomic; opened with the user's
-    # usual permissions (mkstemp would make it private).
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(temporary, "xb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(meta, arrays) of a checkpoint file, or a CheckpointError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as error:
-        raise CheckpointError(
-            f"{path}: not a tinyunet checkpoint, or a damaged one "
-            f"({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a tinyunet checkpoint (no '{CHECKPOINT_FORMAT}' "
-                              "marker in its metadata)")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: Expect: checkpoint format version "
-                              f"{CHECKPOINT_VERSION}. Actual: {meta.get('version')}.")
-    return meta, arrays
-
-
-def _restore_weights(path, model, meta, arrays):
-    state = {key[len("model/"):]: value for key, value in arrays.items()
-             if key.startswith("model/")}
-    try:
-        model.load_state_dict(state)
-    except (ShapeError, KeyError, ValueError) as error:
-        raise CheckpointError(
-            f"{path}: its weights do not fit this U-Net ({_describe(model.config)}); "
-            f"the checkpoint was saved from {_describe(meta['model_config'])}. {error}"
-        ) from error
-
-
-def _describe(config: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in config.items())
-
-
-def load_model(path, backend=None):
-    """(model, meta): the U-Net saved in checkpoint ``path``, ready for prediction."""
-    from .nn import UNet
-
-    meta, arrays = read_checkpoint(path)
-    try:
-        model = UNet(**meta["model_config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its model description is unusable "
-                              f"({type(error).__name__}: {error})") from error
-    _restore_weights(path, model, meta, arrays)
-    if backend is not None:
-        model.to(get_backend(backend))
-    model.eval()
-    return model, meta
-
-
-# ---- progress and plots -----------------------------------------------------------------
-
-class ProgressBar:
-    """A one-line progress bar on stderr: steps, loss and images per second.
-
-    On a terminal the line is redrawn in place; in a log (not a terminal) only the
-    finished line is written, once.
-    """
-
-    def __init__(self, total: int, label: str, stream=None, width: int = 24):
-        self.total, self.label, self.width = total, label, width
-        self.stream = stream or sys.stderr
-        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done = 0
-        self.images = 0
-        self.start = time.perf_counter()
-        self.last_draw = 0.0
-
-    def line(self, loss: float) -> str:
-        filled = int(self.width * self.done / max(self.total, 1))
-        bar = "#" * filled + "-" * (self.width - filled)
-        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
-        return (f"{self.label} [{bar}] {self.done}/{self.total} "
-                f"loss {loss:.4f} {rate:.1f} img/s")
-
-    def update(self, images: int, loss: float):
-        self.done += 1
-        self.images += images
-        now = time.perf_counter()
-        if self.live and (now - self.last_draw > 0.1 or self.done == self.total):
-            self.stream.write("\r" + self.line(loss))
-            self.stream.flush()
-            self.last_draw = now
-
-    def close(self, loss: float):
-        prefix = "\r" if self.live else ""
-        self.stream.write(prefix + self.line(loss) + "\n")
-        self.stream.flush()
-
-
-PALETTE = np.array([[0, 0, 0], [255, 255, 255], [235, 70, 60], [70, 140, 255],
-                    [250, 200, 40], [80, 200, 120], [200, 90, 220], [120, 120, 120]],
-                   dtype=np.uint8)
-
-
-def colour_labels(labels: np.ndarray) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) uint8: 0 black, 1 white, 2 red, then more colours."""
-    return PALETTE[np.asarray(labels) % len(PALETTE)]
-
-
-def grey_to_rgb(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) normalised image -> (H, W, 3) uint8 (values clipped to [0, 1])."""
-    pixels = np.clip(image if image.shape[0] == 3 else image[:1].repeat(3, 0), 0, 1)
-    return (np.moveaxis(pixels, 0, -1) * 255).round().astype(np.uint8)
-
-
-def save_sample_grid(path, rows, cell: int = 128):
-    """A PNG with one row per sample: image | truth | prediction.
-
-    ``rows``: list of (image (C, H, W), truth (H, W), prediction (H, W)).
-    """
-    from .data.folder import require_pillow
-
-    Image = require_pillow("writing sample PNGs")
-    from PIL import ImageDraw
-
-    header, gap = 16, 4
-    canvas = Image.new("RGB", (3 * cell + 4 * gap, header + len(rows) * (cell + gap) + gap),
-                       (40, 40, 40))
-    draw = ImageDraw.Draw(canvas)
-    for column, title in enumerate(("image", "truth", "prediction")):
-        draw.text((gap + column * (cell + gap) + 4, 3), title, fill=(230, 230, 230))
-    for row, (image, truth, prediction) in enumerate(rows):
-        panels = (grey_to_rgb(image), colour_labels(truth), colour_labels(prediction))
-        for column, panel in enumerate(panels):
-            tile = Image.fromarray(panel).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (gap + column * (cell + gap), header + row * (cell + gap)))
-    canvas.save(path)
-
-
-def _nice_ticks(low: float, high: float, count: int = 5) -> np.ndarray:
-    """About ``count`` round tick values covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = min(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first, last = math.floor(low / step), math.ceil(high / step)
-    return np.arange(first, last + 1) * step
-
-
-def _draw_panel(draw, box, title, epochs, series):
-    """One line chart in ``box`` (left, top, right, bottom): ``series`` is
-    [(label, values, colour)] against ``epochs``.
-    """
-    left, top, right, bottom = box
-    plot_l, plot_t, plot_r, plot_b = left + 50, top + 28, right - 16, bottom - 30
-    values = np.concatenate([np.asarray(v, dtype=float) for _, v, _ in series])
-    values = values[np.isfinite(values)]
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    ticks = _nice_ticks(low, high)
-    y_low, y_high = float(ticks[0]), float(ticks[-1])
-    x_low, x_high = min(epochs), max(max(epochs), min(epochs) + 1)
-
-    def to_xy(epoch, value):
-        x = plot_l + (epoch - x_low) / (x_high - x_low) * (plot_r - plot_l)
-        y = plot_b - (value - y_low) / (y_high - y_low) * (plot_b - plot_t)
-        return x, y
-
-    draw.text((plot_l, top + 6), title, fill=(0, 0, 0))
-    for tick in ticks:
-        _, y = to_xy(x_low, tick)
-        draw.line([(plot_l, y), (plot_r, y)], fill=(225, 225, 225))
-        draw.text((left + 8, y - 6), f"{tick:.3g}", fill=(60, 60, 60))
-    for epoch in _nice_ticks(x_low, x_high, 6):
-        if epoch != int(epoch) or not x_low <= epoch <= x_high:
-            continue
-        x, _ = to_xy(epoch, y_low)
-        draw.line([(x, plot_b), (x, plot_b + 4)], fill=(60, 60, 60))
-        draw.text((x - 6, plot_b + 6), str(int(epoch)), fill=(60, 60, 60))
-    draw.rectangle([plot_l, plot_t, plot_r, plot_b], outline=(60, 60, 60))
-    draw.text(((plot_l + plot_r) // 2 - 14, bottom - 14), "epoch", fill=(60, 60, 60))
-    for index, (label, series_values, colour) in enumerate(series):
-        points = [to_xy(e, v) for e, v in zip(epochs, series_values, strict=True)
-                  if math.isfinite(v)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        # The legend sits in the header row, right of the title, clear of the lines.
-        legend_x = plot_l + 110 + 100 * index
-        draw.line([(legend_x, top + 12), (legend_x + 18, top + 12)], fill=colour, width=2)
-        draw.text((legend_x + 22, top + 6), label, fill=(0, 0, 0))
-
-
-def save_curves(path, history: list[dict]):
-    """A PNG with two charts: train/validation loss and validation Dice/IoU per epoch."""
-    from .data.folder import require_pillow
-
-    Image = require_pillow("writing the training-curve PNG")
-    from PIL import ImageDraw
-
-    epochs = [row["epoch"] for row in history]
-    canvas = Image.new("RGB", (800, 300), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    _draw_panel(draw, (0, 0, 400, 300), "loss", epochs, [
-        ("train", [row["train_loss"] for row in history], (30, 100, 220)),
-        ("validation", [row["val_loss"] for row in history], (240, 130, 30)),
-    ])
-    _draw_panel(draw, (400, 0, 800, 300), "validation score", epochs, [
-        ("Dice", [row["val_dice"] for row in history], (40, 160, 70)),
-        ("IoU", [row["val_iou"] for row in history], (150, 60, 200)),
-    ])
-    canvas.save(path)
-
-
-def write_history(out: Path, history: list[dict]):
-    """history.json and history.csv: one row per epoch."""
-    text = json.dumps(history, indent=1)
-    (out / "history.json").write_text(text + "\n")
-    if history:
-        with open(out / "history.csv", "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
-
-
 # ---- the trainer ------------------------------------------------------------------------
 
 def build_datasets(config: TrainConfig):
@@ -596,15 +297,15 @@ class Trainer:
         meta, arrays = read_checkpoint(path)
         if meta["model_config"] != dict(self.model.config):
             raise CheckpointError(
-                f"{path}: it holds a U-Net with {_describe(meta['model_config'])}, "
-                f"but this run builds one with {_describe(self.model.config)}"
+                f"{path}: it holds a U-Net with {describe_config(meta['model_config'])}, "
+                f"but this run builds one with {describe_config(self.model.config)}"
             )
-        _restore_weights(path, self.model, meta, arrays)
+        restore_weights(path, self.model, meta, arrays)
         self.model.to(self.backend)
         try:
-            self.optimizer.load_state_dict(_decode(meta["optimizer"], arrays))
+            self.optimizer.load_state_dict(decode_tree(meta["optimizer"], arrays))
             if self.scheduler is not None and "scheduler" in meta:
-                self.scheduler.load_state_dict(_decode(meta["scheduler"], arrays))
+                self.scheduler.load_state_dict(decode_tree(meta["scheduler"], arrays))
             self.rng.bit_generator.state = meta["rng_state"]
         except (KeyError, ValueError, TypeError, ShapeError) as error:
             raise CheckpointError(f"{path}: its optimizer or generator state does not fit "
