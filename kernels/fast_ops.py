@@ -9,12 +9,17 @@ kernels do everything else in one parallel pass each:
   same pass (no padded copy of the input is ever made).
 * ``col2im_gather``: the adjoint of im2col; each parallel step owns one input row and
   sums what lands in it, so there are no races and no atomics.
+* ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
+  few channels, where a skinny GEMM wastes BLAS; they read a padded copy
+  (``pad_images``) and do the arithmetic themselves.
 * max-pool forward with argmax, and its backward; ReLU and its backward; the bias
   gradient; a stable sigmoid; the SGD and Adam updates.
 
-Every kernel is ``parallel=True, cache=True``. Only ``channel_sums`` uses a fast-math
-flag, reassociation alone (see there); the other kernels copy data, accumulate in a
-fixed order, or must round exactly as the numpy reference does. Callers pass
+Every kernel is ``parallel=True, cache=True``. Fast-math flags are used only where
+they buy vectorisation and never drop NaN/Inf semantics: FMA contraction and
+reassociation in the direct convs, reassociation in ``channel_sums``; the other
+kernels copy data, accumulate in a fixed order, or must round exactly as the numpy
+reference does. Callers pass
 contiguous float32/float64 arrays only, which keeps the number of compiled
 specialisations (and the first-run compile time) small.
 """
@@ -139,6 +144,118 @@ def col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx):
                 ow_lo, ow_hi = valid_outputs(shift, sw, w, wo)
                 for ow in range(ow_lo, ow_hi):
                     dx[n, c, ih, ow * sw + shift] += cols[n, row, oh * wo + ow]
+
+
+# ---- direct 3x3 stride-1 convolution, for few channels ----------------------------------
+# With 16-32 channels an im2col GEMM is skinny (16 output rows over 65536 pixels): BLAS
+# runs it at a third of its peak and the column matrix is 9x the input, written and read
+# back. These kernels read a zero-padded copy of the input instead and keep the 3x3
+# window in registers: a pass over one row of pixels loads 9 shifted vectors and feeds
+# them to 4 output channels (36 FMAs per 9 loads + 4 stores). Measured 1.5-2x faster
+# than im2col + GEMM on the U-Net's 16- and 32-channel levels, slower from 64 channels
+# on, where the backend keeps the GEMMs.
+# The flags allow contraction to FMA and, in the weight gradient's sums, reassociation
+# (to vectorise them); NaN and Inf still propagate.
+DIRECT_OUTPUT_BLOCK = 4
+
+
+@njit(**KERNEL_OPTIONS)
+def pad_images(x, top, left, xp):
+    """xp (N, C, Hp, Wp) = x (N, C, H, W) placed at (top, left) in a zero border."""
+    n_img, c_in, h, w = x.shape
+    hp = xp.shape[2]
+    for plane in prange(n_img * c_in):
+        n = plane // c_in
+        c = plane % c_in
+        for r in range(hp):
+            ih = r - top
+            if ih < 0 or ih >= h:
+                xp[n, c, r, :] = 0
+                continue
+            xp[n, c, r, :left] = 0
+            xp[n, c, r, left : left + w] = x[n, c, ih]
+            xp[n, c, r, left + w :] = 0
+
+
+@njit(cache=True, inline="always")
+def _taps(weight, o, c):
+    """The 9 weights of (o, c) as a tuple, so they stay in registers."""
+    k = weight[o, c]
+    return (k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1], k[1, 2], k[2, 0], k[2, 1], k[2, 2])
+
+
+@njit(cache=True, inline="always")
+def _stencil(k, a0, a1, a2, b0, b1, b2, c0, c1, c2):
+    """One output pixel's share of a 3x3 window (rows a, b, c) under taps ``k``."""
+    return (k[0] * a0 + k[1] * a1 + k[2] * a2 + k[3] * b0 + k[4] * b1 + k[5] * b2
+            + k[6] * c0 + k[7] * c1 + k[8] * c2)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+def conv3x3_forward(xp, weight, y):
+    """y (N, O, Ho, Wo) = the 3x3 stride-1 conv of the padded input xp (N, C, Ho+2, Wo+2).
+
+    weight: (O, C, 3, 3) with O a multiple of DIRECT_OUTPUT_BLOCK. A parallel step owns
+    one output row of 4 channels and sums over the input channels in order.
+    """
+    n_img, o_ch, ho, wo = y.shape
+    c_in = xp.shape[1]
+    blocks = o_ch // DIRECT_OUTPUT_BLOCK
+    for task in prange(n_img * blocks * ho):
+        n = task // (blocks * ho)
+        o = DIRECT_OUTPUT_BLOCK * ((task // ho) % blocks)
+        h = task % ho
+        y0, y1, y2, y3 = y[n, o, h], y[n, o + 1, h], y[n, o + 2, h], y[n, o + 3, h]
+        y0[:] = 0
+        y1[:] = 0
+        y2[:] = 0
+        y3[:] = 0
+        for c in range(c_in):
+            top, mid, bottom = xp[n, c, h], xp[n, c, h + 1], xp[n, c, h + 2]
+            k0, k1 = _taps(weight, o, c), _taps(weight, o + 1, c)
+            k2, k3 = _taps(weight, o + 2, c), _taps(weight, o + 3, c)
+            for w in range(wo):
+                a0, a1, a2 = top[w], top[w + 1], top[w + 2]
+                b0, b1, b2 = mid[w], mid[w + 1], mid[w + 2]
+                c0, c1, c2 = bottom[w], bottom[w + 1], bottom[w + 2]
+                y0[w] += _stencil(k0, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+                y1[w] += _stencil(k1, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+                y2[w] += _stencil(k2, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+                y3[w] += _stencil(k3, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
+def conv3x3_grad_weight(dy, xp, dw):
+    """dw (O, C, 3, 3) = sum over n, h, w of dy[n, o, h, w] * xp[n, c, h + i, w + j].
+
+    dy: (N, O, Ho, Wo); xp: the padded input (N, C, Ho+2, Wo+2). A parallel step owns
+    one (o, c) pair and keeps its 9 sums in registers over one pass of both planes.
+    """
+    n_img, o_ch, ho, wo = dy.shape
+    c_in = xp.shape[1]
+    zero = dy.dtype.type(0)
+    for pair in prange(o_ch * c_in):
+        o = pair // c_in
+        c = pair % c_in
+        s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = zero
+        for n in range(n_img):
+            for h in range(ho):
+                grad = dy[n, o, h]
+                top, mid, bottom = xp[n, c, h], xp[n, c, h + 1], xp[n, c, h + 2]
+                for w in range(wo):
+                    g = grad[w]
+                    s00 += g * top[w]
+                    s01 += g * top[w + 1]
+                    s02 += g * top[w + 2]
+                    s10 += g * mid[w]
+                    s11 += g * mid[w + 1]
+                    s12 += g * mid[w + 2]
+                    s20 += g * bottom[w]
+                    s21 += g * bottom[w + 1]
+                    s22 += g * bottom[w + 2]
+        dw[o, c, 0, 0], dw[o, c, 0, 1], dw[o, c, 0, 2] = s00, s01, s02
+        dw[o, c, 1, 0], dw[o, c, 1, 1], dw[o, c, 1, 2] = s10, s11, s12
+        dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = s20, s21, s22
 
 
 @njit(**KERNEL_OPTIONS)

@@ -100,6 +100,25 @@ def conv_geometries(draw, limit: Limit, max_kernel: int = 3, max_pad: int = 2):
     return (n, c, h, w), (o, c, kh, kw), ConvGeometry(stride, padding, dilation), draw(seeds)
 
 
+@st.composite
+def direct_conv_geometries(draw, limit: Limit):
+    """3x3 stride-1 conv problems as the numba backend's direct kernels take them.
+
+    Output channels come in multiples of 4 (the kernels' block), input channels too
+    half the time (so the input gradient, a conv back to C_in channels, is direct as
+    well); paddings are drawn per side, and maps from 1 pixel up to several vectors wide.
+    """
+    from tinyunet.backends import ConvGeometry
+
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, 3 - padding[0] - padding[1]), limit.side))
+    w = draw(st.integers(max(1, 3 - padding[2] - padding[3]), 4 * limit.side))
+    n = draw(st.integers(1, limit.batch))
+    c = draw(st.one_of(st.integers(1, limit.channels), st.sampled_from([4, 8])))
+    o = draw(st.sampled_from([4, 8]))
+    return (n, c, h, w), (o, c, 3, 3), ConvGeometry((1, 1), padding, (1, 1)), draw(seeds)
+
+
 @dataclass(frozen=True)
 class ConvTransposeCase:
     x_shape: tuple

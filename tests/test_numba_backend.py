@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
-from strategies import Limit, conv_geometries, pool_cases  # noqa: E402
+from strategies import Limit, conv_geometries, direct_conv_geometries, pool_cases  # noqa: E402
 
 from tinyunet.backends import (  # noqa: E402
     ConvGeometry,
@@ -53,6 +53,25 @@ def test_conv2d_and_its_gradients_match_numpy(column_budget, case, dtype):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numba_backend, "COLUMN_BUDGET", column_budget)
         check_conv(x, weight, geometry, dtype)
+
+
+@given(case=direct_conv_geometries(NUMBA_CONV), dtype=DTYPES)
+def test_direct_3x3_kernels_match_numpy(case, dtype):
+    """The few-channel 3x3 path (padded copy + direct kernels), and that it is taken."""
+    x_shape, w_shape, geometry, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("conv3x3_forward", "conv3x3_grad_weight"):
+            kernel = getattr(numba_backend.fast_ops, name)
+            patch.setattr(numba_backend.fast_ops, name,
+                          lambda *args, kernel=kernel, name=name: (calls.append(name),
+                                                                   kernel(*args)))
+        check_conv(x, weight, geometry, dtype)
+    assert calls.count("conv3x3_forward") == (2 if x_shape[1] % 4 == 0 else 1)
+    assert calls.count("conv3x3_grad_weight") == 1
 
 
 def check_conv(x, weight, geometry, dtype):

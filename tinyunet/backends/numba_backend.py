@@ -21,6 +21,11 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   the forward's bands. Either way the batch's columns never exist all at once.
 * 1x1 stride-1 convs (the U-Net's head) skip im2col: the input already is the
   column matrix.
+* 3x3 stride-1 convs with few channels (C_in * C_out <= DIRECT_MAX_CHANNEL_PRODUCT:
+  the U-Net's 16- and 32-channel levels) skip im2col and BLAS altogether: a padded
+  copy of the input and the direct kernels of fast_ops, for the forward, the input
+  gradient (again a conv, with the flipped weight) and the weight gradient. Their
+  GEMMs would be skinny (16 rows over 65536 pixels) and run far below BLAS's peak.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ from .interface import Backend, ConvGeometry, PoolGeometry
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
 # columns, small enough to stay in the L2/L3 cache and to keep peak memory low.
 COLUMN_BUDGET = 4 << 20
+# 3x3 stride-1 convs with at most this C_in * C_out run in fast_ops' direct kernels
+# (the U-Net's 16- and 32-channel levels); above it the GEMMs are wide enough to win.
+DIRECT_MAX_CHANNEL_PRODUCT = 32 * 32
 
 
 def _contiguous(a):
     return np.ascontiguousarray(a)
+
+
+def _direct_3x3(c_in, c_out, kernel_hw, geometry):
+    """Whether a conv goes to the direct 3x3 kernels rather than im2col + BLAS."""
+    return (kernel_hw == (3, 3) and geometry.stride == (1, 1) and geometry.dilation == (1, 1)
+            and c_in * c_out <= DIRECT_MAX_CHANNEL_PRODUCT)
 
 
 def _flat(a):
@@ -82,6 +96,9 @@ class NumbaBackend(Backend):
         if (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
             return y
+        if _direct_3x3(c, o, (kh, kw), geometry) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
+            fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
+            return y
         for cols, images, n0, r0, rows in self._column_bands(x, (kh, kw), geometry, (ho, wo)):
             if images > 1:
                 # (O, images*pixels) -> (images, O, pixels): one wide GEMM, one small copy.
@@ -121,6 +138,10 @@ class NumbaBackend(Backend):
             for image in range(n):
                 dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
             return dw.reshape(o, c, kh, kw)
+        if _direct_3x3(c, o, kernel_hw, geometry):
+            dw = dw.reshape(o, c, kh, kw)
+            fast_ops.conv3x3_grad_weight(dy, self._padded(x, geometry.padding), dw)
+            return dw
         if geometry.stride[0] == 1 and kh > 1:
             return self._grad_weight_row_shifts(dy, x, geometry, kernel_hw)
         for cols, images, n0, r0, rows in self._column_bands(x, kernel_hw, geometry, (ho, wo)):
@@ -162,6 +183,17 @@ class NumbaBackend(Backend):
                     window = cols[:, i * dh * wo : i * dh * wo + band_rows * wo]
                     grad[i] += band @ window.T
         return np.ascontiguousarray(grad.reshape(kh, o, c, kw).transpose(1, 2, 0, 3))
+
+    def _padded(self, x, padding):
+        """x (N, C, H, W) in a zero border of ``padding`` (top, bottom, left, right).
+
+        The copy lives in the scratch buffer, so it is valid until the next call."""
+        n, c, h, w = x.shape
+        top, bottom, left, right = padding
+        shape = (n, c, h + top + bottom, w + left + right)
+        padded = self._buffer(x.dtype, int(np.prod(shape))).reshape(shape)
+        fast_ops.pad_images(x, top, left, padded)
+        return padded
 
     def _column_bands(self, x, kernel_hw, geometry, output_hw):
         """Yield (cols, images, n0, r0, rows): im2col of bands of output rows.
