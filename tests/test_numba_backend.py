@@ -1,9 +1,10 @@
 """The numba backend against the numpy reference, kernel by kernel and on a training run.
 
 Shapes, strides, paddings, dilations and channel counts are drawn by hypothesis. Each
-conv case runs twice: with the default column budget (whole images, or the whole batch,
-in one GEMM) and with a tiny one that forces bands of a few output rows, so both paths
-of the backend are checked.
+conv case runs three times: with the backend's own choice of path (on these small
+shapes: the direct 3x3 kernels, whole-batch GEMMs), with the GEMM paths forced (the
+weight gradient's row shifts included), and with those on bands of a few output rows
+(a tiny column budget), so every path of the backend is checked.
 """
 
 import numpy as np
@@ -42,16 +43,25 @@ def assert_close(actual, expected, dtype):
 NUMBA_CONV = Limit(batch=3, channels=4, side=10)
 
 
-@pytest.mark.parametrize("column_budget", [numba_backend.COLUMN_BUDGET, 64],
-                         ids=["default budget", "bands of rows"])
+# The backend picks its path by size; these settings force each path onto small maps.
+PATHS = {
+    "default": {},
+    "GEMMs only": {"DIRECT_MAX_CHANNEL_PRODUCT": 0, "ROW_SHIFT_MIN_PIXELS": 1},
+    "GEMMs on bands of rows": {"DIRECT_MAX_CHANNEL_PRODUCT": 0, "ROW_SHIFT_MIN_PIXELS": 1,
+                               "COLUMN_BUDGET": 64},
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @given(case=conv_geometries(NUMBA_CONV, max_kernel=4, max_pad=3), dtype=DTYPES)
-def test_conv2d_and_its_gradients_match_numpy(column_budget, case, dtype):
+def test_conv2d_and_its_gradients_match_numpy(path, case, dtype):
     x_shape, w_shape, geometry, seed = case
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype(dtype)
     weight = rng.standard_normal(w_shape).astype(dtype)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "COLUMN_BUDGET", column_budget)
+        for name, value in PATHS[path].items():
+            patch.setattr(numba_backend, name, value)
         check_conv(x, weight, geometry, dtype)
 
 

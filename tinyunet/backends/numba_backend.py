@@ -15,10 +15,11 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   transposed (the adjoint), so it takes the same banded path and needs no col2im.
   Other strides (the U-Net's 2x2 stride-2 transposed conv): one batched GEMM and
   one gather (``col2im_gather``), which for 2x2 stride 2 is a pixel shuffle.
-* Weight gradient (row stride 1): columns of the kernel's width only, over the
-  input rows of a band; each kernel row is a shifted window of that one matrix and
-  one GEMM, so kH times fewer columns are written than by im2col. Other strides use
-  the forward's bands. Either way the batch's columns never exist all at once.
+* Weight gradient (row stride 1, maps of ROW_SHIFT_MIN_PIXELS or more): columns of
+  the kernel's width only, over the input rows of a band; each kernel row is a
+  shifted window of that one matrix and one GEMM, so kH times fewer columns are
+  written than by im2col. Other strides and smaller maps use the forward's bands.
+  Either way the batch's columns never exist all at once.
 * 1x1 stride-1 convs (the U-Net's head) skip im2col: the input already is the
   column matrix.
 * 3x3 stride-1 convs with few channels (C_in * C_out <= DIRECT_MAX_CHANNEL_PRODUCT:
@@ -41,6 +42,10 @@ COLUMN_BUDGET = 4 << 20
 # 3x3 stride-1 convs with at most this C_in * C_out run in fast_ops' direct kernels
 # (the U-Net's 16- and 32-channel levels); above it the GEMMs are wide enough to win.
 DIRECT_MAX_CHANNEL_PRODUCT = 32 * 32
+# The weight gradient's row-shift GEMMs sum over one image's pixels each; below this
+# many output pixels they are too short (16x16 and smaller: up to 5x slower than one
+# GEMM over the whole batch's columns, measured on the U-Net's deep levels).
+ROW_SHIFT_MIN_PIXELS = 32 * 32
 
 
 def _contiguous(a):
@@ -142,7 +147,7 @@ class NumbaBackend(Backend):
             dw = dw.reshape(o, c, kh, kw)
             fast_ops.conv3x3_grad_weight(dy, self._padded(x, geometry.padding), dw)
             return dw
-        if geometry.stride[0] == 1 and kh > 1:
+        if geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS:
             return self._grad_weight_row_shifts(dy, x, geometry, kernel_hw)
         for cols, images, n0, r0, rows in self._column_bands(x, kernel_hw, geometry, (ho, wo)):
             if images > 1:
