@@ -6,3 +6,7 @@
 Each writes its own section of benchmarks/RESULTS.md. Timings are medians over
 repeats that interleave the competitors, so machine noise hits all of them alike.
 """
+
+# First, before numpy, as a program using tinyunet would: tinyunet sets up OpenBLAS's
+# threads when it is imported before numpy (see tinyunet/__init__.py).
+import tinyunet  # noqa: E402, F401
