@@ -70,6 +70,20 @@ def test_intermediates_are_released_after_backward():
     assert not loss.is_leaf  # still a graph output, now with its saved values released
 
 
+def test_the_graph_holds_no_activation_that_backward_does_not_need():
+    """A conv's output is dead once its ReLU has run (ReLU saves its own output)."""
+    x = tu.tensor(np.ones((1, 1, 6, 6)), requires_grad=True)
+    w = tu.tensor(np.ones((2, 1, 3, 3)), requires_grad=True)
+    pre_activation = F.conv2d(x, w)
+    released = weakref.ref(pre_activation.data)
+    out = F.relu(pre_activation)
+    del pre_activation
+    gc.collect()
+    assert released() is None
+    out.sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), np.full((2, 1, 3, 3), 16.0))
+
+
 def test_retain_graph_allows_a_second_backward():
     x = tu.tensor(np.array([1.0, 2.0]), requires_grad=True)
     y = (x * x).sum()

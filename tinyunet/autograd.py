@@ -50,19 +50,31 @@ class Context:
 
 
 class Node:
-    """One recorded Function application: its inputs and the context to differentiate it."""
+    """One recorded Function application: the context to differentiate it and where the
+    gradients of its inputs go.
 
-    __slots__ = ("function", "ctx", "inputs")
+    ``inputs`` has one entry per tensor argument: the Node that computed it, the leaf
+    Tensor itself (its gradient lands in ``.grad``), or None where no gradient flows.
+    The graph never holds an intermediate Tensor, so an activation no backward needs
+    (a conv's output once its ReLU has run) is freed as soon as the forward moves on.
+    ``shape`` is the output's, to check the gradients that arrive. A backward that has
+    used a node sets its ``ctx`` to None (its saved arrays released).
+    """
 
-    def __init__(self, function, ctx, inputs):
+    __slots__ = ("function", "ctx", "inputs", "shape")
+
+    def __init__(self, function, ctx, inputs, shape):
         self.function = function
         self.ctx = ctx
         self.inputs = inputs
+        self.shape = shape
 
 
-# Stands in for a node whose saved values a backward has already released, so that a
-# second backward through it raises instead of treating the tensor as a leaf.
-_FREED = Node(None, None, ())
+def _graph_input(tensor):
+    """What a Node keeps of one of its inputs (see Node)."""
+    if not tensor.requires_grad:
+        return None
+    return tensor if tensor._node is None else tensor._node
 
 
 class Function:
@@ -99,7 +111,7 @@ class Function:
         result = Tensor._wrap(out, backend, requires_grad)
         if requires_grad:
             ctx.needs_input_grad = tuple(t.requires_grad for t in tensors)
-            result._node = Node(cls, ctx, tensors)
+            result._node = Node(cls, ctx, [_graph_input(t) for t in tensors], result.shape)
         return result
 
 
@@ -221,41 +233,46 @@ class Tensor:
                 f"shape {tuple(seed.shape)}",
             )
 
-        order = _topological_order(self)
-        grads = {id(self): seed}
-        for tensor in reversed(order):
-            g = grads.pop(id(tensor), None)
+        if self._node is None:
+            _accumulate_leaf(self, seed)
+            return
+        grads = {id(self._node): seed}
+        leaf_grads, leaves = {}, {}
+        for node in reversed(_topological_order(self._node)):
+            g = grads.pop(id(node), None)
             if g is None:
                 continue
-            node = tensor._node
-            if node is None:
-                _accumulate_leaf(tensor, g)
-                continue
             check(
-                node is not _FREED,
+                node.ctx is not None,
                 "backward",
                 "a graph not yet backpropagated (use retain_graph=True to go through it twice)",
-                f"a path through a {tensor!r} whose saved values an earlier backward released",
+                f"a path through a {node.function.__name__} whose saved values an earlier "
+                "backward released",
             )
             input_grads = node.function.backward(node.ctx, g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             for inp, ig in zip(node.inputs, input_grads, strict=True):
-                if ig is None or not inp.requires_grad:
+                if ig is None or inp is None:
                     continue
                 check(
-                    tuple(ig.shape) == inp.shape,
+                    tuple(ig.shape) == tuple(inp.shape),
                     f"{node.function.__name__}.backward",
-                    f"an input gradient of shape {inp.shape}",
+                    f"an input gradient of shape {tuple(inp.shape)}",
                     f"shape {tuple(ig.shape)}",
                 )
+                sums = grads if isinstance(inp, Node) else leaf_grads
                 key = id(inp)
-                grads[key] = ig if key not in grads else grads[key] + ig
+                sums[key] = ig if key not in sums else sums[key] + ig
+                if sums is leaf_grads:
+                    leaves[key] = inp
             if not retain_graph:
                 # Frees the saved activations, and the graph above them, as soon as they
                 # are used.
-                node.ctx.saved = ()
-                tensor._node = _FREED
+                node.ctx = None
+                node.inputs = ()
+        for key, g in leaf_grads.items():
+            _accumulate_leaf(leaves[key], g)
 
     # ---- operators (defined in ops; bound here for a PyTorch feel) ---------------
     def __add__(self, other):
@@ -326,23 +343,22 @@ def _as_tensor(value, like: Tensor) -> Tensor:
     return Tensor._wrap(like.backend.xp.asarray(value, dtype=like.data.dtype), like.backend)
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors of the graph under ``root``, each after all of its inputs (iterative DFS)."""
+def _topological_order(root: Node) -> list[Node]:
+    """Nodes of the graph under ``root``, each after the nodes of its inputs (iterative DFS)."""
     order, visited = [], set()
     stack = [(root, False)]
     while stack:
-        tensor, inputs_done = stack.pop()
+        node, inputs_done = stack.pop()
         if inputs_done:
-            order.append(tensor)
+            order.append(node)
             continue
-        if id(tensor) in visited:
+        if id(node) in visited:
             continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        if tensor._node is not None:
-            for inp in tensor._node.inputs:
-                if inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
+        visited.add(id(node))
+        stack.append((node, True))
+        for inp in node.inputs:
+            if isinstance(inp, Node) and id(inp) not in visited:
+                stack.append((inp, False))
     return order
 
 
