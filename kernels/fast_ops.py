@@ -330,17 +330,15 @@ def relu_backward(dy, y, dx):
 
 
 @njit(**KERNEL_OPTIONS)
-def bias_add_relu(y, bias, relu):
-    """In place: y (N, C, H*W) += bias[c], then max(., 0) when ``relu``."""
+def bias_add(y, bias):
+    """In place: y (N, C, H*W) += bias[c]."""
     n_img, c_out, pixels = y.shape
-    zero = y.dtype.type(0)
     for plane in prange(n_img * c_out):
         n = plane // c_out
         c = plane % c_out
         b = bias[c]
         for p in range(pixels):
-            v = y[n, c, p] + b
-            y[n, c, p] = v if (not relu or v > 0 or v != v) else zero
+            y[n, c, p] += b
 
 
 # Reassociation only: it lets LLVM vectorise the sum by adding in another order (numpy's

@@ -153,8 +153,11 @@ def test_elementwise_kernels_match_numpy(dtype, shape, seed):
 
 @given(dtype=DTYPES, n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6),
        w=st.integers(1, 6), seed=st.integers(0, 2**16))
-def test_bias_grad_matches_numpy(dtype, n, c, h, w, seed):
-    dy = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
+def test_bias_add_and_its_gradient_match_numpy(dtype, n, c, h, w, seed):
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal((n, c, h, w)).astype(dtype)
+    bias = rng.standard_normal(c).astype(dtype)
+    np.testing.assert_array_equal(NUMBA.add_bias(dy.copy(), bias), NUMPY.add_bias(dy.copy(), bias))
     assert_close(NUMBA.bias_grad(dy), NUMPY.bias_grad(dy), dtype)
 
 

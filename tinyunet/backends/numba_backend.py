@@ -270,6 +270,12 @@ class NumbaBackend(Backend):
         fast_ops.sigmoid(x.reshape(-1), y.reshape(-1))
         return y
 
+    def add_bias(self, y, bias):
+        y = _contiguous(y)
+        n, c = y.shape[:2]
+        fast_ops.bias_add(y.reshape(n, c, -1), _contiguous(bias))
+        return y
+
     def bias_grad(self, dy):
         dy = _contiguous(dy)
         n, c = dy.shape[:2]
