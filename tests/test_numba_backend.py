@@ -1,21 +1,24 @@
 """The numba backend against the numpy reference, kernel by kernel and on a training run.
 
 Shapes, strides, paddings, dilations and channel counts are drawn by hypothesis. Each
-conv case runs three times: with the backend's own choice of path (on these small
-shapes: the direct 3x3 kernels, whole-batch GEMMs), with the GEMM paths forced (the
-weight gradient's row shifts included), and with those on bands of a few output rows
-(a tiny column budget), so every path of the backend is checked.
+conv case runs four times: with the backend's own choice of path (on these small
+shapes: whole-batch GEMMs), with the GEMM paths forced (the weight gradient's row
+shifts included), with those on bands of a few output rows (a tiny column budget),
+and with the direct 3x3 kernels taking every conv they can, so every path of the
+backend is checked.
 """
 
 import numpy as np
 import pytest
-from hypothesis import given
+from gradcheck import check_gradients
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
 from strategies import Limit, conv_geometries, direct_conv_geometries, pool_cases  # noqa: E402
 
+import tinyunet.functional as F  # noqa: E402
 from tinyunet.backends import (  # noqa: E402
     ConvGeometry,
     PoolGeometry,
@@ -46,9 +49,10 @@ NUMBA_CONV = Limit(batch=3, channels=4, side=10)
 # The backend picks its path by size; these settings force each path onto small maps.
 PATHS = {
     "default": {},
-    "GEMMs only": {"DIRECT_MAX_CHANNEL_PRODUCT": 0, "ROW_SHIFT_MIN_PIXELS": 1},
-    "GEMMs on bands of rows": {"DIRECT_MAX_CHANNEL_PRODUCT": 0, "ROW_SHIFT_MIN_PIXELS": 1,
+    "GEMMs only": {"DIRECT_RULES": (), "ROW_SHIFT_MIN_PIXELS": 1},
+    "GEMMs on bands of rows": {"DIRECT_RULES": (), "ROW_SHIFT_MIN_PIXELS": 1,
                                "COLUMN_BUDGET": 64},
+    "direct 3x3 kernels": {"DIRECT_RULES": ((1, 10**6),)},
 }
 
 
@@ -74,6 +78,7 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     weight = rng.standard_normal(w_shape).astype(dtype)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "DIRECT_RULES", PATHS["direct 3x3 kernels"]["DIRECT_RULES"])
         for name in ("conv3x3_forward", "conv3x3_grad_weight"):
             kernel = getattr(numba_backend.fast_ops, name)
             patch.setattr(numba_backend.fast_ops, name,
@@ -82,6 +87,24 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
         check_conv(x, weight, geometry, dtype)
     assert calls.count("conv3x3_forward") == (2 if x_shape[1] % 4 == 0 else 1)
     assert calls.count("conv3x3_grad_weight") == 1
+
+
+@settings(max_examples=6)
+@given(n=st.integers(1, 2), c_in=st.sampled_from([1, 2, 4]), c_out=st.sampled_from([4, 8]),
+       h=st.integers(1, 6), w=st.integers(1, 12), padding=st.tuples(st.integers(0, 2),
+                                                                     st.integers(0, 2)),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_direct_3x3_gradients_by_finite_differences(n, c_in, c_out, h, w, padding, bias,
+                                                     seed):
+    """F.conv2d through the direct kernels, against central differences in float64."""
+    h, w = max(h, 3 - 2 * padding[0]), max(w, 3 - 2 * padding[1])
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((n, c_in, h, w)), rng.standard_normal((c_out, c_in, 3, 3))]
+    if bias:
+        inputs.append(rng.standard_normal(c_out))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "DIRECT_RULES", PATHS["direct 3x3 kernels"]["DIRECT_RULES"])
+        check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 
 def check_conv(x, weight, geometry, dtype):

@@ -22,8 +22,8 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   Either way the batch's columns never exist all at once.
 * 1x1 stride-1 convs (the U-Net's head) skip im2col: the input already is the
   column matrix.
-* 3x3 stride-1 convs with few channels (C_in * C_out <= DIRECT_MAX_CHANNEL_PRODUCT:
-  the U-Net's 16- and 32-channel levels) skip im2col and BLAS altogether: a padded
+* 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``: the U-Net's
+  outer levels) skip im2col and BLAS altogether: a padded
   copy of the input and the direct kernels of fast_ops, for the forward, the input
   gradient (again a conv, with the flipped weight) and the weight gradient. Their
   GEMMs would be skinny (16 rows over 65536 pixels) and run far below BLAS's peak.
@@ -39,9 +39,13 @@ from .interface import Backend, ConvGeometry, PoolGeometry
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
 # columns, small enough to stay in the L2/L3 cache and to keep peak memory low.
 COLUMN_BUDGET = 4 << 20
-# 3x3 stride-1 convs with at most this C_in * C_out run in fast_ops' direct kernels
-# (the U-Net's 16- and 32-channel levels); above it the GEMMs are wide enough to win.
-DIRECT_MAX_CHANNEL_PRODUCT = 32 * 32
+# Which 3x3 stride-1 convs run in fast_ops' direct kernels: (minimum output width,
+# maximum C_in * C_out) pairs, any one of which suffices. The direct kernels vectorise
+# along image rows, so they need long rows; the GEMMs win once channels are many. Set
+# from a sweep over the benchmark U-Nets' layers (forward and weight gradient, direct
+# vs GEMM): direct won on the 128- and 256-wide maps up to 32x32 channels and on the
+# 64-wide ones up to 8x16, GEMMs on every map of 32 pixels or narrower.
+DIRECT_RULES = ((128, 32 * 32), (64, 8 * 16))
 # The weight gradient's row-shift GEMMs sum over one image's pixels each; below this
 # many output pixels they are too short (16x16 and smaller: up to 5x slower than one
 # GEMM over the whole batch's columns, measured on the U-Net's deep levels).
@@ -52,10 +56,12 @@ def _contiguous(a):
     return np.ascontiguousarray(a)
 
 
-def _direct_3x3(c_in, c_out, kernel_hw, geometry):
+def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width):
     """Whether a conv goes to the direct 3x3 kernels rather than im2col + BLAS."""
-    return (kernel_hw == (3, 3) and geometry.stride == (1, 1) and geometry.dilation == (1, 1)
-            and c_in * c_out <= DIRECT_MAX_CHANNEL_PRODUCT)
+    if kernel_hw != (3, 3) or geometry.stride != (1, 1) or geometry.dilation != (1, 1):
+        return False
+    return any(output_width >= width and c_in * c_out <= channels
+               for width, channels in DIRECT_RULES)
 
 
 def _flat(a):
@@ -101,7 +107,7 @@ class NumbaBackend(Backend):
         if (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
             return y
-        if _direct_3x3(c, o, (kh, kw), geometry) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
+        if _direct_3x3(c, o, (kh, kw), geometry, wo) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
             return y
         for cols, images, n0, r0, rows in self._column_bands(x, (kh, kw), geometry, (ho, wo)):
@@ -143,7 +149,7 @@ class NumbaBackend(Backend):
             for image in range(n):
                 dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
             return dw.reshape(o, c, kh, kw)
-        if _direct_3x3(c, o, kernel_hw, geometry):
+        if _direct_3x3(c, o, kernel_hw, geometry, wo):
             dw = dw.reshape(o, c, kh, kw)
             fast_ops.conv3x3_grad_weight(dy, self._padded(x, geometry.padding), dw)
             return dw
