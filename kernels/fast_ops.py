@@ -15,19 +15,20 @@ kernels do everything else in one parallel pass each:
 * max-pool forward with argmax, and its backward; ReLU and its backward; the bias
   gradient; a stable sigmoid; the SGD and Adam updates.
 
-Every kernel is ``parallel=True, cache=True``. Fast-math flags are used only where
+Every kernel is compiled twice, parallel and serial (see ``kernel``), both cached on
+disk. Fast-math flags are used only where
 they buy vectorisation and never drop NaN/Inf semantics: FMA contraction and
 reassociation in the direct convs, reassociation in ``channel_sums``; the other
 kernels copy data, accumulate in a fixed order, or must round exactly as the numpy
-reference does. Callers pass
-contiguous float32/float64 arrays only, which keeps the number of compiled
-specialisations (and the first-run compile time) small.
+reference does. Callers pass contiguous float32/float64 arrays only, which keeps the
+number of compiled specialisations (and the first-run compile time) small.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import types
 
 import numba
 import numpy as np
@@ -40,7 +41,27 @@ from numba import njit, prange
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-KERNEL_OPTIONS = {"parallel": True, "cache": True, "nogil": True}
+
+
+def kernel(fastmath=False):
+    """Compile a kernel twice: parallel (the dispatcher returned) and serial (``.serial``).
+
+    Handing a call to numba's thread pool costs about 0.1 ms here: the workers sleep
+    between calls (spinning would steal the cores BLAS needs) and waking them takes
+    that long on this VM. A small call is done sooner by the calling thread alone, so
+    the backend sends calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial
+    twin, a copy of the function with its own name and so its own cache file.
+    """
+
+    def compile_both(function):
+        parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(function)
+        twin = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                                  function.__defaults__, function.__closure__)
+        twin.__qualname__ = function.__qualname__ + "_serial"
+        parallel.serial = njit(cache=True, nogil=True, fastmath=fastmath)(twin)
+        return parallel
+
+    return compile_both
 
 
 @njit(cache=True, inline="always")
@@ -52,7 +73,7 @@ def valid_outputs(shift, stride, size, count):
     return lo, max(lo, min(count, (size - 1 - shift) // stride + 1))
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def im2col_rows(x, n0, count, row0, rows, kh, kw, sh, sw, top, left, dh, dw, wo, cols):
     """Columns of output rows [row0, row0 + rows) of images n0 .. n0 + count - 1.
 
@@ -90,7 +111,11 @@ def im2col_rows(x, n0, count, row0, rows, kh, kw, sh, sw, top, left, dh, dw, wo,
                 stop = (row0 + r_hi - top + i * dh) * w + shift
                 lo, hi = max(start, 0), min(stop, h * w)
                 out = first + r_lo * wo - start
-                dest[out + lo : out + hi] = plane[lo:hi]
+                # A run wholly in the padding (inputs narrower than the kernel) is empty:
+                # no slice then, since a parallel loop quietly stops at a slice of
+                # negative length instead of copying nothing.
+                if hi > lo:
+                    dest[out + lo : out + hi] = plane[lo:hi]
                 for r in range(r_lo, r_hi):
                     base = first + r * wo
                     for ow in range(ow_lo):
@@ -117,7 +142,7 @@ def im2col_rows(x, n0, count, row0, rows, kh, kw, sh, sw, top, left, dh, dw, wo,
                 cols[row, base + ow] = 0
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx):
     """dx (N, C, H, W) = the adjoint of im2col applied to ``cols`` (N, C*kh*kw, ho*wo).
 
@@ -159,7 +184,7 @@ def col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx):
 DIRECT_OUTPUT_BLOCK = 4
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def pad_images(x, top, left, xp):
     """xp (N, C, Hp, Wp) = x (N, C, H, W) placed at (top, left) in a zero border."""
     n_img, c_in, h, w = x.shape
@@ -191,7 +216,7 @@ def _stencil(k, a0, a1, a2, b0, b1, b2, c0, c1, c2):
             + k[6] * c0 + k[7] * c1 + k[8] * c2)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+@kernel(fastmath={"contract"})
 def conv3x3_forward(xp, weight, y):
     """y (N, O, Ho, Wo) = the 3x3 stride-1 conv of the padded input xp (N, C, Ho+2, Wo+2).
 
@@ -224,7 +249,7 @@ def conv3x3_forward(xp, weight, y):
                 y3[w] += _stencil(k3, a0, a1, a2, b0, b1, b2, c0, c1, c2)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"contract", "reassoc"})
+@kernel(fastmath={"contract", "reassoc"})
 def conv3x3_grad_weight(dy, xp, dw):
     """dw (O, C, 3, 3) = sum over n, h, w of dy[n, o, h, w] * xp[n, c, h + i, w + j].
 
@@ -258,7 +283,7 @@ def conv3x3_grad_weight(dy, xp, dw):
         dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = s20, s21, s22
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax):
     """y[n, c, oh, ow] = max of the window; argmax = flat index h*W + w of the winner.
 
@@ -290,7 +315,7 @@ def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax):
                 argmax[n, c, oh, ow] = best_index
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def max_pool2d_backward(dy, argmax, dx):
     """dx (N, C, H, W) = each output gradient added onto its window's winner.
 
@@ -310,7 +335,7 @@ def max_pool2d_backward(dy, argmax, dx):
                 dx[n, c, index // w, index % w] += dy[n, c, oh, ow]
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def relu_forward(x, y):
     """y = max(x, 0) over flat arrays; NaN stays NaN, as numpy.maximum does."""
     zero = x.dtype.type(0)
@@ -320,7 +345,7 @@ def relu_forward(x, y):
     return y
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def relu_backward(dy, y, dx):
     """dx = dy where y > 0 else dy * 0 (flat arrays), exactly numpy's dy * (y > 0)."""
     one, zero = dy.dtype.type(1), dy.dtype.type(0)
@@ -329,7 +354,7 @@ def relu_backward(dy, y, dx):
     return dx
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def bias_add(y, bias):
     """In place: y (N, C, H*W) += bias[c]."""
     n_img, c_out, pixels = y.shape
@@ -344,7 +369,7 @@ def bias_add(y, bias):
 # Reassociation only: it lets LLVM vectorise the sum by adding in another order (numpy's
 # pairwise sum uses yet another). No other fast-math flag, so NaN and Inf still
 # propagate exactly as in the reference.
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+@kernel(fastmath={"reassoc"})
 def channel_sums(dy, out):
     """out[c] = sum of dy (N, C, H*W) over N and H*W, accumulated in float64."""
     n_img, c_out, pixels = dy.shape
@@ -359,7 +384,7 @@ def channel_sums(dy, out):
     return out
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def sigmoid(x, y):
     """y = 1 / (1 + exp(-x)) over flat arrays, exp's argument kept non-positive."""
     one = x.dtype.type(1)
@@ -370,7 +395,7 @@ def sigmoid(x, y):
     return y
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def sgd_update(param, grad, buf, lr, momentum, keep, nesterov, weight_decay, first):
     """One SGD step on flat arrays, in place, in the numpy reference's order of operations.
 
@@ -392,7 +417,7 @@ def sgd_update(param, grad, buf, lr, momentum, keep, nesterov, weight_decay, fir
         param[k] = param[k] - lr * g
 
 
-@njit(**KERNEL_OPTIONS)
+@kernel()
 def adam_update(param, grad, m, v, step_size, beta1, one_minus_beta1, beta2,
                 one_minus_beta2, bias2, eps, weight_decay, decay_factor, decoupled):
     """One Adam (AdamW when ``decoupled``) step on flat arrays, in place.

@@ -29,6 +29,15 @@ from tinyunet.backends import (  # noqa: E402
 NUMPY = get_backend("numpy")
 NUMBA = get_backend("numba")
 
+
+@pytest.fixture(autouse=True, params=["serial twins", "parallel kernels"])
+def kernel_mode(request, monkeypatch):
+    """Every test twice: the small shapes here go to the kernels' serial twins by
+    default, so the parallel compiles are forced for the second run."""
+    if request.param == "parallel kernels":
+        monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 0)
+    return request.param
+
 DTYPES = st.sampled_from([np.float32, np.float64])
 
 
@@ -105,6 +114,23 @@ def test_direct_3x3_gradients_by_finite_differences(n, c_in, c_out, h, w, paddin
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numba_backend, "DIRECT_RULES", PATHS["direct 3x3 kernels"]["DIRECT_RULES"])
         check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
+
+
+@pytest.mark.parametrize("compiled", ["parallel", "serial"])
+def test_im2col_of_an_input_narrower_than_the_kernel(compiled):
+    """A 1-pixel map under a 3x3 kernel with padding 2: some column rows lie wholly in
+    the padding. The parallel im2col once stopped at the first of those and left the
+    rest of its rows unwritten, so the columns start out as NaN here."""
+    x = np.arange(1.0, 5.0, dtype=np.float32).reshape(1, 4, 1, 1)
+    kernel = numba_backend.fast_ops.im2col_rows
+    cols = np.full((4 * 9, 3), np.nan, dtype=np.float32)
+    # 3 output rows, 1 column; padding top 2 and left 2.
+    (kernel if compiled == "parallel" else kernel.serial)(x, 0, 1, 0, 3, 3, 3, 1, 1, 2, 2,
+                                                          1, 1, 1, cols)
+    padded = np.pad(x[0], ((0, 0), (2, 2), (2, 0)))
+    expected = np.array([[padded[c, r + i, j] for r in range(3)]
+                         for c in range(4) for i in range(3) for j in range(3)])
+    np.testing.assert_array_equal(cols, expected)
 
 
 def check_conv(x, weight, geometry, dtype):

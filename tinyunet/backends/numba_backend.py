@@ -46,6 +46,11 @@ COLUMN_BUDGET = 4 << 20
 # vs GEMM): direct won on the 128- and 256-wide maps up to 32x32 channels and on the
 # 64-wide ones up to 8x16, GEMMs on every map of 32 pixels or narrower.
 DIRECT_RULES = ((128, 32 * 32), (64, 8 * 16))
+# Kernels on fewer elements than this run serially on the calling thread: waking
+# numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
+# Measured with GEMMs in between: a ReLU of 300k float32 values ran faster serially
+# (72 vs 103 us), im2col of 130k inputs too, im2col of 260k faster in parallel.
+PARALLEL_MIN_ELEMENTS = 1 << 18
 # The weight gradient's row-shift GEMMs sum over one image's pixels each; below this
 # many output pixels they are too short (16x16 and smaller: up to 5x slower than one
 # GEMM over the whole batch's columns, measured on the U-Net's deep levels).
@@ -54,6 +59,11 @@ ROW_SHIFT_MIN_PIXELS = 32 * 32
 
 def _contiguous(a):
     return np.ascontiguousarray(a)
+
+
+def _run(kernel, elements, *args):
+    """Call a fast_ops kernel: in parallel, or serially when ``elements`` is too few."""
+    return (kernel if elements >= PARALLEL_MIN_ELEMENTS else kernel.serial)(*args)
 
 
 def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width):
@@ -137,7 +147,7 @@ class NumbaBackend(Backend):
         # One batched GEMM (numpy loops BLAS over the images), then one gather; for the
         # U-Net's 2x2 stride-2 transposed conv the columns are exactly the output's size.
         cols = np.matmul(w.reshape(o, c * kh * kw).T, dy.reshape(n, o, ho * wo))
-        fast_ops.col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx)
+        _run(fast_ops.col2im_gather, dx.size, cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx)
         return dx
 
     def conv2d_grad_weight(self, dy, x, geometry: ConvGeometry, kernel_hw):
@@ -187,8 +197,8 @@ class NumbaBackend(Backend):
                 band_rows = min(rows, ho - r0)
                 span = (band_rows + extra) * wo
                 cols = buffer[: depth * span].reshape(depth, span)
-                fast_ops.im2col_rows(x, image, 1, r0, band_rows + extra, 1, kw, 1, sw, top,
-                                     left, 1, dw_, wo, cols)
+                _run(fast_ops.im2col_rows, cols.size, x, image, 1, r0, band_rows + extra, 1, kw,
+                     1, sw, top, left, 1, dw_, wo, cols)
                 band = grads[:, r0 * wo : (r0 + band_rows) * wo]
                 for i in range(kh):
                     window = cols[:, i * dh * wo : i * dh * wo + band_rows * wo]
@@ -203,7 +213,7 @@ class NumbaBackend(Backend):
         top, bottom, left, right = padding
         shape = (n, c, h + top + bottom, w + left + right)
         padded = self._buffer(x.dtype, int(np.prod(shape))).reshape(shape)
-        fast_ops.pad_images(x, top, left, padded)
+        _run(fast_ops.pad_images, padded.size, x, top, left, padded)
         return padded
 
     def _column_bands(self, x, kernel_hw, geometry, output_hw):
@@ -227,8 +237,8 @@ class NumbaBackend(Backend):
             for n0 in range(0, n, images):
                 count = min(images, n - n0)
                 cols = buffer[: depth * count * pixels].reshape(depth, count * pixels)
-                fast_ops.im2col_rows(x, n0, count, 0, ho, kh, kw, sh, sw, top, left, dh, dw,
-                                     wo, cols)
+                _run(fast_ops.im2col_rows, cols.size, x, n0, count, 0, ho, kh, kw, sh, sw, top,
+                     left, dh, dw, wo, cols)
                 yield cols, count, n0, 0, ho
             return
         buffer = self._buffer(x.dtype, depth * rows * wo)
@@ -236,8 +246,8 @@ class NumbaBackend(Backend):
             for r0 in range(0, ho, rows):
                 band_rows = min(rows, ho - r0)
                 cols = buffer[: depth * band_rows * wo].reshape(depth, band_rows * wo)
-                fast_ops.im2col_rows(x, image, 1, r0, band_rows, kh, kw, sh, sw, top, left,
-                                     dh, dw, wo, cols)
+                _run(fast_ops.im2col_rows, cols.size, x, image, 1, r0, band_rows, kh, kw, sh, sw,
+                     top, left, dh, dw, wo, cols)
                 yield cols, 1, image, r0, band_rows
 
     # ---- pooling ------------------------------------------------------------------
@@ -249,44 +259,44 @@ class NumbaBackend(Backend):
         argmax = np.empty((n, c, ho, wo), dtype=np.int64)
         (kh, kw), (sh, sw) = geometry.kernel, geometry.stride
         (ph, pw), (dh, dw) = geometry.padding, geometry.dilation
-        fast_ops.max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax)
+        _run(fast_ops.max_pool2d_forward, x.size, x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax)
         return y, argmax
 
     def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
         dx = np.empty(input_shape, dtype=dy.dtype)
-        fast_ops.max_pool2d_backward(_contiguous(dy), _contiguous(argmax), dx)
+        _run(fast_ops.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
         return dx
 
     # ---- elementwise ----------------------------------------------------------------
     def relu(self, x):
         x = _contiguous(x)
         y = np.empty_like(x)
-        fast_ops.relu_forward(x.reshape(-1), y.reshape(-1))
+        _run(fast_ops.relu_forward, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def relu_backward(self, dy, y):
         dy, y = _contiguous(dy), _contiguous(y)
         dx = np.empty_like(dy)
-        fast_ops.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+        _run(fast_ops.relu_backward, dy.size, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
         return dx
 
     def sigmoid(self, x):
         x = _contiguous(x)
         y = np.empty_like(x)
-        fast_ops.sigmoid(x.reshape(-1), y.reshape(-1))
+        _run(fast_ops.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def add_bias(self, y, bias):
         y = _contiguous(y)
         n, c = y.shape[:2]
-        fast_ops.bias_add(y.reshape(n, c, -1), _contiguous(bias))
+        _run(fast_ops.bias_add, y.size, y.reshape(n, c, -1), _contiguous(bias))
         return y
 
     def bias_grad(self, dy):
         dy = _contiguous(dy)
         n, c = dy.shape[:2]
         out = np.empty(c, dtype=dy.dtype)
-        return fast_ops.channel_sums(dy.reshape(n, c, -1), out)
+        return _run(fast_ops.channel_sums, dy.size, dy.reshape(n, c, -1), out)
 
     # ---- optimizer updates ------------------------------------------------------------
     # One fused pass per parameter (all of a step's arithmetic per element, in place),
@@ -294,16 +304,15 @@ class NumbaBackend(Backend):
     def sgd_update(self, params, grads, buffers, lr, momentum, dampening, nesterov,
                    weight_decay, first_step):
         for param, grad, buffer in zip(params, grads, buffers, strict=True):
-            fast_ops.sgd_update(_flat(param), _flat(_contiguous(grad)), _flat(buffer),
-                                float(lr), float(momentum), float(1 - dampening),
-                                bool(nesterov), float(weight_decay), bool(first_step))
+            _run(fast_ops.sgd_update, param.size, _flat(param), _flat(_contiguous(grad)),
+                 _flat(buffer), float(lr), float(momentum), float(1 - dampening),
+                 bool(nesterov), float(weight_decay), bool(first_step))
 
     def adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                     weight_decay, decoupled):
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         for param, grad, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-            fast_ops.adam_update(_flat(param), _flat(_contiguous(grad)), _flat(m), _flat(v),
-                                 float(lr / bias1), float(beta1), float(1 - beta1),
-                                 float(beta2), float(1 - beta2), float(bias2), float(eps),
-                                 float(weight_decay), float(1 - lr * weight_decay),
-                                 bool(decoupled))
+            _run(fast_ops.adam_update, param.size, _flat(param), _flat(_contiguous(grad)),
+                 _flat(m), _flat(v), float(lr / bias1), float(beta1), float(1 - beta1),
+                 float(beta2), float(1 - beta2), float(bias2), float(eps),
+                 float(weight_decay), float(1 - lr * weight_decay), bool(decoupled))
