@@ -40,10 +40,11 @@ def compute_threads() -> int:
         return os.cpu_count() or 1
 
 
-# Seconds of rest before each timed call. Thread pools keep spinning for a while after
-# their last task (OpenBLAS's workers for about 0.1 s, PyTorch's OpenMP threads a few
-# ms), and on 2 cores that spinning slowed whichever competitor ran next by up to 5x
-# (measured: PyTorch's 3 ms conv took 27 ms right after one of ours, 5 ms after 0.2 s).
+# Seconds of rest when the competitor changes. Thread pools keep spinning for a while
+# after their last task (PyTorch's OpenMP threads a few ms; OpenBLAS's for about 0.1 s
+# unless OPENBLAS_THREAD_TIMEOUT is set, as tinyunet does), and on 2 cores that
+# spinning slowed whichever competitor ran next by up to 5x (measured: PyTorch's 3 ms
+# conv took 27 ms right after one of ours, 5 ms after 0.2 s).
 REST = 0.2
 
 
@@ -51,7 +52,10 @@ def interleaved(runs: dict, repeats: int, warmup: int = 1) -> dict:
     """Time each zero-argument callable in ``runs``, round-robin, ``repeats`` times.
 
     Returns name -> sorted list of seconds. Round-robin order means a noisy moment on
-    a shared machine slows all competitors, not just one.
+    a shared machine slows all competitors, not just one. Each turn rests (``REST``),
+    makes one untimed call and then times the next one, back to back, as calls run in
+    a training loop: a call right after a rest finds its thread pools asleep and runs
+    up to 3x slower (measured on a 3 ms conv), which no loop of steps ever sees.
     """
     for _ in range(warmup):
         for run in runs.values():
@@ -60,6 +64,7 @@ def interleaved(runs: dict, repeats: int, warmup: int = 1) -> dict:
     for _ in range(repeats):
         for name, run in runs.items():
             time.sleep(REST)
+            run()
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)

@@ -208,7 +208,8 @@ def main(argv=None):
         *machine_lines(threads, torch),
         f"- float32 sgemm 1024^3 in numpy, measured in this run before and after the layers: "
         f"{peak:.1f} GFLOP/s, the higher of the two (the % in the table is of this)",
-        f"- Medians of {args.repeats} round-robin repeats. Conv backward = input, weight and "
+        f"- Medians of {args.repeats} round-robin repeats, each turn a rest, one untimed call "
+        "and the timed one. Conv backward = input, weight and "
         "bias gradients; GFLOP/s count conv arithmetic only.",
         "",
         table(header, rows),

@@ -11,7 +11,8 @@ A training step is zero_grad + forward + loss + backward + optimizer step, on fl
     B       4      32             2      256x256
     C       3      8              8      64x64
 
-Steps of the two frameworks alternate (round-robin, with a short rest before each),
+Steps of the two frameworks alternate (round-robin; each turn rests, runs one untimed
+step and times the next, back to back as in a training loop),
 and the medians, min/max and their ratio come from that one run. Inference (forward
 only, no graph) is timed the same way. Peak memory is measured in a fresh child
 process per framework and config (see ``memory_probe``): the peak resident set
@@ -297,7 +298,8 @@ def main(argv=None):
         "## Training step (`python -m benchmarks.train_step`)",
         "",
         *machine_lines(threads, torch),
-        f"- tinyunet backend: `{args.backend}`. Medians over round-robin repeats (15 steps for "
+        f"- tinyunet backend: `{args.backend}`. Medians over round-robin repeats, each turn "
+        "a rest, one untimed step and the timed one (15 timed steps for "
         "A, 7 for B, 30 for C unless --repeats), min-max in brackets; speed-up = PyTorch "
         "time / tinyunet time.",
         "",
