@@ -1,6 +1,6 @@
 """Training-step benchmark: tinyunet's U-Net against the same U-Net in PyTorch.
 
-    python -m benchmarks.train_step [--configs A B C] [--backend numba] [--no-write]
+    python -m benchmarks.train_step [--configs A B C] [--runs 3] [--backend numba] [--no-write]
 
 A training step is zero_grad + forward + loss + backward + optimizer step, on float32,
 1 input channel, 1 class (sigmoid + soft Dice), SGD with momentum 0.9, a U-Net with
@@ -240,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--backend", default="numba", help="tinyunet backend (default numba)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed steps per framework (default: 15 for A, 7 for B, 30 for C)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="times to repeat the whole timing, configs in turn (default 1)")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
@@ -254,34 +256,59 @@ def main(argv=None):
     print(f"threads {threads}; tinyunet backend {args.backend}; "
           f"torch {torch.__version__ if torch else 'not used'}", flush=True)
 
-    train_rows, infer_rows, memory_rows, verdicts = [], [], [], []
+    competitors = {}
     for name in args.configs:
-        config = CONFIGS[name]
-        repeats = args.repeats or config.repeats
-        ours_step, ours_infer = tinyunet_runs(config, args.backend)
+        ours_step, ours_infer = tinyunet_runs(CONFIGS[name], args.backend)
         runs_train, runs_infer = {"tinyunet": ours_step}, {"tinyunet": ours_infer}
         if torch:
-            runs_train["torch"], runs_infer["torch"] = torch_runs(config, torch)
-        train = interleaved(runs_train, repeats, warmup=2)
-        infer = interleaved(runs_infer, repeats, warmup=1)
-        images = config.batch
+            runs_train["torch"], runs_infer["torch"] = torch_runs(CONFIGS[name], torch)
+        competitors[name] = runs_train, runs_infer
+    # Every run times every config, so the runs sample the machine at different times;
+    # the tables pool their steps, the speed-ups list each run's too.
+    pooled = {(name, kind): {} for name in args.configs for kind in ("train", "infer")}
+    run_ratios = {key: [] for key in pooled}
+    for run in range(args.runs):
+        for name in args.configs:
+            repeats = args.repeats or CONFIGS[name].repeats
+            for kind, runs, warmup in zip(("train", "infer"), competitors[name], (2, 1),
+                                          strict=True):
+                times = interleaved(runs, repeats, warmup=warmup)
+                for framework, seconds in times.items():
+                    pooled[name, kind].setdefault(framework, []).extend(seconds)
+                if torch:
+                    ratio = median(times["torch"]) / median(times["tinyunet"])
+                    run_ratios[name, kind].append(ratio)
+                print(f"run {run + 1} {kind} {name}: "
+                      + ", ".join(f"{fw} {median(t) * 1e3:.1f} ms" for fw, t in times.items()),
+                      flush=True)
+
+    def speed_up(name, kind):
+        times = pooled[name, kind]
+        ratio = median(sorted(times["torch"])) / median(sorted(times["tinyunet"]))
+        each = run_ratios[name, kind]
+        runs = f" (runs: {', '.join(f'{r:.2f}' for r in each)})" if len(each) > 1 else ""
+        return ratio, f"**{ratio:.2f}x**{runs}"
+
+    train_rows, infer_rows, memory_rows, verdicts = [], [], [], []
+    for name in args.configs:
+        train = {fw: sorted(t) for fw, t in pooled[name, "train"].items()}
+        infer = {fw: sorted(t) for fw, t in pooled[name, "infer"].items()}
+        images = CONFIGS[name].batch
         row = [name, _fmt(train["tinyunet"]),
                f"{images / median(train['tinyunet']):.1f}"]
         infer_row = [name, _fmt(infer["tinyunet"])]
         if torch:
-            train_ratio = median(train["torch"]) / median(train["tinyunet"])
+            train_ratio, train_cell = speed_up(name, "train")
             row += [_fmt(train["torch"]), f"{images / median(train['torch']):.1f}",
-                    f"**{train_ratio:.2f}x**", f"{TRAIN_TARGETS[name]}x"]
+                    train_cell, f"{TRAIN_TARGETS[name]}x"]
             verdicts.append((f"training {name}", train_ratio, TRAIN_TARGETS[name]))
-            infer_ratio = median(infer["torch"]) / median(infer["tinyunet"])
-            infer_row += [_fmt(infer["torch"]), f"**{infer_ratio:.2f}x**",
+            infer_ratio, infer_cell = speed_up(name, "infer")
+            infer_row += [_fmt(infer["torch"]), infer_cell,
                           f"{INFERENCE_TARGETS[name]}x" if name in INFERENCE_TARGETS else "-"]
             if name in INFERENCE_TARGETS:
                 verdicts.append((f"inference {name}", infer_ratio, INFERENCE_TARGETS[name]))
         train_rows.append(row)
         infer_rows.append(infer_row)
-        print("train", " | ".join(row), flush=True)
-        print("infer", " | ".join(infer_row), flush=True)
         if not args.no_memory:
             ours = measure_memory("tinyunet", name, args.backend, threads)
             mem_row = [name, f"{ours['step_mib']:.0f} MiB", f"{ours['warmup_mib']:.0f} MiB"]
@@ -300,8 +327,9 @@ def main(argv=None):
         *machine_lines(threads, torch),
         f"- tinyunet backend: `{args.backend}`. Medians over round-robin repeats, each turn "
         "a rest, one untimed step and the timed one (15 timed steps for "
-        "A, 7 for B, 30 for C unless --repeats), min-max in brackets; speed-up = PyTorch "
-        "time / tinyunet time.",
+        f"A, 7 for B, 30 for C unless --repeats, per run; {args.runs} run(s), each timing "
+        "every config in turn, steps pooled), min-max in brackets; speed-up = PyTorch "
+        "time / tinyunet time, with each run's own in brackets when there are several.",
         "",
         "### Training step (zero_grad + forward + loss + backward + SGD step)",
         "",
