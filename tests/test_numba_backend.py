@@ -179,6 +179,20 @@ def test_max_pool_forward_argmax_and_backward_match_numpy(case, dtype):
                  NUMPY.max_pool2d_backward(dy, argmax_ref, x.shape), x.dtype)
 
 
+@given(dtype=DTYPES, n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(2, 9),
+       w=st.integers(2, 9), nans=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_max_pool_2x2_stride_2_matches_numpy(dtype, n, c, h, w, nans, seed):
+    """The U-Net's pooling has a kernel of its own: ties, NaNs and odd sizes."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, c, h, w)).astype(dtype)
+    x.flat[rng.integers(0, x.size, size=nans)] = np.nan
+    geometry = PoolGeometry((2, 2), (2, 2))
+    y, argmax = NUMBA.max_pool2d(x, geometry)
+    y_ref, argmax_ref = NUMPY.max_pool2d(x, geometry)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+
+
 def test_max_pool_treats_nan_as_the_maximum_like_numpy():
     x = np.array([[[[1.0, np.nan], [np.nan, 3.0]]]])
     y, argmax = NUMBA.max_pool2d(x, PoolGeometry((2, 2), (2, 2)))
