@@ -41,11 +41,13 @@ def compute_threads() -> int:
 
 
 # Seconds of rest when the competitor changes. Thread pools keep spinning for a while
-# after their last task (PyTorch's OpenMP threads a few ms; OpenBLAS's for about 0.1 s
-# unless OPENBLAS_THREAD_TIMEOUT is set, as tinyunet does), and on 2 cores that
-# spinning slowed whichever competitor ran next by up to 5x (measured: PyTorch's 3 ms
-# conv took 27 ms right after one of ours, 5 ms after 0.2 s).
-REST = 0.2
+# after their last task (PyTorch's OpenMP threads up to a few ms; OpenBLAS's for about
+# 0.1 s unless OPENBLAS_THREAD_TIMEOUT is set, as tinyunet does), which slows whichever
+# competitor runs next. A long rest is no better: on this VM an idle core takes 10-50 ms
+# to come back, and that lands in the next calls (measured: a 2 ms transposed-conv
+# backward took 24 ms after 0.2 s of rest, 1.4 ms after 0.02 s, with the same ranges
+# for PyTorch's kernels).
+REST = 0.02
 
 
 def interleaved(runs: dict, repeats: int, warmup: int = 1) -> dict:
