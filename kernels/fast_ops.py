@@ -283,6 +283,12 @@ def conv3x3_grad_weight(dy, xp, dw):
         dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = s20, s21, s22
 
 
+@njit(cache=True, inline="always")
+def _wins(v, best):
+    """Whether v replaces the running maximum: larger, or the first NaN."""
+    return v > best or (v != v and best == best)
+
+
 @kernel()
 def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax):
     """y[n, c, oh, ow] = max of the window; argmax = flat index h*W + w of the winner.
@@ -308,17 +314,11 @@ def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, y, argmax):
                         if iw < 0 or iw >= w:
                             continue
                         v = x[n, c, ih, iw]
-                        if best_index < 0 or v > best or (v != v and best == best):
+                        if best_index < 0 or _wins(v, best):
                             best = v
                             best_index = ih * w + iw
                 y[n, c, oh, ow] = best
                 argmax[n, c, oh, ow] = best_index
-
-
-@njit(cache=True, inline="always")
-def _wins(v, best):
-    """Whether v replaces the running maximum: larger, or the first NaN."""
-    return v > best or (v != v and best == best)
 
 
 @kernel()
