@@ -5,14 +5,20 @@ arrays, so ``xp`` is numpy and tensors move freely between this backend and ``nu
 
 How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer):
 
-* Forward: output rows are processed in bands. ``im2col_rows`` writes one band's
-  columns, padding included, straight into a reusable buffer of at most
-  ``COLUMN_BUDGET`` bytes, and one GEMM writes (O, band pixels) into the output.
-  The buffer stays in cache between the two, and no padded copy or full column
-  matrix of the batch is ever made. Small maps (deep levels) put several images
-  side by side into one wider GEMM instead of N narrow ones.
+* 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``: the U-Net's
+  outer levels) skip im2col and BLAS: a padded copy of the input and the direct
+  kernels of fast_ops, for the forward, the input gradient (again a conv, with the
+  flipped weight) and the weight gradient. Their GEMMs would be skinny (16 rows over
+  65536 pixels) and run far below BLAS's peak.
+* Every other conv is im2col + BLAS GEMMs. Forward: output rows are processed in
+  bands. ``im2col_rows`` writes one band's columns, padding included, straight into
+  a reusable buffer of at most ``COLUMN_BUDGET`` bytes, and one GEMM writes
+  (O, band pixels) into the output. The buffer stays in cache between the two, and
+  no padded copy or full column matrix of the batch is made. Small maps (deep
+  levels) put several images side by side into one wider GEMM instead of N narrow
+  ones.
 * Input gradient, stride 1: a forward conv of dy with the weight flipped and
-  transposed (the adjoint), so it takes the same banded path and needs no col2im.
+  transposed (the adjoint), so it takes one of the paths above and needs no col2im.
   Other strides (the U-Net's 2x2 stride-2 transposed conv): one batched GEMM and
   one gather (``col2im_gather``), which for 2x2 stride 2 is a pixel shuffle.
 * Weight gradient (row stride 1, maps of ROW_SHIFT_MIN_PIXELS or more): columns of
@@ -22,11 +28,9 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   Either way the batch's columns never exist all at once.
 * 1x1 stride-1 convs (the U-Net's head) skip im2col: the input already is the
   column matrix.
-* 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``: the U-Net's
-  outer levels) skip im2col and BLAS altogether: a padded
-  copy of the input and the direct kernels of fast_ops, for the forward, the input
-  gradient (again a conv, with the flipped weight) and the weight gradient. Their
-  GEMMs would be skinny (16 rows over 65536 pixels) and run far below BLAS's peak.
+
+Every fast_ops kernel but the direct convs goes through ``_run``: calls on fewer than
+``PARALLEL_MIN_ELEMENTS`` elements take the kernel's serial compile.
 """
 
 from __future__ import annotations
