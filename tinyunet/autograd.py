@@ -237,7 +237,7 @@ class Tensor:
             _accumulate_leaf(self, seed)
             return
         grads = {id(self._node): seed}
-        leaf_grads, leaves = {}, {}
+        leaf_grads = {}
         for node in reversed(_topological_order(self._node)):
             g = grads.pop(id(node), None)
             if g is None:
@@ -261,18 +261,20 @@ class Tensor:
                     f"an input gradient of shape {tuple(inp.shape)}",
                     f"shape {tuple(ig.shape)}",
                 )
-                sums = grads if isinstance(inp, Node) else leaf_grads
                 key = id(inp)
-                sums[key] = ig if key not in sums else sums[key] + ig
-                if sums is leaf_grads:
-                    leaves[key] = inp
+                if isinstance(inp, Node):
+                    grads[key] = ig if key not in grads else grads[key] + ig
+                else:
+                    # Leaves are summed here and written once all their paths are in.
+                    total = leaf_grads[key][1] + ig if key in leaf_grads else ig
+                    leaf_grads[key] = (inp, total)
             if not retain_graph:
                 # Frees the saved activations, and the graph above them, as soon as they
                 # are used.
                 node.ctx = None
                 node.inputs = ()
-        for key, g in leaf_grads.items():
-            _accumulate_leaf(leaves[key], g)
+        for leaf, g in leaf_grads.values():
+            _accumulate_leaf(leaf, g)
 
     # ---- operators (defined in ops; bound here for a PyTorch feel) ---------------
     def __add__(self, other):
