@@ -46,11 +46,12 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 def kernel(fastmath=False):
     """Compile a kernel twice: parallel (the dispatcher returned) and serial (``.serial``).
 
-    Handing a call to numba's thread pool costs about 0.1 ms here: the workers sleep
-    between calls (spinning would steal the cores BLAS needs) and waking them takes
-    that long on this VM. A small call is done sooner by the calling thread alone, so
-    the backend sends calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial
-    twin, a copy of the function with its own name and so its own cache file.
+    Handing a call to numba's thread pool cost about 0.1 ms on the 2-core VM of
+    benchmarks/RESULTS.md: the workers sleep between calls (spinning would steal the
+    cores BLAS needs), and waking them takes that long. A small call is done sooner by
+    the calling thread alone, so the backend sends calls under
+    ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the function
+    with its own name and so its own cache file.
     """
 
     def compile_both(function):
@@ -176,9 +177,10 @@ def col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx):
 # runs it at a third of its peak and the column matrix is 9x the input, written and read
 # back. These kernels read a zero-padded copy of the input instead and keep the 3x3
 # window in registers: a pass over one row of pixels loads 9 shifted vectors and feeds
-# them to 4 output channels (36 FMAs per 9 loads + 4 stores). Measured 1.5-2x faster
-# than im2col + GEMM on the U-Net's 16- and 32-channel levels, slower from 64 channels
-# on, where the backend keeps the GEMMs.
+# them to 4 output channels (36 FMAs per 13 loads and 4 stores). Measured 1.5-3x faster
+# than im2col + GEMM on maps 128 or more pixels wide with up to 32x32 channels, slower
+# on narrow maps and with many channels, where the backend keeps the GEMMs (its
+# DIRECT_RULES).
 # The flags allow contraction to FMA and, in the weight gradient's sums, reassociation
 # (to vectorise them); NaN and Inf still propagate.
 DIRECT_OUTPUT_BLOCK = 4
