@@ -284,7 +284,7 @@ def main(argv=None):
 
     def speed_up(name, kind):
         times = pooled[name, kind]
-        ratio = median(sorted(times["torch"])) / median(sorted(times["tinyunet"]))
+        ratio = median(times["torch"]) / median(times["tinyunet"])
         each = run_ratios[name, kind]
         runs = f" (runs: {', '.join(f'{r:.2f}' for r in each)})" if len(each) > 1 else ""
         return ratio, f"**{ratio:.2f}x**{runs}"
