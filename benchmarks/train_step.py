@@ -28,6 +28,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -195,10 +196,9 @@ def memory_probe(framework: str, config_name: str, backend: str, threads: int):
     config = CONFIGS[config_name]
     tiny = Config(depth=config.depth, base=config.base, batch=1, size=16, repeats=1)
     if framework == "torch":
-        torch = import_torch(threads)
-        runs = lambda c: torch_runs(c, torch)  # noqa: E731
+        runs = partial(torch_runs, torch=import_torch(threads))
     else:
-        runs = lambda c: tinyunet_runs(c, backend)  # noqa: E731
+        runs = partial(tinyunet_runs, backend=backend)
     before_warmup = _rss_kib("VmRSS")
     warm_step, _ = runs(tiny)
     warm_step()
