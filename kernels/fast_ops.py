@@ -12,6 +12,9 @@ kernels do everything else in one parallel pass each:
 * ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
   few channels, where a skinny GEMM wastes BLAS; they read a padded copy
   (``pad_images``) and do the arithmetic themselves.
+* ``bias_relu`` (relu(y + bias) in place, the epilogue of a conv layer) and
+  ``relu_backward_channel_sums`` (its backward: the ReLU mask and the bias gradient in
+  one pass).
 * max-pool forward with argmax, and its backward; ReLU and its backward; the bias
   gradient; a stable sigmoid; the SGD and Adam updates.
 
@@ -205,6 +208,15 @@ def pad_images(x, top, left, xp):
 
 
 @njit(cache=True, inline="always")
+def _bias_relu_row(row, b):
+    """In place: row = relu(row + b); NaN stays NaN, as numpy.maximum does."""
+    zero = row.dtype.type(0)
+    for k in range(row.size):
+        v = row[k] + b
+        row[k] = v if (v > 0 or v != v) else zero
+
+
+@njit(cache=True, inline="always")
 def _taps(weight, o, c):
     """The 9 weights of (o, c) as a tuple, so they stay in registers."""
     k = weight[o, c]
@@ -219,11 +231,13 @@ def _stencil(k, a0, a1, a2, b0, b1, b2, c0, c1, c2):
 
 
 @kernel(fastmath={"contract"})
-def conv3x3_forward(xp, weight, y):
+def conv3x3_forward(xp, weight, bias, with_bias_relu, y):
     """y (N, O, Ho, Wo) = the 3x3 stride-1 conv of the padded input xp (N, C, Ho+2, Wo+2).
 
     weight: (O, C, 3, 3) with O a multiple of DIRECT_OUTPUT_BLOCK. A parallel step owns
-    one output row of 4 channels and sums over the input channels in order.
+    one output row of 4 channels and sums over the input channels in order. With
+    ``with_bias_relu`` the finished row, still in L1, becomes relu(row + bias[o])
+    (as ``bias_relu``); otherwise ``bias`` is not read.
     """
     n_img, o_ch, ho, wo = y.shape
     c_in = xp.shape[1]
@@ -249,6 +263,11 @@ def conv3x3_forward(xp, weight, y):
                 y1[w] += _stencil(k1, a0, a1, a2, b0, b1, b2, c0, c1, c2)
                 y2[w] += _stencil(k2, a0, a1, a2, b0, b1, b2, c0, c1, c2)
                 y3[w] += _stencil(k3, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+        if with_bias_relu:
+            _bias_relu_row(y0, bias[o])
+            _bias_relu_row(y1, bias[o + 1])
+            _bias_relu_row(y2, bias[o + 2])
+            _bias_relu_row(y3, bias[o + 3])
 
 
 @kernel(fastmath={"contract", "reassoc"})
@@ -387,6 +406,37 @@ def relu_backward(dy, y, dx):
     for k in prange(dy.size):
         dx[k] = dy[k] * (one if y[k] > 0 else zero)
     return dx
+
+
+@kernel()
+def bias_relu(y, bias):
+    """In place: y (N, C, H*W) = relu(y + bias[c]), rounded as the unfused ops round."""
+    n_img, c_out = y.shape[0], y.shape[1]
+    for plane in prange(n_img * c_out):
+        _bias_relu_row(y[plane // c_out, plane % c_out], bias[plane % c_out])
+
+
+# Reassociation for the sum only, as in channel_sums; each dz value is one exact multiply.
+@kernel(fastmath={"reassoc"})
+def relu_backward_channel_sums(dy, y, dz, out):
+    """dz = relu_backward(dy, y) and out[c] = its sum over N and H*W (float64), one pass.
+
+    dy, y, dz: (N, C, H*W). This is the backward of relu(conv + bias) up to the conv:
+    dz is the conv output's gradient and ``out`` the bias gradient.
+    """
+    n_img, c_out, pixels = dy.shape
+    one, zero = dy.dtype.type(1), dy.dtype.type(0)
+    for c in prange(c_out):
+        total = 0.0
+        for n in range(n_img):
+            plane_total = 0.0
+            for p in range(pixels):
+                g = dy[n, c, p] * (one if y[n, c, p] > 0 else zero)
+                dz[n, c, p] = g
+                plane_total += g
+            total += plane_total
+        out[c] = total
+    return out
 
 
 @kernel()

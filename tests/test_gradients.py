@@ -10,7 +10,7 @@ never cross one.
 import numpy as np
 import pytest
 from gradcheck import check_gradients
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import (
     away_from_zero,
@@ -38,6 +38,32 @@ def test_conv2d(backend):
             inputs.append(rng.standard_normal(case.w_shape[0]))
         check_gradients(lambda *t: F.conv2d(*t, stride=case.stride, padding=case.padding,
                                             dilation=case.dilation), inputs, backend, case.seed)
+
+    check()
+
+
+def test_conv2d_relu(backend):
+    """The fused conv + bias + ReLU op; cases whose conv outputs come within 1e-4 of the
+    kink are skipped, so the finite differences (which move them by ~1e-6) never cross it."""
+    @budget(backend)
+    @given(case=conv_cases(size_limit(backend)))
+    def check(case):
+        rng = np.random.default_rng(case.seed)
+        inputs = [rng.standard_normal(case.x_shape), rng.standard_normal(case.w_shape)]
+        if case.bias:
+            inputs.append(rng.standard_normal(case.w_shape[0]))
+
+        def conv(*t, fn=F.conv2d):
+            return fn(*t, stride=case.stride, padding=case.padding, dilation=case.dilation)
+
+        with tu.no_grad():
+            tensors = [tu.tensor(a, backend=backend) for a in inputs]
+            pre_activation = conv(*tensors).numpy()
+            fused = conv(*tensors, fn=F.conv2d_relu).numpy()
+        assume(np.abs(pre_activation).min() > 1e-4)
+        np.testing.assert_allclose(fused, np.maximum(pre_activation, 0), rtol=1e-12,
+                                   atol=1e-12)
+        check_gradients(lambda *t: conv(*t, fn=F.conv2d_relu), inputs, backend, case.seed)
 
     check()
 

@@ -94,7 +94,8 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
                           lambda *args, kernel=kernel, name=name: (calls.append(name),
                                                                    kernel(*args)))
         check_conv(x, weight, geometry, dtype)
-    assert calls.count("conv3x3_forward") == (2 if x_shape[1] % 4 == 0 else 1)
+    # conv2d and conv2d_bias_relu, and the input gradient when C_in is a multiple of 4.
+    assert calls.count("conv3x3_forward") == (3 if x_shape[1] % 4 == 0 else 2)
     assert calls.count("conv3x3_grad_weight") == 1
 
 
@@ -136,6 +137,9 @@ def test_im2col_of_an_input_narrower_than_the_kernel(compiled):
 def check_conv(x, weight, geometry, dtype):
     y = NUMBA.conv2d(x, weight, geometry)
     assert_close(y, NUMPY.conv2d(x, weight, geometry), dtype)
+    bias = np.random.default_rng(2).standard_normal(weight.shape[0]).astype(dtype)
+    assert_close(NUMBA.conv2d_bias_relu(x, weight, bias, geometry),
+                 NUMPY.conv2d_bias_relu(x, weight, bias, geometry), dtype)
     dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
     assert_close(NUMBA.conv2d_grad_input(dy, weight, geometry, x.shape[2:]),
                  NUMPY.conv2d_grad_input(dy, weight, geometry, x.shape[2:]), dtype)
@@ -224,9 +228,33 @@ def test_bias_add_and_its_gradient_match_numpy(dtype, n, c, h, w, seed):
     assert_close(NUMBA.bias_grad(dy), NUMPY.bias_grad(dy), dtype)
 
 
-def test_relu_keeps_nan_like_numpy():
+@given(dtype=DTYPES, n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6),
+       w=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_fused_relu_backward_and_bias_gradient_match_numpy(dtype, n, c, h, w, seed):
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal((n, c, h, w)).astype(dtype)
+    y = np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(dtype)
+    dz, db = NUMBA.relu_backward_bias_grad(dy, y)
+    dz_ref, db_ref = NUMPY.relu_backward_bias_grad(dy, y)
+    np.testing.assert_array_equal(dz, dz_ref)
+    assert_close(db, db_ref, dtype)
+
+
+@pytest.mark.parametrize("path", ["direct 3x3 kernels", "GEMMs only"])
+def test_relu_keeps_nan_like_numpy(path):
     x = np.array([np.nan, -1.0, 2.0], dtype=np.float32)
     np.testing.assert_array_equal(NUMBA.relu(x), NUMPY.relu(x))
+    # The fused conv + bias + ReLU too: a NaN input reaches its 3x3 neighbourhood.
+    image = np.ones((1, 4, 3, 8), dtype=np.float32)
+    image[0, 0, 1, 3] = np.nan
+    weight = -np.ones((4, 4, 3, 3), dtype=np.float32)
+    bias, geometry = np.zeros(4, dtype=np.float32), ConvGeometry((1, 1), (1, 1, 1, 1))
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in PATHS[path].items():
+            patch.setattr(numba_backend, name, value)
+        fused = NUMBA.conv2d_bias_relu(image, weight, bias, geometry)
+    np.testing.assert_array_equal(fused, NUMPY.conv2d_bias_relu(image, weight, bias, geometry))
+    assert np.isnan(fused).sum() == 4 * 9 and (fused[~np.isnan(fused)] == 0).all()
 
 
 def train_tiny_unet(backend, make_optimizer, steps=4):

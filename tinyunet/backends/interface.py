@@ -118,6 +118,19 @@ class Backend:
         y += bias.reshape(1, -1, 1, 1)
         return y
 
+    def conv2d_bias_relu(self, x, w, b, geometry: ConvGeometry):
+        """relu(conv2d(x, w) + b[o]), b possibly None: a conv layer and its ReLU.
+
+        A fast backend applies bias and ReLU while the conv's output is still in cache,
+        in place, instead of two more passes and a new array."""
+        y = self.conv2d(x, w, geometry)
+        return self.relu(y if b is None else self.add_bias(y, b))
+
+    def relu_backward_bias_grad(self, dy, y):
+        """(dz, db): dy through the ReLU whose output is y, and dz's channel sums."""
+        dz = self.relu_backward(dy, y)
+        return dz, self.bias_grad(dz)
+
     def overlap_sums(self, p, t, first_axis):
         """(sum p*t, sum p, sum t) over the axes from ``first_axis`` on, dims kept (Dice, IoU)."""
         axes = tuple(range(first_axis, p.ndim))

@@ -112,19 +112,37 @@ class NumbaBackend(Backend):
 
     # ---- convolution --------------------------------------------------------------
     def conv2d(self, x, w, geometry: ConvGeometry):
+        return self._conv2d(x, w, geometry, None)
+
+    def conv2d_bias_relu(self, x, w, b, geometry: ConvGeometry):
+        bias = np.zeros(w.shape[0], dtype=x.dtype) if b is None else _contiguous(b)
+        return self._conv2d(x, w, geometry, bias)
+
+    def _conv2d(self, x, w, geometry, relu_bias):
+        """conv2d, then relu(y + relu_bias[o]) in the same call unless ``relu_bias`` is None."""
         x, w = _contiguous(x), _contiguous(w)
         n, c, h, width = x.shape
         o, _, kh, kw = w.shape
         ho, wo = geometry.output_hw((h, width), (kh, kw))
         w2 = w.reshape(o, c * kh * kw)
         y = np.empty((n, o, ho, wo), dtype=x.dtype)
+        if _direct_3x3(c, o, (kh, kw), geometry, wo) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
+            fused = relu_bias is not None
+            bias = relu_bias if fused else np.empty(0, dtype=x.dtype)  # read only if fused
+            fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, bias, fused, y)
+            return y
         if (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
-            return y
-        if _direct_3x3(c, o, (kh, kw), geometry, wo) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
-            fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
-            return y
-        for cols, images, n0, r0, rows in self._column_bands(x, (kh, kw), geometry, (ho, wo)):
+        else:
+            self._conv2d_gemms(x, w2, geometry, (kh, kw), y)
+        if relu_bias is not None:
+            _run(fast_ops.bias_relu, y.size, y.reshape(n, o, ho * wo), relu_bias)
+        return y
+
+    def _conv2d_gemms(self, x, w2, geometry, kernel_hw, y):
+        """y = conv2d as im2col bands + one GEMM per band (see the module docstring)."""
+        n, o, ho, wo = y.shape
+        for cols, images, n0, r0, rows in self._column_bands(x, kernel_hw, geometry, (ho, wo)):
             if images > 1:
                 # (O, images*pixels) -> (images, O, pixels): one wide GEMM, one small copy.
                 wide = w2 @ cols
@@ -132,7 +150,6 @@ class NumbaBackend(Backend):
             else:
                 band = y[n0].reshape(o, ho * wo)[:, r0 * wo : (r0 + rows) * wo]
                 np.matmul(w2, cols, out=band)
-        return y
 
     def conv2d_grad_input(self, dy, w, geometry: ConvGeometry, input_hw):
         dy, w = _contiguous(dy), _contiguous(w)
@@ -299,6 +316,15 @@ class NumbaBackend(Backend):
         n, c = y.shape[:2]
         _run(fast_ops.bias_add, y.size, y.reshape(n, c, -1), _contiguous(bias))
         return y
+
+    def relu_backward_bias_grad(self, dy, y):
+        dy, y = _contiguous(dy), _contiguous(y)
+        n, c = dy.shape[:2]
+        dz = np.empty_like(dy)
+        db = np.empty(c, dtype=dy.dtype)
+        _run(fast_ops.relu_backward_channel_sums, dy.size, dy.reshape(n, c, -1),
+             y.reshape(n, c, -1), dz.reshape(n, c, -1), db)
+        return dz, db
 
     def bias_grad(self, dy):
         dy = _contiguous(dy)

@@ -37,6 +37,10 @@ class Conv2d(Module):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
+    def forward_relu(self, x):
+        """relu(self(x)), as one fused op (``F.conv2d_relu``)."""
+        return F.conv2d_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding!r}")

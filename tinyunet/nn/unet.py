@@ -45,7 +45,7 @@ class DoubleConv(Module):
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=conv_padding)
 
     def forward(self, x):
-        return F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.conv2.forward_relu(self.conv1.forward_relu(x))
 
 
 class UNet(Module):

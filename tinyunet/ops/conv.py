@@ -3,6 +3,7 @@
 Shapes (PyTorch's):
     conv2d:            x (N, C_in, H, W), w (C_out, C_in, kH, kW), b (C_out,) -> (N, C_out, Ho, Wo)
                        Ho = floor((H + pad_top + pad_bottom - dilation*(kH-1) - 1) / stride) + 1
+    conv2d_relu:       relu(conv2d(...)), the same shapes, fused
     conv_transpose2d:  x (N, C_in, H, W), w (C_in, C_out, kH, kW), b (C_out,) -> (N, C_out, Ho, Wo)
                        Ho = (H-1)*stride - 2*padding + dilation*(kH-1) + output_padding + 1
 
@@ -84,6 +85,13 @@ def conv_geometry(op, input_hw, kernel_hw, stride, padding, dilation) -> ConvGeo
     return geometry
 
 
+def _conv_input_and_weight_grads(ctx, grad, x, w, geometry):
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx = ctx.backend.conv2d_grad_input(grad, w, geometry, x.shape[2:]) if need_x else None
+    dw = ctx.backend.conv2d_grad_weight(grad, x, geometry, w.shape[2:]) if need_w else None
+    return dx, dw
+
+
 class Conv2d(Function):
     @staticmethod
     def forward(ctx, x, w, b=None, geometry=None):
@@ -94,10 +102,29 @@ class Conv2d(Function):
     @staticmethod
     def backward(ctx, grad):
         x, w, geometry, has_bias = ctx.saved
-        need_x, need_w = ctx.needs_input_grad[:2]
-        dx = ctx.backend.conv2d_grad_input(grad, w, geometry, x.shape[2:]) if need_x else None
-        dw = ctx.backend.conv2d_grad_weight(grad, x, geometry, w.shape[2:]) if need_w else None
-        db = ctx.backend.bias_grad(grad) if has_bias else None
+        dx, dw = _conv_input_and_weight_grads(ctx, grad, x, w, geometry)
+        return (dx, dw, ctx.backend.bias_grad(grad)) if has_bias else (dx, dw)
+
+
+class Conv2dReLU(Function):
+    """relu(conv2d(x, w, b)) as one op, so a backend can fuse the bias and the ReLU into
+    the conv's output pass, and their backward into one pass over the gradient. The
+    conv's own output is never stored: the ReLU's output y tells where gradient passes."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None, geometry=None):
+        y = ctx.backend.conv2d_bias_relu(x, w, b, geometry)
+        ctx.save_for_backward(x, w, geometry, b is not None, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, geometry, has_bias, y = ctx.saved
+        if has_bias:
+            grad, db = ctx.backend.relu_backward_bias_grad(grad, y)
+        else:
+            grad = ctx.backend.relu_backward(grad, y)
+        dx, dw = _conv_input_and_weight_grads(ctx, grad, x, w, geometry)
         return (dx, dw, db) if has_bias else (dx, dw)
 
 
@@ -133,6 +160,16 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     geometry = conv_geometry(op, input.shape[2:], weight.shape[2:], stride, padding, dilation)
     args = (input, weight) if bias is None else (input, weight, bias)
     return Conv2d.apply(*args, geometry=geometry)
+
+
+def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+                padding=0, dilation=1) -> Tensor:
+    """``relu(conv2d(input, weight, bias, ...))`` as one fused op (the U-Net's conv layers)."""
+    op = "conv2d_relu"
+    _check_conv_inputs(op, input, weight, bias, weight_in_channels_axis=1)
+    geometry = conv_geometry(op, input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    args = (input, weight) if bias is None else (input, weight, bias)
+    return Conv2dReLU.apply(*args, geometry=geometry)
 
 
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
