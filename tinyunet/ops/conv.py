@@ -139,6 +139,9 @@ class ConvTranspose2d(Function):
     def backward(ctx, grad):
         x, w, geometry, has_bias = ctx.saved
         need_x, need_w = ctx.needs_input_grad[:2]
+        # In a U-Net this gradient is a channel slice of a concat's (not contiguous): copy
+        # it once here rather than in each of the three kernels below.
+        grad = ctx.backend.xp.ascontiguousarray(grad)
         dx = ctx.backend.conv2d(grad, w, geometry) if need_x else None
         # <conv_t(x, w), g> = <x, conv(g, w)>, so dL/dw is a conv weight-gradient with
         # the roles of input and output gradient swapped.
