@@ -306,6 +306,12 @@ class NumbaBackend(Backend):
         _run(fast_ops.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
         return dx
 
+    def concat(self, arrays, axis):
+        shape = list(arrays[0].shape)
+        shape[axis] = sum(a.shape[axis] for a in arrays)
+        out = self._outputs.empty(shape, np.result_type(*arrays))
+        return np.concatenate(arrays, axis=axis, out=out)
+
     # ---- elementwise ----------------------------------------------------------------
     def relu(self, x):
         x = _contiguous(x)
