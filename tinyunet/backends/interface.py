@@ -125,8 +125,8 @@ class Backend:
     def conv2d_bias_relu(self, x, w, b, geometry: ConvGeometry):
         """relu(conv2d(x, w) + b[o]), b possibly None: a conv layer and its ReLU.
 
-        A fast backend applies bias and ReLU while the conv's output is still in cache,
-        in place, instead of two more passes and a new array."""
+        A fast backend applies bias and ReLU in one in-place pass, instead of two more
+        passes and a new array."""
         y = self.conv2d(x, w, geometry)
         return self.relu(y if b is None else self.add_bias(y, b))
 

@@ -135,11 +135,8 @@ class NumbaBackend(Backend):
         w2 = w.reshape(o, c * kh * kw)
         y = self._outputs.empty((n, o, ho, wo), x.dtype)
         if _direct_3x3(c, o, (kh, kw), geometry, wo) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
-            fused = relu_bias is not None
-            bias = relu_bias if fused else np.empty(0, dtype=x.dtype)  # read only if fused
-            fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, bias, fused, y)
-            return y
-        if (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
+            fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
+        elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
         else:
             self._conv2d_gemms(x, w2, geometry, (kh, kw), y)

@@ -107,8 +107,8 @@ class Conv2d(Function):
 
 
 class Conv2dReLU(Function):
-    """relu(conv2d(x, w, b)) as one op, so a backend can fuse the bias and the ReLU into
-    the conv's output pass, and their backward into one pass over the gradient. The
+    """relu(conv2d(x, w, b)) as one op, so a backend can apply the bias and the ReLU in
+    one pass over the conv's output, and their backward in one pass over the gradient. The
     conv's own output is never stored: the ReLU's output y tells where gradient passes."""
 
     @staticmethod
