@@ -12,29 +12,32 @@ SHAPES = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
 
 
 @given(shape=SHAPES, dtype=st.sampled_from([np.float32, np.float64, np.int64]))
-def test_an_array_comes_back_only_after_its_last_reference_goes(shape, dtype):
+def test_memory_comes_back_only_after_its_last_reference_goes(shape, dtype):
     pool = ArrayPool()
     first = pool.empty(shape, dtype)
-    assert first.shape == shape and first.dtype == dtype
+    assert first.shape == shape and first.dtype == dtype and first.flags.c_contiguous
     second = pool.empty(shape, dtype)
-    assert second is not first
-    view = first.reshape(-1)[1:]  # a view of a view: its base is still `first`
-    first_id = id(first)
+    assert not np.shares_memory(first, second)
+    view = first.reshape(-1)[1:]  # a view of a view still holds the block
+    address = first.ctypes.data
     del first
     third = pool.empty(shape, dtype)
-    assert id(third) != first_id and third is not second  # the view keeps `first` taken
+    assert third.ctypes.data != address and not np.shares_memory(third, second)
     del view
-    assert id(pool.empty(shape, dtype)) == first_id
+    assert pool.empty(shape, dtype).ctypes.data == address
 
 
-def test_other_shapes_and_dtypes_get_other_arrays():
+def test_any_shape_and_dtype_of_the_same_size_reuses_a_block():
     pool = ArrayPool()
     a = pool.empty((2, 3), np.float32)
-    a_id = id(a)
+    address = a.ctypes.data
     del a
-    assert id(pool.empty((3, 2), np.float32)) != a_id
-    assert id(pool.empty((2, 3), np.float64)) != a_id
-    assert id(pool.empty((2, 3), np.float32)) == a_id
+    assert pool.empty((3, 3), np.float32).ctypes.data != address  # 36 bytes, not 24
+    b = pool.empty((3, 2), np.int32)  # 24 bytes: the same block
+    assert b.ctypes.data == address
+    del b
+    c = pool.empty((3,), np.float64)
+    assert c.ctypes.data == address and c.dtype == np.float64 and c.shape == (3,)
 
 
 def test_idle_arrays_are_dropped_when_shapes_change():
