@@ -7,6 +7,8 @@ kernels do everything else in one parallel pass each:
 * ``im2col_rows``: a band of output rows (of one or more images) -> a column matrix in exactly
   the (C*kH*kW, rows*Wo) layout the GEMM wants, with the zero padding written in the
   same pass (no padded copy of the input is ever made).
+* ``row_shift_sum``: the forward's row-shift path: adds each kernel row's share of a
+  GEMM, shifted by its row, into the output rows.
 * ``col2im_gather``: the adjoint of im2col; each parallel step owns one input row and
   sums what lands in it, so there are no races and no atomics.
 * ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
@@ -173,6 +175,32 @@ def col2im_gather(cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx):
                 ow_lo, ow_hi = valid_outputs(shift, sw, w, wo)
                 for ow in range(ow_lo, ow_hi):
                     dx[n, c, ih, ow * sw + shift] += cols[n, row, oh * wo + ow]
+
+
+@kernel()
+def row_shift_sum(z, count, rows_in, dh, y, n0, r0):
+    """y[n0 + k, o, r0 + r] = sum over i of z[i*O + o, row (k*rows_in + r + i*dh)].
+
+    z: (kH*O, count*rows_in*Wo), the product of the weight's kernel rows with columns
+    of the kernel's width over ``rows_in`` input rows per image (rows of Wo pixels);
+    kernel row i sees those rows shifted by i*dh. y: (N, O, Ho, Wo); the band has
+    rows_in - dh*(kH - 1) output rows. One parallel step per output row.
+    """
+    o_ch, wo = y.shape[1], y.shape[3]
+    kh = z.shape[0] // o_ch
+    rows = rows_in - dh * (kh - 1)
+    for task in prange(count * o_ch * rows):
+        k = task // (o_ch * rows)
+        o = (task // rows) % o_ch
+        r = task % rows
+        dest = y[n0 + k, o, r0 + r]
+        start = (k * rows_in + r) * wo
+        dest[:] = z[o, start : start + wo]
+        for i in range(1, kh):
+            shifted = start + i * dh * wo
+            source = z[i * o_ch + o]
+            for q in range(wo):
+                dest[q] += source[shifted + q]
 
 
 # ---- direct 3x3 stride-1 convolution, for few channels ----------------------------------

@@ -2,10 +2,10 @@
 
 Shapes, strides, paddings, dilations and channel counts are drawn by hypothesis. Each
 conv case runs four times: with the backend's own choice of path (on these small
-shapes: whole-batch GEMMs), with the GEMM paths forced (the weight gradient's row
-shifts included), with those on bands of a few output rows (a tiny column budget),
-and with the direct 3x3 kernels taking every conv they can, so every path of the
-backend is checked.
+shapes: im2col and whole-batch GEMMs), with the GEMM paths forced (the row shifts of
+the forward and the weight gradient included), with those on bands of a few output
+rows (a tiny column budget), and with the direct 3x3 kernels taking every conv they
+can, so every path of the backend is checked.
 """
 
 import numpy as np

@@ -10,6 +10,10 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   kernels of fast_ops, for the forward, the input gradient (again a conv, with the
   flipped weight) and the weight gradient. Their GEMMs would be skinny (16 rows over
   65536 pixels) and run far below BLAS's peak.
+* Row stride 1 on maps of ROW_SHIFT_MIN_PIXELS or more (the U-Net's other 3x3 convs
+  but the deepest): columns of the kernel's width only, kH times fewer than im2col's,
+  over a band of input rows; one GEMM with the weight's kernel rows stacked, then
+  ``row_shift_sum`` adds each kernel row's share, shifted by its row, into the output.
 * Every other conv is im2col + BLAS GEMMs. Forward: output rows are processed in
   bands. ``im2col_rows`` writes one band's columns, padding included, straight into
   a reusable buffer of at most ``COLUMN_BUDGET`` bytes, and one GEMM writes
@@ -58,9 +62,10 @@ DIRECT_RULES = ((128, 32 * 32), (64, 16 * 32))
 # Measured with GEMMs in between: a ReLU of 300k float32 values ran faster serially
 # (72 vs 103 us), im2col of 130k inputs too, im2col of 260k faster in parallel.
 PARALLEL_MIN_ELEMENTS = 1 << 18
-# The weight gradient's row-shift GEMMs sum over one image's pixels each; below this
-# many output pixels they are too short (16x16 and smaller: up to 5x slower than one
-# GEMM over the whole batch's columns, measured on the U-Net's deep levels).
+# The row-shift paths (forward and weight gradient) need maps of this many output pixels:
+# on 16x16 and smaller, the weight gradient's GEMMs over one image each ran up to 5x
+# slower than one GEMM over the batch's columns, and the forward's kH - 1 extra rows
+# per image are 12% more arithmetic (measured on the U-Net's deep levels).
 ROW_SHIFT_MIN_PIXELS = 32 * 32
 
 
@@ -140,6 +145,8 @@ class NumbaBackend(Backend):
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
+        elif geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS:
+            self._conv2d_row_shifts(x, w, geometry, y)
         else:
             self._conv2d_gemms(x, w2, geometry, (kh, kw), y)
         if relu_bias is not None:
@@ -211,33 +218,74 @@ class NumbaBackend(Backend):
     def _grad_weight_row_shifts(self, dy, x, geometry, kernel_hw):
         """dW of a conv with row stride 1 from columns of the kernel's width only.
 
-        Columns cols[(c, j), (r, ow)] = x_padded[c, r, ow*sw + j*dw] over the input rows
-        a band of output rows reads. Kernel row i then sees the same matrix shifted by
-        i*dh rows, a plain column window, so dW[:, :, i, :] is one GEMM per i. That
-        writes kH times fewer columns than im2col (measured 10-25% faster on the U-Net's
-        3x3 layers).
+        Kernel row i sees the columns of ``_row_shift_bands`` shifted by i*dh rows, a
+        plain column window, so dW[:, :, i, :] is one GEMM per i. That writes kH times
+        fewer columns than im2col (measured 10-25% faster on the U-Net's 3x3 layers).
         """
         n, o, ho, wo = dy.shape
         c, (kh, kw) = x.shape[1], kernel_hw
-        (_, sw), (dh, dw_) = geometry.stride, geometry.dilation
+        dh = geometry.dilation[0]
+        grad = np.zeros((kh, o, c * kw), dtype=dy.dtype)
+        for cols, _, image, r0, rows in self._row_shift_bands(x, kernel_hw, geometry, (ho, wo),
+                                                              batch_images=False):
+            band = dy[image].reshape(o, ho * wo)[:, r0 * wo : (r0 + rows) * wo]
+            for i in range(kh):
+                window = cols[:, i * dh * wo : i * dh * wo + rows * wo]
+                grad[i] += band @ window.T
+        return np.ascontiguousarray(grad.reshape(kh, o, c, kw).transpose(1, 2, 0, 3))
+
+    def _conv2d_row_shifts(self, x, w, geometry, y):
+        """conv2d with row stride 1 from columns of the kernel's width only.
+
+        One GEMM of the weight's kernel rows, stacked (kH*O, C*kW), with the columns of
+        ``_row_shift_bands`` gives each kernel row's share of every output row; output
+        row r sums kernel row i's share from column row r + i*dh (``row_shift_sum``). The
+        columns are kH times fewer than im2col's and the GEMM kH times taller. Measured
+        against im2col on 4 images: 1.18x faster on 32x32 maps with 64 channels, 1.18-1.28x
+        on 64x64 ones with 32-64; 0.91x on 16x16 maps, whose kH - 1 extra rows a band are
+        12% more arithmetic (so maps under ROW_SHIFT_MIN_PIXELS keep im2col).
+        """
+        o, c, kh, kw = w.shape
+        ho, wo = y.shape[2:]
+        dh = geometry.dilation[0]
+        stacked = _contiguous(w.transpose(2, 0, 1, 3)).reshape(kh * o, c * kw)
+        for cols, count, n0, r0, rows in self._row_shift_bands(x, (kh, kw), geometry, (ho, wo),
+                                                               batch_images=True):
+            shares = self._buffer(x.dtype, kh * o * cols.shape[1], "product")
+            shares = shares.reshape(kh * o, cols.shape[1])
+            np.matmul(stacked, cols, out=shares)
+            _run(fast_ops.row_shift_sum, count * o * rows * wo, shares, count,
+                 rows + dh * (kh - 1), dh, y, n0, r0)
+
+    def _row_shift_bands(self, x, kernel_hw, geometry, output_hw, batch_images):
+        """Yield (cols, count, n0, r0, rows): columns of the kernel's width only.
+
+        cols[(c, j), (k, r, ow)] = x_padded[n0 + k, c, r0 + r, ow*sw + j*dw] for the
+        rows + dh*(kH - 1) input rows that output rows r0 .. r0 + rows - 1 of images
+        n0 .. n0 + count - 1 read (row stride 1). Bands of rows keep the columns within
+        COLUMN_BUDGET; with ``batch_images`` small maps put whole images side by side.
+        The buffer is reused, so each band must be consumed before the next.
+        """
+        n, c = x.shape[:2]
+        (kh, kw), (ho, wo) = kernel_hw, output_hw
+        (_, sw), (dh, dw) = geometry.stride, geometry.dilation
         top, _, left, _ = geometry.padding
         depth, extra = c * kw, dh * (kh - 1)
-        rows = max(1, min(ho, COLUMN_BUDGET // (depth * wo * x.itemsize) - extra))
-        grad = np.zeros((kh, o, depth), dtype=dy.dtype)
-        buffer = self._buffer(x.dtype, depth * (rows + extra) * wo)
-        for image in range(n):
-            grads = dy[image].reshape(o, ho * wo)
+        row_bytes = depth * wo * x.itemsize
+        rows = max(1, min(ho, COLUMN_BUDGET // row_bytes - extra))
+        images = 1
+        if batch_images and rows == ho:
+            images = max(1, min(n, COLUMN_BUDGET // (row_bytes * (ho + extra))))
+        buffer = self._buffer(x.dtype, depth * images * (rows + extra) * wo)
+        for n0 in range(0, n, images):
+            count = min(images, n - n0)
             for r0 in range(0, ho, rows):
                 band_rows = min(rows, ho - r0)
-                span = (band_rows + extra) * wo
+                span = count * (band_rows + extra) * wo
                 cols = buffer[: depth * span].reshape(depth, span)
-                _run(fast_ops.im2col_rows, cols.size, x, image, 1, r0, band_rows + extra, 1, kw,
-                     1, sw, top, left, 1, dw_, wo, cols)
-                band = grads[:, r0 * wo : (r0 + band_rows) * wo]
-                for i in range(kh):
-                    window = cols[:, i * dh * wo : i * dh * wo + band_rows * wo]
-                    grad[i] += band @ window.T
-        return np.ascontiguousarray(grad.reshape(kh, o, c, kw).transpose(1, 2, 0, 3))
+                _run(fast_ops.im2col_rows, cols.size, x, n0, count, r0, band_rows + extra, 1,
+                     kw, 1, sw, top, left, 1, dw, wo, cols)
+                yield cols, count, n0, r0, band_rows
 
     def _padded(self, x, padding):
         """x (N, C, H, W) in a zero border of ``padding`` (top, bottom, left, right).
