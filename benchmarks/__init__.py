@@ -10,3 +10,8 @@ repeats that interleave the competitors, so machine noise hits all of them alike
 # First, before numpy, as a program using tinyunet would: tinyunet sets up OpenBLAS's
 # threads when it is imported before numpy (see tinyunet/__init__.py).
 import tinyunet  # noqa: E402, F401
+from tinyunet.memory import keep_freed_memory
+
+# As the tinyunet command does. It is a setting of the process, so PyTorch, timed in the
+# same process, gets it too; RESULTS.md says whether it was made.
+MALLOC_KEEPS_FREED_MEMORY = keep_freed_memory()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import MALLOC_KEEPS_FREED_MEMORY
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -117,6 +119,9 @@ def machine_lines(threads: int, torch) -> list[str]:
         "- PyTorch: " + (f"{torch.__version__}, {torch.get_num_threads()} threads"
                          if torch else "not installed"),
         f"- Threads: {threads} for numba kernels and PyTorch; thread env vars: {env}",
+        "- malloc: " + ("keeps freed memory for reuse (`tinyunet.memory.keep_freed_memory`, "
+                        "one process: both frameworks)" if MALLOC_KEEPS_FREED_MEMORY
+                        else "glibc's defaults (or not glibc)"),
         f"- Command: `python -m {' '.join([_module_name(), *sys.argv[1:]])}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M')}",
     ]

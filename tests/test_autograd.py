@@ -57,11 +57,9 @@ def test_detach_cuts_the_graph():
     np.testing.assert_array_equal(x.grad.numpy(), [4.0])  # the detached x*x is a constant
 
 
-# These two run on numpy: the numba backend's outputs come from a pool that keeps them
-# (tests/test_array_pool.py), so a weak reference would not see them go.
 def test_intermediates_are_released_after_backward():
-    x = tu.tensor(np.ones((1, 1, 6, 6)), requires_grad=True, backend="numpy")
-    w = tu.tensor(np.ones((2, 1, 3, 3)), requires_grad=True, backend="numpy")
+    x = tu.tensor(np.ones((1, 1, 6, 6)), requires_grad=True)
+    w = tu.tensor(np.ones((2, 1, 3, 3)), requires_grad=True)
     hidden = F.relu(F.conv2d(x, w))
     saved = weakref.ref(hidden._node.ctx.saved[0])
     loss = F.max_pool2d(hidden, 2).sum()
@@ -74,8 +72,8 @@ def test_intermediates_are_released_after_backward():
 
 def test_the_graph_holds_no_activation_that_backward_does_not_need():
     """A conv's output is dead once its ReLU has run (ReLU saves its own output)."""
-    x = tu.tensor(np.ones((1, 1, 6, 6)), requires_grad=True, backend="numpy")
-    w = tu.tensor(np.ones((2, 1, 3, 3)), requires_grad=True, backend="numpy")
+    x = tu.tensor(np.ones((1, 1, 6, 6)), requires_grad=True)
+    w = tu.tensor(np.ones((2, 1, 3, 3)), requires_grad=True)
     pre_activation = F.conv2d(x, w)
     released = weakref.ref(pre_activation.data)
     out = F.relu(pre_activation)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data.folder import EXTENSIONS, DataError, FolderDataset, read_image, require_pillow
+from .memory import keep_freed_memory
 from .train import (
     LOSSES,
     OPTIMIZERS,
@@ -330,6 +331,7 @@ def _evaluate(args):
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()  # training reuses the same memory every step (tinyunet.memory)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

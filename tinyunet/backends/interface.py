@@ -118,10 +118,6 @@ class Backend:
         y += bias.reshape(1, -1, 1, 1)
         return y
 
-    def concat(self, arrays, axis):
-        """The arrays joined along ``axis`` into a new array (a backend picks its memory)."""
-        return self.xp.concatenate(arrays, axis=axis)
-
     def conv2d_bias_relu(self, x, w, b, geometry: ConvGeometry):
         """relu(conv2d(x, w) + b[o]), b possibly None: a conv layer and its ReLU.
 

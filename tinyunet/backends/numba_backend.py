@@ -42,7 +42,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import fast_ops
-from .array_pool import ArrayPool
 from .interface import Backend, ConvGeometry, PoolGeometry
 
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
@@ -104,9 +103,6 @@ class NumbaBackend(Backend):
         # multi-MB array costs its page faults on every call (measured: a 2x2 transposed
         # conv to a 128x128 map took 4.3 ms with fresh columns, 2.7 ms reusing them).
         self._scratch: dict[tuple[np.dtype, str], np.ndarray] = {}
-        # Outputs (conv results, gradients, pooling indexes) come from a pool too: the
-        # same shapes recur every step, and a reused array costs no page faults.
-        self._outputs = ArrayPool()
 
     def asarray(self, host_array):
         return np.asarray(host_array)
@@ -140,7 +136,7 @@ class NumbaBackend(Backend):
         o, _, kh, kw = w.shape
         ho, wo = geometry.output_hw((h, width), (kh, kw))
         w2 = w.reshape(o, c * kh * kw)
-        y = self._outputs.empty((n, o, ho, wo), x.dtype)
+        y = np.empty((n, o, ho, wo), dtype=x.dtype)
         if _direct_3x3(c, o, (kh, kw), geometry, wo) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
@@ -179,7 +175,7 @@ class NumbaBackend(Backend):
             flipped = _contiguous(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             return self.conv2d(dy, flipped, ConvGeometry((1, 1), adjoint_pads, geometry.dilation))
         (sh, sw) = geometry.stride
-        dx = self._outputs.empty((n, c, *input_hw), dy.dtype)
+        dx = np.empty((n, c, *input_hw), dtype=dy.dtype)
         # One batched GEMM (numpy loops BLAS over the images) into the scratch buffer, then
         # one gather; for the U-Net's 2x2 stride-2 transposed conv the columns are exactly
         # the output's size.
@@ -337,8 +333,8 @@ class NumbaBackend(Backend):
         x = _contiguous(x)
         n, c, h, w = x.shape
         ho, wo = geometry.output_hw((h, w))
-        y = self._outputs.empty((n, c, ho, wo), x.dtype)
-        argmax = self._outputs.empty((n, c, ho, wo), np.int64)
+        y = np.empty((n, c, ho, wo), dtype=x.dtype)
+        argmax = np.empty((n, c, ho, wo), dtype=np.int64)
         (kh, kw), (sh, sw) = geometry.kernel, geometry.stride
         (ph, pw), (dh, dw) = geometry.padding, geometry.dilation
         if (kh, kw, sh, sw, ph, pw, dh, dw) == (2, 2, 2, 2, 0, 0, 1, 1):
@@ -349,32 +345,26 @@ class NumbaBackend(Backend):
         return y, argmax
 
     def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
-        dx = self._outputs.empty(input_shape, dy.dtype)
+        dx = np.empty(input_shape, dtype=dy.dtype)
         _run(fast_ops.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
         return dx
-
-    def concat(self, arrays, axis):
-        shape = list(arrays[0].shape)
-        shape[axis] = sum(a.shape[axis] for a in arrays)
-        out = self._outputs.empty(shape, np.result_type(*arrays))
-        return np.concatenate(arrays, axis=axis, out=out)
 
     # ---- elementwise ----------------------------------------------------------------
     def relu(self, x):
         x = _contiguous(x)
-        y = self._outputs.empty(x.shape, x.dtype)
+        y = np.empty(x.shape, dtype=x.dtype)
         _run(fast_ops.relu_forward, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def relu_backward(self, dy, y):
         dy, y = _contiguous(dy), _contiguous(y)
-        dx = self._outputs.empty(dy.shape, dy.dtype)
+        dx = np.empty(dy.shape, dtype=dy.dtype)
         _run(fast_ops.relu_backward, dy.size, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
         return dx
 
     def sigmoid(self, x):
         x = _contiguous(x)
-        y = self._outputs.empty(x.shape, x.dtype)
+        y = np.empty(x.shape, dtype=x.dtype)
         _run(fast_ops.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
@@ -387,7 +377,7 @@ class NumbaBackend(Backend):
     def relu_backward_bias_grad(self, dy, y):
         dy, y = _contiguous(dy), _contiguous(y)
         n, c = dy.shape[:2]
-        dz = self._outputs.empty(dy.shape, dy.dtype)
+        dz = np.empty(dy.shape, dtype=dy.dtype)
         db = np.empty(c, dtype=dy.dtype)
         _run(fast_ops.relu_backward_channel_sums, dy.size, dy.reshape(n, c, -1),
              y.reshape(n, c, -1), dz.reshape(n, c, -1), db)

@@ -17,7 +17,7 @@ class Concat(Function):
     @staticmethod
     def forward(ctx, *arrays, dim):
         ctx.save_for_backward([a.shape[dim] for a in arrays], dim)
-        return ctx.backend.concat(arrays, dim)
+        return ctx.backend.xp.concatenate(arrays, axis=dim)
 
     @staticmethod
     def backward(ctx, grad):
