@@ -7,6 +7,7 @@ kernels do everything else in one parallel pass each:
 * ``im2col_rows``: a band of output rows (of one or more images) -> a column matrix in exactly
   the (C*kH*kW, rows*Wo) layout the GEMM wants, with the zero padding written in the
   same pass (no padded copy of the input is ever made).
+* ``im2col_2x2_stride2``: the same for the U-Net's 2x2 stride-2 convs (space to depth).
 * ``row_shift_sum``: the forward's row-shift path: adds each kernel row's share of a
   GEMM, shifted by its row, into the output rows.
 * ``col2im_gather``: the adjoint of im2col; each parallel step owns one input row and
@@ -146,6 +147,32 @@ def im2col_rows(x, n0, count, row0, rows, kh, kw, sh, sw, top, left, dh, dw, wo,
                     cols[row, base + ow] = x[n, c, ih, ow * sw + shift]
             for ow in range(ow_hi, wo):
                 cols[row, base + ow] = 0
+
+
+@kernel()
+def im2col_2x2_stride2(x, n0, count, row0, rows, wo, cols):
+    """im2col_rows for a 2x2 kernel at stride 2 with no padding (space to depth).
+
+    cols[c*4 + i*2 + j, (k*rows + r)*wo + ow] = x[n0 + k, c, 2*(row0 + r) + i, 2*ow + j].
+    Each parallel step splits one pair of input rows into its four column rows, the
+    even and odd pixels in one loop, which LLVM vectorises as an interleaved load; the
+    general kernel's one strided copy per column row ran 4x slower (measured on the
+    U-Net's up-conv gradients).
+    """
+    c_in = x.shape[1]
+    for task in prange(count * c_in * rows):
+        k = task // (c_in * rows)
+        c = (task // rows) % c_in
+        r = task % rows
+        top, bottom = x[n0 + k, c, 2 * (row0 + r)], x[n0 + k, c, 2 * (row0 + r) + 1]
+        base = (k * rows + r) * wo
+        top_even, top_odd = cols[4 * c], cols[4 * c + 1]
+        bottom_even, bottom_odd = cols[4 * c + 2], cols[4 * c + 3]
+        for ow in range(wo):
+            top_even[base + ow] = top[2 * ow]
+            top_odd[base + ow] = top[2 * ow + 1]
+            bottom_even[base + ow] = bottom[2 * ow]
+            bottom_odd[base + ow] = bottom[2 * ow + 1]
 
 
 @kernel()

@@ -160,6 +160,39 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
                  NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
 
 
+@pytest.mark.parametrize("path", ["default", "GEMMs on bands of rows"])
+@given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
+       h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))
+def test_2x2_stride_2_conv_matches_numpy(path, dtype, n, c_in, c_out, h, w, seed):
+    """The up-conv's gradients: a 2x2 stride-2 conv (odd sizes drop their last row or
+    column) through the space-to-depth columns, whole images or bands of rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
+    weight = rng.standard_normal((c_out, c_in, 2, 2)).astype(dtype)
+    kernel, calls = numba_backend.fast_ops.im2col_2x2_stride2, []
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in PATHS[path].items():
+            patch.setattr(numba_backend, name, value)
+        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
+        check_conv(x, weight, ConvGeometry((2, 2), (0, 0, 0, 0)), dtype)
+    assert calls
+
+
+class _Spy:
+    """A kernel that records its calls (parallel or serial) and then runs."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        return self.kernel(*args)
+
+    def serial(self, *args):
+        self.calls.append(args)
+        return self.kernel.serial(*args)
+
+
 def test_conv2d_accepts_non_contiguous_input():
     x = np.random.default_rng(0).standard_normal((3, 2, 5, 6))
     weight = np.random.default_rng(1).standard_normal((4, 3, 3, 3))

@@ -85,6 +85,17 @@ def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width):
                for width, channels in DIRECT_RULES)
 
 
+def _im2col(x, n0, count, row0, rows, kernel_hw, geometry, wo, cols):
+    """Columns of output rows [row0, row0 + rows) of ``count`` images (see im2col_rows)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, geometry.stride, geometry.dilation
+    top, _, left, _ = geometry.padding
+    if (kh, kw, sh, sw, dh, dw) == (2, 2, 2, 2, 1, 1) and not any(geometry.padding):
+        _run(fast_ops.im2col_2x2_stride2, cols.size, x, n0, count, row0, rows, wo, cols)
+    else:
+        _run(fast_ops.im2col_rows, cols.size, x, n0, count, row0, rows, kh, kw, sh, sw, top,
+             left, dh, dw, wo, cols)
+
+
 def _flat(a):
     """A 1-D view of a contiguous array; updates through it land in ``a`` itself."""
     if not a.flags.c_contiguous:
@@ -303,8 +314,6 @@ class NumbaBackend(Backend):
         """
         n, c = x.shape[:2]
         (kh, kw), (ho, wo) = kernel_hw, output_hw
-        (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
-        top, _, left, _ = geometry.padding
         depth = c * kh * kw
         row_bytes = depth * wo * x.itemsize
         rows = max(1, min(ho, COLUMN_BUDGET // row_bytes))
@@ -315,8 +324,7 @@ class NumbaBackend(Backend):
             for n0 in range(0, n, images):
                 count = min(images, n - n0)
                 cols = buffer[: depth * count * pixels].reshape(depth, count * pixels)
-                _run(fast_ops.im2col_rows, cols.size, x, n0, count, 0, ho, kh, kw, sh, sw, top,
-                     left, dh, dw, wo, cols)
+                _im2col(x, n0, count, 0, ho, kernel_hw, geometry, wo, cols)
                 yield cols, count, n0, 0, ho
             return
         buffer = self._buffer(x.dtype, depth * rows * wo)
@@ -324,8 +332,7 @@ class NumbaBackend(Backend):
             for r0 in range(0, ho, rows):
                 band_rows = min(rows, ho - r0)
                 cols = buffer[: depth * band_rows * wo].reshape(depth, band_rows * wo)
-                _run(fast_ops.im2col_rows, cols.size, x, image, 1, r0, band_rows, kh, kw, sh, sw,
-                     top, left, dh, dw, wo, cols)
+                _im2col(x, image, 1, r0, band_rows, kernel_hw, geometry, wo, cols)
                 yield cols, 1, image, r0, band_rows
 
     # ---- pooling ------------------------------------------------------------------
