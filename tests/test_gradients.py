@@ -28,14 +28,20 @@ import tinyunet as tu
 import tinyunet.functional as F
 
 
+def conv_inputs(case):
+    """Input, weight and (if the case has one) bias of a conv case, float64."""
+    rng = np.random.default_rng(case.seed)
+    inputs = [rng.standard_normal(case.x_shape), rng.standard_normal(case.w_shape)]
+    if case.bias:
+        inputs.append(rng.standard_normal(case.w_shape[0]))
+    return inputs
+
+
 def test_conv2d(backend):
     @budget(backend)
     @given(case=conv_cases(size_limit(backend)))
     def check(case):
-        rng = np.random.default_rng(case.seed)
-        inputs = [rng.standard_normal(case.x_shape), rng.standard_normal(case.w_shape)]
-        if case.bias:
-            inputs.append(rng.standard_normal(case.w_shape[0]))
+        inputs = conv_inputs(case)
         check_gradients(lambda *t: F.conv2d(*t, stride=case.stride, padding=case.padding,
                                             dilation=case.dilation), inputs, backend, case.seed)
 
@@ -48,10 +54,7 @@ def test_conv2d_relu(backend):
     @budget(backend)
     @given(case=conv_cases(size_limit(backend)))
     def check(case):
-        rng = np.random.default_rng(case.seed)
-        inputs = [rng.standard_normal(case.x_shape), rng.standard_normal(case.w_shape)]
-        if case.bias:
-            inputs.append(rng.standard_normal(case.w_shape[0]))
+        inputs = conv_inputs(case)
 
         def conv(*t, fn=F.conv2d):
             return fn(*t, stride=case.stride, padding=case.padding, dilation=case.dilation)

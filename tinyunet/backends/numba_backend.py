@@ -10,10 +10,11 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   kernels of fast_ops, for the forward, the input gradient (again a conv, with the
   flipped weight) and the weight gradient. Their GEMMs would be skinny (16 rows over
   65536 pixels) and run far below BLAS's peak.
-* Row stride 1 on maps of ROW_SHIFT_MIN_PIXELS or more (the U-Net's other 3x3 convs
-  but the deepest): columns of the kernel's width only, kH times fewer than im2col's,
-  over a band of input rows; one GEMM with the weight's kernel rows stacked, then
-  ``row_shift_sum`` adds each kernel row's share, shifted by its row, into the output.
+* Row stride 1 on maps of ROW_SHIFT_MIN_PIXELS or more, with no more output channels
+  than input channels (most of the U-Net's other 3x3 convs): columns of the kernel's
+  width only, kH times fewer than im2col's, over a band of input rows; one GEMM with
+  the weight's kernel rows stacked, then ``row_shift_sum`` adds each kernel row's
+  share, shifted by its row, into the output.
 * Every other conv is im2col + BLAS GEMMs. Forward: output rows are processed in
   bands. ``im2col_rows`` writes one band's columns, padding included, straight into
   a reusable buffer of at most ``COLUMN_BUDGET`` bytes, and one GEMM writes
@@ -152,7 +153,7 @@ class NumbaBackend(Backend):
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
-        elif geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS:
+        elif geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS and o <= c:
             self._conv2d_row_shifts(x, w, geometry, y)
         else:
             self._conv2d_gemms(x, w2, geometry, (kh, kw), y)
@@ -248,9 +249,11 @@ class NumbaBackend(Backend):
         ``_row_shift_bands`` gives each kernel row's share of every output row; output
         row r sums kernel row i's share from column row r + i*dh (``row_shift_sum``). The
         columns are kH times fewer than im2col's and the GEMM kH times taller. Measured
-        against im2col on 4 images: 1.18x faster on 32x32 maps with 64 channels, 1.18-1.28x
-        on 64x64 ones with 32-64; 0.91x on 16x16 maps, whose kH - 1 extra rows a band are
-        12% more arithmetic (so maps under ROW_SHIFT_MIN_PIXELS keep im2col).
+        against im2col, alternating in one process, on the U-Nets' layers: 1.12-1.28x
+        faster with O <= C on 32x32 and 64x64 maps (0.93-1.0x in two cases); 0.8x for
+        64->128 on 32x32, whose kH*O-row product is too big to sum cheaply (so O > C keeps
+        im2col); 0.91x on 16x16 maps, whose kH - 1 extra rows a band are 12% more
+        arithmetic (so maps under ROW_SHIFT_MIN_PIXELS keep im2col).
         """
         o, c, kh, kw = w.shape
         ho, wo = y.shape[2:]
