@@ -160,6 +160,21 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
                  NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
 
 
+class _Spy:
+    """A kernel that records its calls (parallel or serial) and then runs."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        return self.kernel(*args)
+
+    def serial(self, *args):
+        self.calls.append(args)
+        return self.kernel.serial(*args)
+
+
 @pytest.mark.parametrize("path", ["default", "GEMMs on bands of rows"])
 @given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
        h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))
@@ -176,21 +191,6 @@ def test_2x2_stride_2_conv_matches_numpy(path, dtype, n, c_in, c_out, h, w, seed
         patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
         check_conv(x, weight, ConvGeometry((2, 2), (0, 0, 0, 0)), dtype)
     assert calls
-
-
-class _Spy:
-    """A kernel that records its calls (parallel or serial) and then runs."""
-
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
-
-    def __call__(self, *args):
-        self.calls.append(args)
-        return self.kernel(*args)
-
-    def serial(self, *args):
-        self.calls.append(args)
-        return self.kernel.serial(*args)
 
 
 def test_conv2d_accepts_non_contiguous_input():
