@@ -147,19 +147,6 @@ def check_conv(x, weight, geometry, dtype):
                  NUMPY.conv2d_grad_weight(dy, x, geometry, weight.shape[2:]), dtype)
 
 
-@given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
-       h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2**16))
-def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w, seed):
-    """The U-Net's up-conv: conv2d_grad_input with stride 2 (GEMM + pixel shuffle)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
-    weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
-    geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
-    out_hw = (2 * h, 2 * w)
-    assert_close(NUMBA.conv2d_grad_input(x, weight, geometry, out_hw),
-                 NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
-
-
 class _Spy:
     """A kernel that records its calls (parallel or serial) and then runs."""
 
@@ -173,6 +160,26 @@ class _Spy:
     def serial(self, *args):
         self.calls.append(args)
         return self.kernel.serial(*args)
+
+
+@given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
+       h=st.integers(1, 6), w=st.integers(1, 6), extra=st.sampled_from([(0, 0), (1, 0), (0, 1)]),
+       seed=st.integers(0, 2**16))
+def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w, extra, seed):
+    """The U-Net's up-conv: conv2d_grad_input with stride 2 (GEMM + pixel shuffle); with
+    an output padding (an extra row or column that no window covers) the general gather."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
+    weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
+    geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
+    out_hw = (2 * h + extra[0], 2 * w + extra[1])
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend.fast_ops, "depth_to_space_2x2",
+                      _Spy(numba_backend.fast_ops.depth_to_space_2x2, calls))
+        assert_close(NUMBA.conv2d_grad_input(x, weight, geometry, out_hw),
+                     NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
+    assert len(calls) == (1 if extra == (0, 0) else 0)
 
 
 @pytest.mark.parametrize("path", ["default", "GEMMs on bands of rows"])

@@ -86,11 +86,17 @@ def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width):
                for width, channels in DIRECT_RULES)
 
 
+def _is_2x2_stride2(kernel_hw, geometry):
+    """The U-Net's up-conv geometry: 2x2 windows at stride 2 that tile the map exactly."""
+    return (kernel_hw == (2, 2) and geometry.stride == (2, 2) and geometry.dilation == (1, 1)
+            and not any(geometry.padding))
+
+
 def _im2col(x, n0, count, row0, rows, kernel_hw, geometry, wo, cols):
     """Columns of output rows [row0, row0 + rows) of ``count`` images (see im2col_rows)."""
     (kh, kw), (sh, sw), (dh, dw) = kernel_hw, geometry.stride, geometry.dilation
     top, _, left, _ = geometry.padding
-    if (kh, kw, sh, sw, dh, dw) == (2, 2, 2, 2, 1, 1) and not any(geometry.padding):
+    if _is_2x2_stride2(kernel_hw, geometry):
         _run(fast_ops.im2col_2x2_stride2, cols.size, x, n0, count, row0, rows, wo, cols)
     else:
         _run(fast_ops.im2col_rows, cols.size, x, n0, count, row0, rows, kh, kw, sh, sw, top,
@@ -190,11 +196,15 @@ class NumbaBackend(Backend):
         dx = np.empty((n, c, *input_hw), dtype=dy.dtype)
         # One batched GEMM (numpy loops BLAS over the images) into the scratch buffer, then
         # one gather; for the U-Net's 2x2 stride-2 transposed conv the columns are exactly
-        # the output's size.
+        # the output's size and the gather a pixel shuffle (depth_to_space_2x2).
         depth = c * kh * kw
         cols = self._buffer(dy.dtype, n * depth * ho * wo).reshape(n, depth, ho * wo)
         np.matmul(w.reshape(o, depth).T, dy.reshape(n, o, ho * wo), out=cols)
-        _run(fast_ops.col2im_gather, dx.size, cols, kh, kw, sh, sw, top, left, dh, dw, ho, wo, dx)
+        if _is_2x2_stride2((kh, kw), geometry) and tuple(input_hw) == (2 * ho, 2 * wo):
+            _run(fast_ops.depth_to_space_2x2, dx.size, cols, dx)
+        else:
+            _run(fast_ops.col2im_gather, dx.size, cols, kh, kw, sh, sw, top, left, dh, dw, ho,
+                 wo, dx)
         return dx
 
     def conv2d_grad_weight(self, dy, x, geometry: ConvGeometry, kernel_hw):
