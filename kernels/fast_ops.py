@@ -315,10 +315,10 @@ def conv3x3_forward(xp, weight, y):
     n_img, o_ch, ho, wo = y.shape
     c_in = xp.shape[1]
     blocks = o_ch // DIRECT_OUTPUT_BLOCK
-    for task in prange(n_img * blocks * ho):
-        n = task // (blocks * ho)
-        o = DIRECT_OUTPUT_BLOCK * ((task // ho) % blocks)
-        h = task % ho
+    for task in prange(n_img * ho * blocks):
+        n = task // (ho * blocks)
+        h = (task // blocks) % ho
+        o = DIRECT_OUTPUT_BLOCK * (task % blocks)
         y0, y1, y2, y3 = y[n, o, h], y[n, o + 1, h], y[n, o + 2, h], y[n, o + 3, h]
         y0[:] = 0
         y1[:] = 0
@@ -339,34 +339,44 @@ def conv3x3_forward(xp, weight, y):
 
 
 @kernel(fastmath={"contract", "reassoc"})
-def conv3x3_grad_weight(dy, xp, dw):
-    """dw (O, C, 3, 3) = sum over n, h, w of dy[n, o, h, w] * xp[n, c, h + i, w + j].
+def conv3x3_grad_weight(dyp, xp, dw):
+    """dw (O, C, 3, 3) = sum over n, h, w < Wo of dy[n, o, h, w] * xp[n, c, h + i, w + j].
 
-    dy: (N, O, Ho, Wo); xp: the padded input (N, C, Ho+2, Wo+2). A parallel step owns
-    one (o, c) pair and keeps its 9 sums in registers over one pass of both planes.
+    xp: the padded input (N, C, Ho+2, Wo+2); dyp: dy (N, O, Ho, Wo) with two zero
+    columns appended to each row, so both planes have rows of Wo+2. Then tap (i, j)
+    pairs dyp's flat plane with xp's flat plane shifted by i*(Wo+2) + j, one long
+    contiguous run per image: the vectorised sums are reduced across lanes once per
+    plane instead of once per row (row by row, that reduction cost more than the row's
+    FMAs; measured 1.3-1.6x faster on the U-Net's 64- and 128-wide maps). The zero
+    columns add 0 * x, which changes nothing unless x holds Inf or NaN: then tap
+    (i, 0) may be NaN where only the other taps of its row are in numpy's result.
+    A parallel step owns one (o, c) pair and keeps its 9 sums in registers.
     """
-    n_img, o_ch, ho, wo = dy.shape
+    n_img, o_ch, ho, wp = dyp.shape
     c_in = xp.shape[1]
-    zero = dy.dtype.type(0)
+    span = ho * wp
+    zero = dyp.dtype.type(0)
     for pair in prange(o_ch * c_in):
         o = pair // c_in
         c = pair % c_in
         s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = zero
         for n in range(n_img):
-            for h in range(ho):
-                grad = dy[n, o, h]
-                top, mid, bottom = xp[n, c, h], xp[n, c, h + 1], xp[n, c, h + 2]
-                for w in range(wo):
-                    g = grad[w]
-                    s00 += g * top[w]
-                    s01 += g * top[w + 1]
-                    s02 += g * top[w + 2]
-                    s10 += g * mid[w]
-                    s11 += g * mid[w + 1]
-                    s12 += g * mid[w + 2]
-                    s20 += g * bottom[w]
-                    s21 += g * bottom[w + 1]
-                    s22 += g * bottom[w + 2]
+            grad = dyp[n, o].reshape(span)
+            plane = xp[n, c].reshape((ho + 2) * wp)
+            # Slices rather than index arithmetic: numba would wrap a possibly negative
+            # index q + wp, and LLVM then gathers instead of loading contiguous runs.
+            top, mid, bottom = plane[:span], plane[wp : wp + span], plane[2 * wp : 2 * wp + span]
+            for q in range(span - 2):
+                g = grad[q]
+                s00 += g * top[q]
+                s01 += g * top[q + 1]
+                s02 += g * top[q + 2]
+                s10 += g * mid[q]
+                s11 += g * mid[q + 1]
+                s12 += g * mid[q + 2]
+                s20 += g * bottom[q]
+                s21 += g * bottom[q + 1]
+                s22 += g * bottom[q + 2]
         dw[o, c, 0, 0], dw[o, c, 0, 1], dw[o, c, 0, 2] = s00, s01, s02
         dw[o, c, 1, 0], dw[o, c, 1, 1], dw[o, c, 1, 2] = s10, s11, s12
         dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = s20, s21, s22

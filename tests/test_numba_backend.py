@@ -58,10 +58,12 @@ NUMBA_CONV = Limit(batch=3, channels=4, side=10)
 # The backend picks its path by size; these settings force each path onto small maps.
 PATHS = {
     "default": {},
-    "GEMMs only": {"DIRECT_RULES": (), "ROW_SHIFT_MIN_PIXELS": 1},
-    "GEMMs on bands of rows": {"DIRECT_RULES": (), "ROW_SHIFT_MIN_PIXELS": 1,
-                               "COLUMN_BUDGET": 64},
-    "direct 3x3 kernels": {"DIRECT_RULES": ((1, 10**6),)},
+    "GEMMs only": {"DIRECT_RULES": (), "GRAD_WEIGHT_DIRECT_RULES": (),
+                   "ROW_SHIFT_MIN_PIXELS": 1},
+    "GEMMs on bands of rows": {"DIRECT_RULES": (), "GRAD_WEIGHT_DIRECT_RULES": (),
+                               "ROW_SHIFT_MIN_PIXELS": 1, "COLUMN_BUDGET": 64},
+    "direct 3x3 kernels": {"DIRECT_RULES": ((1, 10**6),),
+                           "GRAD_WEIGHT_DIRECT_RULES": ((1, 10**6),)},
 }
 
 
@@ -87,7 +89,8 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     weight = rng.standard_normal(w_shape).astype(dtype)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "DIRECT_RULES", PATHS["direct 3x3 kernels"]["DIRECT_RULES"])
+        for name, value in PATHS["direct 3x3 kernels"].items():
+            patch.setattr(numba_backend, name, value)
         for name in ("conv3x3_forward", "conv3x3_grad_weight"):
             kernel = getattr(numba_backend.fast_ops, name)
             patch.setattr(numba_backend.fast_ops, name,
@@ -113,7 +116,8 @@ def test_direct_3x3_gradients_by_finite_differences(n, c_in, c_out, h, w, paddin
     if bias:
         inputs.append(rng.standard_normal(c_out))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "DIRECT_RULES", PATHS["direct 3x3 kernels"]["DIRECT_RULES"])
+        for name, value in PATHS["direct 3x3 kernels"].items():
+            patch.setattr(numba_backend, name, value)
         check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 

@@ -9,7 +9,8 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   outer levels) skip im2col and BLAS: a padded copy of the input and the direct
   kernels of fast_ops, for the forward, the input gradient (again a conv, with the
   flipped weight) and the weight gradient. Their GEMMs would be skinny (16 rows over
-  65536 pixels) and run far below BLAS's peak.
+  65536 pixels) and run far below BLAS's peak. The weight gradient's direct kernel
+  also wins on somewhat more channels (``GRAD_WEIGHT_DIRECT_RULES``).
 * Row stride 1 on maps of ROW_SHIFT_MIN_PIXELS or more, with no more output channels
   than input channels (most of the U-Net's other 3x3 convs): columns of the kernel's
   width only, kH times fewer than im2col's, over a band of input rows; one GEMM with
@@ -57,6 +58,12 @@ COLUMN_BUDGET = 4 << 20
 # with the two paths alternating: direct 1.7-2.3x faster for 8->8 and 16->8, 1.18x for
 # 16->32, even at 32->32, GEMMs 1.1x faster at 64->32.
 DIRECT_RULES = ((128, 32 * 32), (64, 16 * 32))
+# The same for the weight gradient alone, whose direct kernel beats its GEMMs on more
+# channels than the forward's. Measured on the benchmark U-Nets' layers, the two paths
+# alternating: direct 1.25x for 32->32 and 1.5x for 64->32 on 64-wide maps, 0.97x for
+# 32->64; on 128-wide maps 1.1x up to 64->64, 0.97x for 128->64; on 256-wide 1.3x for
+# 32->32, 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster.
+GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # Kernels on fewer elements than this run serially on the calling thread: waking
 # numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
 # Measured with GEMMs in between: a ReLU of 300k float32 values ran faster serially
@@ -78,12 +85,11 @@ def _run(kernel, elements, *args):
     return (kernel if elements >= PARALLEL_MIN_ELEMENTS else kernel.serial)(*args)
 
 
-def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width):
+def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width, rules):
     """Whether a conv goes to the direct 3x3 kernels rather than im2col + BLAS."""
     if kernel_hw != (3, 3) or geometry.stride != (1, 1) or geometry.dilation != (1, 1):
         return False
-    return any(output_width >= width and c_in * c_out <= channels
-               for width, channels in DIRECT_RULES)
+    return any(output_width >= width and c_in * c_out <= channels for width, channels in rules)
 
 
 def _is_2x2_stride2(kernel_hw, geometry):
@@ -130,8 +136,8 @@ class NumbaBackend(Backend):
 
     def _buffer(self, dtype, size, use="columns"):
         """A reusable scratch array of ``size`` elements, valid until the next call for
-        the same ``use``: "columns" (im2col columns, padded copies) or "product" (a
-        GEMM's result before it is rearranged into the output)."""
+        the same ``use``: "columns" (im2col columns, padded inputs), "product" (a GEMM's
+        result before it is rearranged into the output) or "gradient" (a padded dy)."""
         key = (np.dtype(dtype), use)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.size < size:
@@ -155,7 +161,8 @@ class NumbaBackend(Backend):
         ho, wo = geometry.output_hw((h, width), (kh, kw))
         w2 = w.reshape(o, c * kh * kw)
         y = np.empty((n, o, ho, wo), dtype=x.dtype)
-        if _direct_3x3(c, o, (kh, kw), geometry, wo) and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0:
+        if (_direct_3x3(c, o, (kh, kw), geometry, wo, DIRECT_RULES)
+                and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0):
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
@@ -216,9 +223,11 @@ class NumbaBackend(Backend):
             for image in range(n):
                 dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
             return dw.reshape(o, c, kh, kw)
-        if _direct_3x3(c, o, kernel_hw, geometry, wo):
+        if _direct_3x3(c, o, kernel_hw, geometry, wo, GRAD_WEIGHT_DIRECT_RULES):
             dw = dw.reshape(o, c, kh, kw)
-            fast_ops.conv3x3_grad_weight(dy, self._padded(x, geometry.padding), dw)
+            # dy gets the padded input's row length (two zero columns): see the kernel.
+            fast_ops.conv3x3_grad_weight(self._padded(dy, (0, 0, 0, 2), "gradient"),
+                                         self._padded(x, geometry.padding), dw)
             return dw
         if geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS:
             return self._grad_weight_row_shifts(dy, x, geometry, kernel_hw)
@@ -307,14 +316,14 @@ class NumbaBackend(Backend):
                      kw, 1, sw, top, left, 1, dw, wo, cols)
                 yield cols, count, n0, r0, band_rows
 
-    def _padded(self, x, padding):
+    def _padded(self, x, padding, use="columns"):
         """x (N, C, H, W) in a zero border of ``padding`` (top, bottom, left, right).
 
-        The copy lives in the scratch buffer, so it is valid until the next call."""
+        The copy lives in the scratch buffer ``use``, valid until its next call."""
         n, c, h, w = x.shape
         top, bottom, left, right = padding
         shape = (n, c, h + top + bottom, w + left + right)
-        padded = self._buffer(x.dtype, int(np.prod(shape))).reshape(shape)
+        padded = self._buffer(x.dtype, int(np.prod(shape)), use).reshape(shape)
         _run(fast_ops.pad_images, padded.size, x, top, left, padded)
         return padded
 
