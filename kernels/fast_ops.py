@@ -315,6 +315,8 @@ def conv3x3_forward(xp, weight, y):
     n_img, o_ch, ho, wo = y.shape
     c_in = xp.shape[1]
     blocks = o_ch // DIRECT_OUTPUT_BLOCK
+    # Channel blocks vary fastest, so a thread's consecutive steps read the same three
+    # input rows from L1 (measured 1.1-1.16x faster alone on four of seven U-Net layers).
     for task in prange(n_img * ho * blocks):
         n = task // (ho * blocks)
         h = (task // blocks) % ho
