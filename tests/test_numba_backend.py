@@ -355,12 +355,13 @@ def test_training_on_numba_matches_numpy_step_by_step(optimizer):
 
 @st.composite
 def optimizer_state(draw):
-    """Parameters, gradients and two state arrays per parameter, of a few shapes."""
-    dtype = draw(DTYPES)
+    """Parameters, gradients and two state arrays per parameter, of a few shapes and
+    dtypes (float32 and float64 mixed: each dtype is one kernel call)."""
     shapes = draw(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=4),
-                           min_size=1, max_size=3))
+                           min_size=1, max_size=4))
+    kinds = [(shape, draw(DTYPES)) for shape in shapes]
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    arrays = [[rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    arrays = [[rng.standard_normal(shape).astype(dtype) for shape, dtype in kinds]
               for _ in range(4)]
     arrays[3] = [np.abs(a) for a in arrays[3]]  # Adam's second moment is non-negative
     return arrays
@@ -370,16 +371,25 @@ def copies(arrays):
     return [[a.copy() for a in group] for group in arrays]
 
 
+# Pieces of a few elements, so the kernels' parallel steps split the arrays.
+UPDATE_PIECES = st.integers(1, 9)
+
+
 @given(state=optimizer_state(), momentum=st.sampled_from([0.0, 0.9]),
        dampening=st.sampled_from([0.0, 0.1]), nesterov=st.booleans(),
-       weight_decay=st.sampled_from([0.0, 1e-2]), first_step=st.booleans())
+       weight_decay=st.sampled_from([0.0, 1e-2]), first_step=st.booleans(),
+       piece=UPDATE_PIECES)
 def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_decay,
-                                  first_step):
+                                  first_step, piece):
     nesterov = nesterov and momentum > 0 and dampening == 0
     ours, reference = copies(state), copies(state)
-    for backend, (params, grads, buffers, _) in ((NUMBA, ours), (NUMPY, reference)):
-        backend.sgd_update(params, grads, buffers, 0.1, momentum, dampening, nesterov,
-                           weight_decay, first_step)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "UPDATE_PIECE", piece)
+        for backend, (params, grads, buffers, _) in ((NUMBA, ours), (NUMPY, reference)):
+            # Without momentum the optimizer passes the gradients as the buffers.
+            buffers = buffers if momentum else grads
+            backend.sgd_update(params, grads, buffers, 0.1, momentum, dampening, nesterov,
+                               weight_decay, first_step)
     # Same operations in the same order per element: bit-for-bit the same result.
     for group, group_ref in zip(ours, reference, strict=True):
         for a, b in zip(group, group_ref, strict=True):
@@ -387,12 +397,14 @@ def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_d
 
 
 @given(state=optimizer_state(), step=st.integers(1, 5), weight_decay=st.sampled_from([0.0, 0.1]),
-       decoupled=st.booleans())
-def test_adam_update_matches_numpy(state, step, weight_decay, decoupled):
+       decoupled=st.booleans(), piece=UPDATE_PIECES)
+def test_adam_update_matches_numpy(state, step, weight_decay, decoupled, piece):
     ours, reference = copies(state), copies(state)
-    for backend, (params, grads, m, v) in ((NUMBA, ours), (NUMPY, reference)):
-        backend.adam_update(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8, weight_decay,
-                            decoupled)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "UPDATE_PIECE", piece)
+        for backend, (params, grads, m, v) in ((NUMBA, ours), (NUMPY, reference)):
+            backend.adam_update(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8,
+                                weight_decay, decoupled)
     # Same operations in the same order per element: bit-for-bit the same result.
     for group, group_ref in zip(ours, reference, strict=True):
         for a, b in zip(group, group_ref, strict=True):
@@ -414,3 +426,26 @@ def test_default_backend_is_numba_and_falls_back_to_numpy_with_a_notice():
     assert without.stdout.strip() == "numpy"
     notice = without.stderr.strip().splitlines()
     assert len(notice) == 1 and "numba" in notice[0] and "numpy" in notice[0]
+
+
+def test_an_optimizer_step_is_one_kernel_call_and_follows_new_arrays(monkeypatch):
+    """Every parameter in one call; the backend keeps its lists of parameters across
+    steps, so a parameter whose array is replaced (a loaded checkpoint) must be seen."""
+    calls = []
+    kernel = numba_backend.fast_ops.sgd_update
+    spy = lambda *args: (calls.append(len(args[0])), kernel(*args))  # noqa: E731
+    spy.serial = lambda *args: (calls.append(len(args[0])), kernel.serial(*args))
+    monkeypatch.setattr(numba_backend.fast_ops, "sgd_update", spy)
+    backend = numba_backend.NumbaBackend()
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(shape).astype(np.float32) for shape in [(4, 3, 3, 3), (4,)]]
+    buffers = [np.zeros_like(p) for p in params]
+    for step in range(3):
+        if step == 2:
+            params[1] = params[1].copy()
+        grads = [np.ones_like(p) for p in params]
+        before = [p.copy() for p in params]
+        backend.sgd_update(params, grads, buffers, 0.5, 0.0, 0.0, False, 0.0, False)
+        for p, old in zip(params, before, strict=True):
+            np.testing.assert_array_equal(p, old - np.float32(0.5))
+    assert calls == [2, 2, 2]
