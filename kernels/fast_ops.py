@@ -20,7 +20,8 @@ kernels do everything else in one parallel pass each:
   ``relu_backward_channel_sums`` (its backward: the ReLU mask and the bias gradient in
   one pass).
 * max-pool forward with argmax, and its backward; ReLU and its backward; the bias
-  gradient; a stable sigmoid; the SGD and Adam updates of every parameter in one call.
+  gradient; a stable sigmoid; a one-channel Dice or IoU's forward and backward, one
+  pass each; the SGD and Adam updates of every parameter in one call.
 
 Every kernel is compiled twice, parallel and serial (see ``kernel``), both cached on
 disk. Fast-math flags are used only where
@@ -563,6 +564,40 @@ def sigmoid(x, y):
         e = math.exp(-abs(v))
         y[k] = one / (one + e) if v >= 0 else e / (one + e)
     return y
+
+
+@kernel()
+def sigmoid_overlap_sums(z, t, p, sums):
+    """p = sigmoid(z) and sums[n] = (sum p*t, sum p, sum t) over row n, in float64.
+
+    z, t, p: (N, K), one row per sample; sums: (N, 3). The forward of a one-channel soft
+    Dice or IoU in one pass; p rounds as ``sigmoid`` does.
+    """
+    one = z.dtype.type(1)
+    for n in prange(z.shape[0]):
+        overlap = p_total = t_total = 0.0
+        for k in range(z.shape[1]):
+            v = z[n, k]
+            e = math.exp(-abs(v))
+            q = one / (one + e) if v >= 0 else e / (one + e)
+            p[n, k] = q
+            overlap += q * t[n, k]
+            p_total += q
+            t_total += t[n, k]
+        sums[n, 0], sums[n, 1], sums[n, 2] = overlap, p_total, t_total
+
+
+@kernel()
+def sigmoid_overlap_backward(p, t, slope, offset, dz):
+    """dz[n, k] = (slope[n] * t[n, k] + offset[n]) * p[n, k] * (1 - p[n, k]), rounded as
+    numpy evaluates that expression: a one-channel Dice or IoU's gradient to the logits.
+    p, t, dz: (N, K); slope, offset: (N,)."""
+    one = p.dtype.type(1)
+    for n in prange(p.shape[0]):
+        a, b = slope[n], offset[n]
+        for k in range(p.shape[1]):
+            q = p[n, k]
+            dz[n, k] = (a * t[n, k] + b) * q * (one - q)
 
 
 # ---- optimizer updates: every parameter in one call ------------------------------------

@@ -262,6 +262,26 @@ def test_elementwise_kernels_match_numpy(dtype, shape, seed):
     assert_close(NUMBA.sigmoid(x), NUMPY.sigmoid(x), dtype)
 
 
+@given(dtype=DTYPES, shape=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_one_channel_overlap_loss_kernels_match_numpy(dtype, shape, seed):
+    """The Dice/IoU passes: sigmoid with the three sums per sample, and the gradient."""
+    shape[1] = 1
+    n = shape[0]
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal(shape) * 10).astype(dtype)
+    t = rng.uniform(0, 1, shape).astype(dtype)
+    ours, reference = NUMBA.sigmoid_overlap_sums(z, t), NUMPY.sigmoid_overlap_sums(z, t)
+    for a, b in zip(ours, reference, strict=True):
+        assert_close(a, b, dtype)
+    kept = (n,) + (1,) * (len(shape) - 1)
+    slope, offset = (rng.standard_normal(kept).astype(dtype) for _ in range(2))
+    p = reference[0]
+    # Same expression, same order per element: bit-for-bit the same.
+    np.testing.assert_array_equal(NUMBA.sigmoid_overlap_backward(p, t, slope, offset),
+                                  NUMPY.sigmoid_overlap_backward(p, t, slope, offset))
+
+
 @given(dtype=DTYPES, n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6),
        w=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_bias_add_and_its_gradient_match_numpy(dtype, n, c, h, w, seed):

@@ -131,6 +131,17 @@ class Backend:
         dz = self.relu_backward(dy, y)
         return dz, self.bias_grad(dz)
 
+    def sigmoid_overlap_sums(self, z, t):
+        """(p, sum p*t, sum p, sum t): p = sigmoid(z) and its sums over every axis but the
+        first (one value per sample, dims kept): the forward of a one-channel Dice or IoU."""
+        p = self.sigmoid(z)
+        return (p, *self.overlap_sums(p, t, 1))
+
+    def sigmoid_overlap_backward(self, p, t, slope, offset):
+        """dz = (slope * t + offset) * p * (1 - p), slope and offset one value per sample
+        (N, 1, ..., 1): a one-channel Dice or IoU's gradient back through the sigmoid."""
+        return (slope * t + offset) * p * (1 - p)
+
     def overlap_sums(self, p, t, first_axis):
         """(sum p*t, sum p, sum t) over the axes from ``first_axis`` on, dims kept (Dice, IoU)."""
         axes = tuple(range(first_axis, p.ndim))

@@ -404,6 +404,26 @@ class NumbaBackend(Backend):
         _run(fast_ops.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
+    def sigmoid_overlap_sums(self, z, t):
+        z, t = _contiguous(z), _contiguous(t).astype(z.dtype, copy=False)
+        n = z.shape[0]
+        p = np.empty(z.shape, dtype=z.dtype)
+        sums = np.empty((n, 3), dtype=np.float64)
+        _run(fast_ops.sigmoid_overlap_sums, z.size, z.reshape(n, -1), t.reshape(n, -1),
+             p.reshape(n, -1), sums)
+        kept = (n,) + (1,) * (z.ndim - 1)
+        return (p, *(sums[:, k].astype(z.dtype).reshape(kept) for k in range(3)))
+
+    def sigmoid_overlap_backward(self, p, t, slope, offset):
+        p, t = _contiguous(p), _contiguous(t)
+        n = p.shape[0]
+        dz = np.empty(p.shape, dtype=p.dtype)
+        coefficients = [np.ascontiguousarray(np.broadcast_to(c, (n,) + (1,) * (p.ndim - 1)),
+                                             dtype=p.dtype).reshape(n) for c in (slope, offset)]
+        _run(fast_ops.sigmoid_overlap_backward, p.size, p.reshape(n, -1), t.reshape(n, -1),
+             *coefficients, dz.reshape(n, -1))
+        return dz
+
     def add_bias(self, y, bias):
         y = _contiguous(y)
         n, c = y.shape[:2]

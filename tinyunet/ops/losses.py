@@ -98,62 +98,62 @@ class CrossEntropy(Function):
 
 
 def _dice_score(intersection, total, smooth):
-    """Soft Dice and its derivative by p (given t): total = sum(p) + sum(t)."""
+    """Soft Dice and its derivative by p, affine in t: d_score = slope * t + offset.
+    total = sum(p) + sum(t)."""
     denominator = total + smooth
     score = (2 * intersection + smooth) / denominator
-
-    def d_score(t):
-        return (2 * t * denominator - (2 * intersection + smooth)) / denominator**2
-
-    return score, d_score
+    return score, 2 / denominator, -score / denominator
 
 
 def _iou_score(intersection, total, smooth):
-    """Soft Jaccard and its derivative by p (given t): union = total - intersection."""
+    """Soft Jaccard and its derivative by p, affine in t: d_score = slope * t + offset.
+    union = total - intersection."""
     union = total - intersection + smooth
     score = (intersection + smooth) / union
-
-    def d_score(t):
-        return (t * union - (intersection + smooth) * (1 - t)) / union**2
-
-    return score, d_score
+    return score, (1 + score) / union, -score / union
 
 
 _SCORES = {"dice": _dice_score, "iou": _iou_score}
 
 
 class SoftOverlapLoss(Function):
-    """1 - soft Dice or 1 - soft IoU on sigmoid (C == 1) or softmax (C > 1) probabilities."""
+    """1 - soft Dice or 1 - soft IoU on sigmoid (C == 1) or softmax (C > 1) probabilities.
+
+    One channel runs as two backend passes over the pixels: sigmoid and the three sums
+    (``sigmoid_overlap_sums``), then the whole gradient to the logits
+    (``sigmoid_overlap_backward``).
+    """
 
     @staticmethod
     def forward(ctx, z, target, kind, smooth, class_mask, reduction):
         backend = ctx.backend
         binary = z.shape[1] == 1
-        p = backend.sigmoid(z) if binary else backend.softmax(z, 1)
         # Binary: one score per sample over C, H, W. Multi-class: one per (sample, class).
-        intersection, p_total, t_total = backend.overlap_sums(p, target, 1 if binary else 2)
-        total = p_total + t_total
-        score, d_score = _SCORES[kind](intersection, total, smooth)
+        if binary:
+            p, intersection, p_total, t_total = backend.sigmoid_overlap_sums(z, target)
+        else:
+            p = backend.softmax(z, 1)
+            intersection, p_total, t_total = backend.overlap_sums(p, target, 2)
+        score, slope, offset = _SCORES[kind](intersection, p_total + t_total, smooth)
         score = score.reshape(score.shape[: 1 if binary else 2])
         if binary:
             per_sample = 1 - score
         else:
             per_sample = 1 - (score * class_mask).sum(axis=1) / class_mask.sum()
-        ctx.save_for_backward(p, target, d_score, binary, class_mask, reduction)
+        ctx.save_for_backward(p, target, slope, offset, binary, class_mask, reduction)
         return _reduce(per_sample, reduction)
 
     @staticmethod
     def backward(ctx, grad):
-        p, target, d_score, binary, class_mask, reduction = ctx.saved
+        p, target, slope, offset, binary, class_mask, reduction = ctx.saved
         xp = ctx.backend.xp
         n = p.shape[0]
         g = _reduction_grad(grad, reduction, n)
         g = xp.broadcast_to(g, (n,)).reshape((n,) + (1,) * (p.ndim - 1))
         if binary:
-            dp = -g * d_score(target)
-            return (dp * p * (1 - p),)
+            return (ctx.backend.sigmoid_overlap_backward(p, target, -g * slope, -g * offset),)
         weights = (class_mask / class_mask.sum()).reshape((1, -1) + (1,) * (p.ndim - 2))
-        dp = -g * weights * d_score(target)
+        dp = -g * weights * (slope * target + offset)
         return (p * (dp - (dp * p).sum(axis=1, keepdims=True)),)
 
 
