@@ -88,6 +88,32 @@ def test_conv_transpose2d(backend):
     check()
 
 
+def test_conv_transpose2d_concat(backend):
+    """The fused up-conv + concat: its forward is the two ops', and its gradients check."""
+    @budget(backend)
+    @given(case=conv_transpose_cases(size_limit(backend)), skip_channels=st.integers(1, 3))
+    def check(case, skip_channels):
+        rng = np.random.default_rng(case.seed)
+        inputs = [rng.standard_normal(case.x_shape), rng.standard_normal(case.w_shape)]
+        if case.bias:
+            inputs.append(rng.standard_normal(case.w_shape[1]))
+        kwargs = dict(stride=case.stride, padding=case.padding,
+                      output_padding=case.output_padding, dilation=case.dilation)
+        with tu.no_grad():
+            tensors = [tu.tensor(a, dtype=np.float64, backend=backend) for a in inputs]
+            up = F.conv_transpose2d(*tensors, **kwargs)
+        skip = rng.standard_normal((up.shape[0], skip_channels, *up.shape[2:]))
+        with tu.no_grad():
+            fused = F.conv_transpose2d_concat(tu.tensor(skip, dtype=np.float64, backend=backend),
+                                              *tensors, **kwargs).numpy()
+        np.testing.assert_allclose(fused, np.concatenate([skip, up.numpy()], axis=1),
+                                   rtol=1e-12, atol=1e-12)
+        check_gradients(lambda *t: F.conv_transpose2d_concat(*t, **kwargs), [skip, *inputs],
+                        backend, case.seed)
+
+    check()
+
+
 def test_max_pool2d(backend):
     @budget(backend)
     @given(case=pool_cases(size_limit(backend)))

@@ -186,6 +186,29 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
     assert len(calls) == (1 if extra == (0, 0) else 0)
 
 
+@given(dtype=DTYPES, n=st.integers(1, 3), c_skip=st.integers(1, 4), c_in=st.integers(1, 5),
+       c_out=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_up_conv_writes_into_the_concatenation(dtype, n, c_skip, c_in, c_out, h, w, bias,
+                                               seed):
+    """conv_transpose2d_concat: the pixel shuffle writes the up-conv (bias added) straight
+    into its channels of the joined array, after the skip's."""
+    rng = np.random.default_rng(seed)
+    skip = rng.standard_normal((n, c_skip, 2 * h, 2 * w)).astype(dtype)
+    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
+    weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype) if bias else None
+    geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend.fast_ops, "depth_to_space_2x2",
+                      _Spy(numba_backend.fast_ops.depth_to_space_2x2, calls))
+        joined = NUMBA.conv_transpose2d_concat(skip, x, weight, b, geometry, (2 * h, 2 * w))
+    assert_close(joined, NUMPY.conv_transpose2d_concat(skip, x, weight, b, geometry,
+                                                       (2 * h, 2 * w)), dtype)
+    assert [call[-1] for call in calls] == [c_skip]  # one shuffle, from channel c_skip on
+
+
 @pytest.mark.parametrize("path", ["default", "GEMMs on bands of rows"])
 @given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
        h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))

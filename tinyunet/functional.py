@@ -5,7 +5,7 @@
 """
 
 from .ops.activations import log_softmax, relu, sigmoid, softmax
-from .ops.conv import conv2d, conv2d_relu, conv_transpose2d
+from .ops.conv import conv2d, conv2d_relu, conv_transpose2d, conv_transpose2d_concat
 from .ops.losses import (
     bce_dice_loss,
     binary_cross_entropy_with_logits,
@@ -26,6 +26,7 @@ __all__ = [
     "conv2d",
     "conv2d_relu",
     "conv_transpose2d",
+    "conv_transpose2d_concat",
     "cross_entropy",
     "dice_loss",
     "interpolate",

@@ -75,6 +75,17 @@ class Backend:
         """dL/dx of conv2d given dL/dy; this is also the forward of conv_transpose2d."""
         raise NotImplementedError
 
+    def conv_transpose2d_concat(self, skip, x, w, b, geometry: ConvGeometry, output_hw):
+        """concat([skip, conv_transpose2d(x, w) + b], axis=1), b possibly None: a U-Net's
+        up-conv joined to its skip. skip: (N, C_skip, Ho, Wo); w: (C_in, C_up, kH, kW).
+
+        A fast backend writes the transposed conv (and its bias) straight into its
+        channels of the joined array, so the up-conv's output is never copied."""
+        up = self.conv2d_grad_input(x, w, geometry, output_hw)
+        if b is not None:
+            up = self.add_bias(up, b)
+        return self.xp.concatenate([skip, up], axis=1)
+
     def conv2d_grad_weight(self, dy, x, geometry: ConvGeometry, kernel_hw):
         """dL/dw of conv2d given dL/dy and the conv's input x."""
         raise NotImplementedError

@@ -208,18 +208,38 @@ class NumbaBackend(Backend):
             return self.conv2d(dy, flipped, ConvGeometry((1, 1), adjoint_pads, geometry.dilation))
         (sh, sw) = geometry.stride
         dx = np.empty((n, c, *input_hw), dtype=dy.dtype)
-        # One batched GEMM (numpy loops BLAS over the images) into the scratch buffer, then
-        # one gather; for the U-Net's 2x2 stride-2 transposed conv the columns are exactly
-        # the output's size and the gather a pixel shuffle (depth_to_space_2x2).
-        depth = c * kh * kw
-        cols = self._buffer(dy.dtype, n * depth * ho * wo).reshape(n, depth, ho * wo)
-        np.matmul(w.reshape(o, depth).T, dy.reshape(n, o, ho * wo), out=cols)
+        # One batched GEMM into the scratch buffer, then one gather; for the U-Net's 2x2
+        # stride-2 transposed conv the gather is a pixel shuffle (depth_to_space_2x2).
+        cols = self._transposed_columns(dy, w)
         if _is_2x2_stride2((kh, kw), geometry) and tuple(input_hw) == (2 * ho, 2 * wo):
-            _run(fast_ops.depth_to_space_2x2, dx.size, cols, dx)
+            _run(fast_ops.depth_to_space_2x2, dx.size, cols, np.zeros(c, dy.dtype), dx, 0)
         else:
             _run(fast_ops.col2im_gather, dx.size, cols, kh, kw, sh, sw, top, left, dh, dw, ho,
                  wo, dx)
         return dx
+
+    def _transposed_columns(self, dy, w):
+        """(N, C*kH*kW, Ho*Wo) = w^T @ dy per image: one batched GEMM (numpy loops BLAS
+        over the images) into the scratch buffer. For a 2x2 stride-2 transposed conv these
+        columns are exactly the output's values, before the pixel shuffle."""
+        n, o, ho, wo = dy.shape
+        depth = w[0].size
+        cols = self._buffer(dy.dtype, n * depth * ho * wo).reshape(n, depth, ho * wo)
+        np.matmul(w.reshape(o, depth).T, dy.reshape(n, o, ho * wo), out=cols)
+        return cols
+
+    def conv_transpose2d_concat(self, skip, x, w, b, geometry, output_hw):
+        x, w = _contiguous(x), _contiguous(w)
+        n, h, width = x.shape[0], x.shape[2], x.shape[3]
+        if not (_is_2x2_stride2(w.shape[2:], geometry) and tuple(output_hw) == (2 * h, 2 * width)):
+            return super().conv_transpose2d_concat(skip, x, w, b, geometry, output_hw)
+        c_skip, c_up = skip.shape[1], w.shape[1]
+        joined = np.empty((n, c_skip + c_up, *output_hw), dtype=x.dtype)
+        joined[:, :c_skip] = skip
+        bias = np.zeros(c_up, x.dtype) if b is None else _contiguous(b)
+        _run(fast_ops.depth_to_space_2x2, n * c_up * 4 * h * width,
+             self._transposed_columns(x, w), bias, joined, c_skip)
+        return joined
 
     def conv2d_grad_weight(self, dy, x, geometry: ConvGeometry, kernel_hw):
         dy, x = _contiguous(dy), _contiguous(x)

@@ -71,6 +71,12 @@ class ConvTranspose2d(Module):
         return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding,
                                   self.output_padding, dilation=self.dilation)
 
+    def forward_concat(self, skip, x):
+        """``concat([skip, self(x)], dim=1)`` as one fused op (the U-Net's up step)."""
+        return F.conv_transpose2d_concat(skip, x, self.weight, self.bias, self.stride,
+                                         self.padding, self.output_padding,
+                                         dilation=self.dilation)
+
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}")

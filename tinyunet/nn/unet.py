@@ -103,14 +103,24 @@ class UNet(Module):
                 skips.append(x)
                 x = F.max_pool2d(x, 2)
         for level in reversed(range(self.depth)):
-            x = self.ups[level](x)
-            skip = skips[level] if self.padding == "same" else F.center_crop(skips[level], x)
-            x = self.decoders[level](F.concat([skip, x], dim=1))
+            up = self.ups[level]
+            if isinstance(up, ConvTranspose2d):
+                # The up-conv writes straight into its channels of the concatenation.
+                up_hw = (2 * x.shape[2], 2 * x.shape[3])
+                joined = up.forward_concat(self._skip(skips[level], up_hw), x)
+            else:
+                x = up(x)
+                joined = F.concat([self._skip(skips[level], x.shape[2:]), x], dim=1)
+            x = self.decoders[level](joined)
         logits = self.head(x)
         if self.padding == "same" and logits.shape[2:] != (height, width):
             # Negative pad amounts crop: back to the caller's H x W.
             logits = F.pad(logits, (0, width - logits.shape[3], 0, height - logits.shape[2]))
         return logits
+
+    def _skip(self, skip, size):
+        """The skip as the decoder joins it: cropped to ``size`` in the unpadded U-Net."""
+        return skip if self.padding == "same" else F.center_crop(skip, size)
 
     def extra_repr(self):
         return ", ".join(f"{key}={value!r}" for key, value in self.config.items())

@@ -6,6 +6,8 @@ Shapes (PyTorch's):
     conv2d_relu:       relu(conv2d(...)), the same shapes, fused
     conv_transpose2d:  x (N, C_in, H, W), w (C_in, C_out, kH, kW), b (C_out,) -> (N, C_out, Ho, Wo)
                        Ho = (H-1)*stride - 2*padding + dilation*(kH-1) + output_padding + 1
+    conv_transpose2d_concat: skip (N, C_skip, Ho, Wo) and the above -> (N, C_skip + C_out,
+                       Ho, Wo), concat([skip, conv_transpose2d(...)], dim=1), fused
 
 The two ops are adjoint: the input gradient of a conv is a transposed conv with the
 same weight, and the input gradient of a transposed conv is a conv. So the backend
@@ -128,6 +130,19 @@ class Conv2dReLU(Function):
         return (dx, dw, db) if has_bias else (dx, dw)
 
 
+def _conv_transpose_grads(ctx, grad, x, w, geometry, has_bias, need_x, need_w):
+    """(dx, dw, db) of a transposed conv (db None without bias)."""
+    # In a U-Net this gradient is a channel slice of a concat's (not contiguous): copy
+    # it once here rather than in each of the three kernels below.
+    grad = ctx.backend.xp.ascontiguousarray(grad)
+    dx = ctx.backend.conv2d(grad, w, geometry) if need_x else None
+    # <conv_t(x, w), g> = <x, conv(g, w)>, so dL/dw is a conv weight-gradient with
+    # the roles of input and output gradient swapped.
+    dw = ctx.backend.conv2d_grad_weight(x, grad, geometry, w.shape[2:]) if need_w else None
+    db = ctx.backend.bias_grad(grad) if has_bias else None
+    return dx, dw, db
+
+
 class ConvTranspose2d(Function):
     @staticmethod
     def forward(ctx, x, w, b=None, geometry=None, output_hw=None):
@@ -138,16 +153,28 @@ class ConvTranspose2d(Function):
     @staticmethod
     def backward(ctx, grad):
         x, w, geometry, has_bias = ctx.saved
-        need_x, need_w = ctx.needs_input_grad[:2]
-        # In a U-Net this gradient is a channel slice of a concat's (not contiguous): copy
-        # it once here rather than in each of the three kernels below.
-        grad = ctx.backend.xp.ascontiguousarray(grad)
-        dx = ctx.backend.conv2d(grad, w, geometry) if need_x else None
-        # <conv_t(x, w), g> = <x, conv(g, w)>, so dL/dw is a conv weight-gradient with
-        # the roles of input and output gradient swapped.
-        dw = ctx.backend.conv2d_grad_weight(x, grad, geometry, w.shape[2:]) if need_w else None
-        db = ctx.backend.bias_grad(grad) if has_bias else None
+        dx, dw, db = _conv_transpose_grads(ctx, grad, x, w, geometry, has_bias,
+                                           *ctx.needs_input_grad[:2])
         return (dx, dw, db) if has_bias else (dx, dw)
+
+
+class ConvTranspose2dConcat(Function):
+    """concat([skip, conv_transpose2d(x, w, b)], dim=1) as one op, so a backend can write
+    the transposed conv straight into its channels of the joined array (the U-Net's up
+    step): the up-conv's output is never copied, and the skip is copied once."""
+
+    @staticmethod
+    def forward(ctx, skip, x, w, b=None, geometry=None, output_hw=None):
+        ctx.save_for_backward(skip.shape[1], x, w, geometry, b is not None)
+        return ctx.backend.conv_transpose2d_concat(skip, x, w, b, geometry, output_hw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c_skip, x, w, geometry, has_bias = ctx.saved
+        dx, dw, db = _conv_transpose_grads(ctx, grad[:, c_skip:], x, w, geometry, has_bias,
+                                           *ctx.needs_input_grad[1:3])
+        d_skip = grad[:, :c_skip]
+        return (d_skip, dx, dw, db) if has_bias else (d_skip, dx, dw)
 
 
 def _check_groups(op, groups):
@@ -182,7 +209,35 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     ``output_padding`` must be smaller than ``stride`` (PyTorch also allows values
     below ``dilation``; that rare case is not supported and raises).
     """
-    op = "conv_transpose2d"
+    geometry, output_hw = _transposed_geometry("conv_transpose2d", input, weight, bias, stride,
+                                               padding, output_padding, groups, dilation)
+    args = (input, weight) if bias is None else (input, weight, bias)
+    return ConvTranspose2d.apply(*args, geometry=geometry, output_hw=output_hw)
+
+
+def conv_transpose2d_concat(skip: Tensor, input: Tensor, weight: Tensor,
+                            bias: Tensor | None = None, stride=1, padding=0, output_padding=0,
+                            groups=1, dilation=1) -> Tensor:
+    """``concat([skip, conv_transpose2d(input, weight, bias, ...)], dim=1)``, fused.
+
+    skip: (N, C_skip, Ho, Wo), the transposed conv's output size. The U-Net's up step:
+    the backend writes the up-conv straight into its channels of the result.
+    """
+    op = "conv_transpose2d_concat"
+    geometry, output_hw = _transposed_geometry(op, input, weight, bias, stride, padding,
+                                               output_padding, groups, dilation)
+    expected = (input.shape[0], "C_skip", *output_hw)
+    check(skip.ndim == 4 and (skip.shape[0], *skip.shape[2:]) == (input.shape[0], *output_hw),
+          op, f"skip of shape {expected} (the transposed conv's output size)",
+          f"skip {skip.shape} with input {input.shape}")
+    check(skip.dtype == input.dtype, op, f"skip of dtype {input.dtype}", f"{skip.dtype}")
+    args = (skip, input, weight) if bias is None else (skip, input, weight, bias)
+    return ConvTranspose2dConcat.apply(*args, geometry=geometry, output_hw=output_hw)
+
+
+def _transposed_geometry(op, input, weight, bias, stride, padding, output_padding, groups,
+                         dilation):
+    """Validate conv_transpose2d's arguments: (ConvGeometry, output (Ho, Wo))."""
     _check_groups(op, groups)
     _check_conv_inputs(op, input, weight, bias, weight_in_channels_axis=0)
     stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
@@ -200,6 +255,4 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     )
     check(output_hw[0] >= 1 and output_hw[1] >= 1, op, "a positive output size",
           f"output size {output_hw} from input {(h, w)}, kernel {(kh, kw)}, padding {(ph, pw)}")
-    geometry = ConvGeometry(stride, (ph, ph, pw, pw), dilation)
-    args = (input, weight) if bias is None else (input, weight, bias)
-    return ConvTranspose2d.apply(*args, geometry=geometry, output_hw=output_hw)
+    return ConvGeometry(stride, (ph, ph, pw, pw), dilation), output_hw
