@@ -351,48 +351,70 @@ def conv3x3_forward(xp, weight, y):
                 y3[w] += _stencil(k3, a0, a1, a2, b0, b1, b2, c0, c1, c2)
 
 
+# Output channels per parallel step of conv3x3_grad_weight.
+GRAD_WEIGHT_OUTPUT_BLOCK = 2
+
+
 @kernel(fastmath={"contract", "reassoc"})
 def conv3x3_grad_weight(dyp, xp, dw):
     """dw (O, C, 3, 3) = sum over n, h, w < Wo of dy[n, o, h, w] * xp[n, c, h + i, w + j].
 
     xp: the padded input (N, C, Ho+2, Wo+2); dyp: dy (N, O, Ho, Wo) with two zero
-    columns appended to each row, so both planes have rows of Wo+2. Then tap (i, j)
-    pairs dyp's flat plane with xp's flat plane shifted by i*(Wo+2) + j, one long
+    columns appended to each row, so both planes have rows of Wo+2; O even. Then tap
+    (i, j) pairs dyp's flat plane with xp's flat plane shifted by i*(Wo+2) + j, one long
     contiguous run per image: the vectorised sums are reduced across lanes once per
     plane instead of once per row (row by row, that reduction cost more than the row's
     FMAs; measured 1.3-1.6x faster on the U-Net's 64- and 128-wide maps). The zero
     columns add 0 * x, which changes nothing unless x holds Inf or NaN: then tap
     (i, 0) may be NaN where only the other taps of its row are in numpy's result.
-    A parallel step owns one (o, c) pair and keeps its 9 sums in registers.
+    A parallel step owns two output channels and one input channel and keeps their 18
+    sums in registers: each input vector loaded feeds two FMAs (1.11-1.32x faster than
+    one output channel a step, measured alone on six U-Net layers).
     """
     n_img, o_ch, ho, wp = dyp.shape
     c_in = xp.shape[1]
     span = ho * wp
     zero = dyp.dtype.type(0)
-    for pair in prange(o_ch * c_in):
-        o = pair // c_in
-        c = pair % c_in
+    for task in prange((o_ch // GRAD_WEIGHT_OUTPUT_BLOCK) * c_in):
+        o = GRAD_WEIGHT_OUTPUT_BLOCK * (task // c_in)
+        c = task % c_in
         s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = zero
+        t00 = t01 = t02 = t10 = t11 = t12 = t20 = t21 = t22 = zero
         for n in range(n_img):
-            grad = dyp[n, o].reshape(span)
+            grad, grad_next = dyp[n, o].reshape(span), dyp[n, o + 1].reshape(span)
             plane = xp[n, c].reshape((ho + 2) * wp)
             # Slices rather than index arithmetic: numba would wrap a possibly negative
             # index q + wp, and LLVM then gathers instead of loading contiguous runs.
             top, mid, bottom = plane[:span], plane[wp : wp + span], plane[2 * wp : 2 * wp + span]
             for q in range(span - 2):
-                g = grad[q]
-                s00 += g * top[q]
-                s01 += g * top[q + 1]
-                s02 += g * top[q + 2]
-                s10 += g * mid[q]
-                s11 += g * mid[q + 1]
-                s12 += g * mid[q + 2]
-                s20 += g * bottom[q]
-                s21 += g * bottom[q + 1]
-                s22 += g * bottom[q + 2]
+                g, u = grad[q], grad_next[q]
+                a0, a1, a2 = top[q], top[q + 1], top[q + 2]
+                b0, b1, b2 = mid[q], mid[q + 1], mid[q + 2]
+                c0, c1, c2 = bottom[q], bottom[q + 1], bottom[q + 2]
+                s00 += g * a0
+                s01 += g * a1
+                s02 += g * a2
+                s10 += g * b0
+                s11 += g * b1
+                s12 += g * b2
+                s20 += g * c0
+                s21 += g * c1
+                s22 += g * c2
+                t00 += u * a0
+                t01 += u * a1
+                t02 += u * a2
+                t10 += u * b0
+                t11 += u * b1
+                t12 += u * b2
+                t20 += u * c0
+                t21 += u * c1
+                t22 += u * c2
         dw[o, c, 0, 0], dw[o, c, 0, 1], dw[o, c, 0, 2] = s00, s01, s02
         dw[o, c, 1, 0], dw[o, c, 1, 1], dw[o, c, 1, 2] = s10, s11, s12
         dw[o, c, 2, 0], dw[o, c, 2, 1], dw[o, c, 2, 2] = s20, s21, s22
+        dw[o + 1, c, 0, 0], dw[o + 1, c, 0, 1], dw[o + 1, c, 0, 2] = t00, t01, t02
+        dw[o + 1, c, 1, 0], dw[o + 1, c, 1, 1], dw[o + 1, c, 1, 2] = t10, t11, t12
+        dw[o + 1, c, 2, 0], dw[o + 1, c, 2, 1], dw[o + 1, c, 2, 2] = t20, t21, t22
 
 
 @njit(cache=True, inline="always")

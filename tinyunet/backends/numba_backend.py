@@ -250,7 +250,8 @@ class NumbaBackend(Backend):
             for image in range(n):
                 dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
             return dw.reshape(o, c, kh, kw)
-        if _direct_3x3(c, o, kernel_hw, geometry, wo, GRAD_WEIGHT_DIRECT_RULES):
+        if (_direct_3x3(c, o, kernel_hw, geometry, wo, GRAD_WEIGHT_DIRECT_RULES)
+                and o % fast_ops.GRAD_WEIGHT_OUTPUT_BLOCK == 0):
             dw = dw.reshape(o, c, kh, kw)
             # dy gets the padded input's row length (two zero columns): see the kernel.
             fast_ops.conv3x3_grad_weight(self._padded(dy, (0, 0, 0, 2), "gradient"),
