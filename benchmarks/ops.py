@@ -2,8 +2,9 @@
 
     python -m benchmarks.ops [--repeats 7] [--no-write]
 
-For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends and, when
-installed, PyTorch (same thread count), round-robin. Conv rows report GFLOP/s of
+For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends, when
+installed PyTorch (same thread count), and for the 3x3 convs their im2col GEMMs alone,
+round-robin. Conv rows report GFLOP/s of
 the conv arithmetic (2*N*O*C*kH*kW*Ho*Wo per pass; backward = input + weight
 gradients = 2 passes) and the percentage of a float32 GEMM measured in the same run.
 The table goes into the "ops" section of benchmarks/RESULTS.md.
@@ -50,6 +51,8 @@ UPCONV = [
     ("A up to level 3, 256->128", 4, 256, 128, 8, 8),
 ]
 POOL = [("A level 0, 16 ch", 4, 16, 128, 128)]
+# The extra column of the 3x3 conv rows: their im2col GEMMs alone (im2col_gemms).
+GEMMS_ALONE = "numpy GEMMs alone"
 
 
 def conv3x3_runs(torch, rng, n, c, o, h, w):
@@ -68,7 +71,19 @@ def conv3x3_runs(torch, rng, n, c, o, h, w):
         )
     if torch:
         runs["torch"] = torch_conv(torch, x, weight, dy, stride=1, padding=1, transposed=False)
+    runs[GEMMS_ALONE] = im2col_gemms(rng, n, c, o, h, w)
     return runs
+
+
+def im2col_gemms(rng, n, c, o, h, w):
+    """The GEMMs of an im2col conv alone, on ready columns: numpy's float32 matmul on the
+    layer's own shapes, a ceiling for any design that computes the conv through them.
+    Forward (O, 9C) @ (9C, N*H*W); backward (9C, O) @ (O, N*H*W) and (O, N*H*W) @ (N*H*W, 9C)."""
+    pixels = n * h * w
+    columns = rng.standard_normal((9 * c, pixels), dtype=np.float32)
+    weight = rng.standard_normal((o, 9 * c), dtype=np.float32)
+    dy = rng.standard_normal((o, pixels), dtype=np.float32)
+    return (lambda: weight @ columns, lambda: (weight.T @ dy, dy @ columns.T))
 
 
 def upconv_runs(torch, rng, n, c, o, h, w):
@@ -178,8 +193,9 @@ def main(argv=None):
     cases = list(conv_cases(torch, rng)) + list(other_cases(torch, rng))
     for label, flops, channels, runs in cases:
         for phase, index in (("fwd", 0), ("bwd", 1)):
-            times = interleaved({name: runs[name][index] for name in backends}, args.repeats)
-            seconds = {name: median(times[name]) for name in backends}
+            names = [name for name in [*backends, GEMMS_ALONE] if name in runs]
+            times = interleaved({name: runs[name][index] for name in names}, args.repeats)
+            seconds = {name: median(times[name]) for name in names}
             work = flops * (2 if phase == "bwd" else 1)
             measured.append((label, phase, work, channels, seconds))
             print(label, phase, " | ".join(f"{name} {t * 1e3:.2f} ms"
@@ -190,7 +206,10 @@ def main(argv=None):
     rows, wide_conv_shares = [], []
     for label, phase, work, channels, seconds in measured:
         cells = [label, phase]
-        for name in backends:
+        for name in [*backends, GEMMS_ALONE]:
+            if name not in seconds:
+                cells.append("-")
+                continue
             cell = f"{seconds[name] * 1e3:.2f} ms"
             if work:
                 gflops = work / seconds[name] / 1e9
@@ -201,7 +220,8 @@ def main(argv=None):
         if torch:
             cells.append(f"{seconds['torch'] / seconds['numba']:.2f}x")
         rows.append(cells)
-    header = ["layer", "pass"] + backends + (["numba speed-up vs torch"] if torch else [])
+    header = (["layer", "pass"] + backends + [GEMMS_ALONE]
+              + (["numba speed-up vs torch"] if torch else []))
     body = "\n".join([
         "## Per-op benchmark (`python -m benchmarks.ops`)",
         "",
@@ -211,6 +231,9 @@ def main(argv=None):
         f"- Medians of {args.repeats} round-robin repeats, each turn a rest, one untimed call "
         "and the timed one. Conv backward = input, weight and "
         "bias gradients; GFLOP/s count conv arithmetic only.",
+        f"- {GEMMS_ALONE}: the 3x3 layer's im2col GEMMs on ready columns (forward one, "
+        "backward two), numpy's float32 matmul on the layer's own shapes: what any conv "
+        "built on these GEMMs would spend on arithmetic alone.",
         "",
         table(header, rows),
         "",
