@@ -2,8 +2,8 @@
 
     python -m benchmarks.ops [--repeats 7] [--no-write]
 
-For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends, when
-installed PyTorch (same thread count), and for the 3x3 convs their im2col GEMMs alone,
+For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends, PyTorch when
+installed (same thread count), and, for the 3x3 convs, their im2col GEMMs alone,
 round-robin. Conv rows report GFLOP/s of
 the conv arithmetic (2*N*O*C*kH*kW*Ho*Wo per pass; backward = input + weight
 gradients = 2 passes) and the percentage of a float32 GEMM measured in the same run.

@@ -36,7 +36,11 @@ CASES = {
                                   ["conv_transpose2d", "weight (2, 3, 2, 2)", "(1, 3, 4, 4)"]),
     "conv_transpose2d_concat skip": (
         lambda: F.conv_transpose2d_concat(t(1, 3, 6, 8), t(1, 2, 4, 4), t(2, 3, 2, 2), stride=2),
-        ["conv_transpose2d_concat", "skip of shape (1, 'C_skip', 8, 8)", "skip (1, 3, 6, 8)"]),
+        ["conv_transpose2d_concat", "skip of shape (1, C_skip, 8, 8)", "skip (1, 3, 6, 8)"]),
+    "conv_transpose2d_concat skip dtype": (
+        lambda: F.conv_transpose2d_concat(t(1, 3, 8, 8, dtype=np.float64), t(1, 2, 4, 4),
+                                          t(2, 3, 2, 2), stride=2),
+        ["conv_transpose2d_concat", "skip of dtype float32", "float64"]),
     "conv_transpose2d stride": (lambda: F.conv_transpose2d(t(1, 2, 4, 4), t(2, 3, 2, 2),
                                                            stride=0),
                                 ["conv_transpose2d", "stride"]),

@@ -10,9 +10,10 @@ never cross one.
 import numpy as np
 import pytest
 from gradcheck import check_gradients
-from hypothesis import assume, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from strategies import (
+    ConvTransposeCase,
     away_from_zero,
     budget,
     conv_cases,
@@ -88,10 +89,18 @@ def test_conv_transpose2d(backend):
     check()
 
 
+# The U-Net's up-conv (2x2, stride 2, no padding), which the numba backend writes
+# straight into the concatenation; random draws seldom hit it.
+UP_CONV = ConvTransposeCase(x_shape=(2, 3, 2, 3), w_shape=(3, 2, 2, 2), stride=(2, 2),
+                            padding=(0, 0), output_padding=(0, 0), dilation=(1, 1), bias=True,
+                            seed=7)
+
+
 def test_conv_transpose2d_concat(backend):
     """The fused up-conv + concat: its forward is the two ops', and its gradients check."""
     @budget(backend)
     @given(case=conv_transpose_cases(size_limit(backend)), skip_channels=st.integers(1, 3))
+    @example(case=UP_CONV, skip_channels=2)
     def check(case, skip_channels):
         rng = np.random.default_rng(case.seed)
         inputs = [rng.standard_normal(case.x_shape), rng.standard_normal(case.w_shape)]
@@ -110,6 +119,42 @@ def test_conv_transpose2d_concat(backend):
                                    rtol=1e-12, atol=1e-12)
         check_gradients(lambda *t: F.conv_transpose2d_concat(*t, **kwargs), [skip, *inputs],
                         backend, case.seed)
+
+    check()
+
+
+def test_conv_transpose2d_concat_grads_only_where_needed(backend):
+    """With only some inputs requiring gradients, the fused op gives the unfused ops'
+    gradients to those and None to the rest (on the U-Net's up-conv geometry)."""
+    @settings(max_examples=8)
+    @given(needs=st.lists(st.booleans(), min_size=4, max_size=4), bias=st.booleans(),
+           seed=seeds)
+    def check(needs, bias, seed):
+        rng = np.random.default_rng(seed)
+        n, _, h, w = UP_CONV.x_shape
+        arrays = [rng.standard_normal((n, 2, 2 * h, 2 * w)),
+                  rng.standard_normal(UP_CONV.x_shape), rng.standard_normal(UP_CONV.w_shape),
+                  rng.standard_normal(UP_CONV.w_shape[1])]
+        if not bias:
+            arrays, needs = arrays[:3], needs[:3]
+        probe = rng.standard_normal((n, 4, 2 * h, 2 * w))
+
+        def grads(fused):
+            tensors = [tu.tensor(a, dtype=np.float64, requires_grad=need, backend=backend)
+                       for a, need in zip(arrays, needs, strict=True)]
+            skip, *up_args = tensors
+            if fused:
+                out = F.conv_transpose2d_concat(skip, *up_args, stride=2)
+            else:
+                out = F.concat([skip, F.conv_transpose2d(*up_args, stride=2)], dim=1)
+            if out.requires_grad:
+                (out * tu.tensor(probe, dtype=np.float64, backend=backend)).sum().backward()
+            return [None if t.grad is None else t.grad.numpy() for t in tensors]
+
+        for ours, reference, need in zip(grads(True), grads(False), needs, strict=True):
+            assert (ours is None) == (not need)
+            if need:
+                np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
 
     check()
 

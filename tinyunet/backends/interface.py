@@ -79,8 +79,8 @@ class Backend:
         """concat([skip, conv_transpose2d(x, w) + b], axis=1), b possibly None: a U-Net's
         up-conv joined to its skip. skip: (N, C_skip, Ho, Wo); w: (C_in, C_up, kH, kW).
 
-        A fast backend writes the transposed conv (and its bias) straight into its
-        channels of the joined array, so the up-conv's output is never copied."""
+        This default makes the up-conv and then copies it; a fast backend may write it
+        (and its bias) straight into its channels of the joined array instead."""
         up = self.conv2d_grad_input(x, w, geometry, output_hw)
         if b is not None:
             up = self.add_bias(up, b)

@@ -105,7 +105,8 @@ class UNet(Module):
         for level in reversed(range(self.depth)):
             up = self.ups[level]
             if isinstance(up, ConvTranspose2d):
-                # The up-conv writes straight into its channels of the concatenation.
+                # The up-conv writes straight into its channels of the concatenation. It is
+                # 2x2 at stride 2 (built in __init__), so it doubles H and W.
                 up_hw = (2 * x.shape[2], 2 * x.shape[3])
                 joined = up.forward_concat(self._skip(skips[level], up_hw), x)
             else:

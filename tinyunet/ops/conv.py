@@ -9,8 +9,8 @@ Shapes (PyTorch's):
     conv_transpose2d_concat: skip (N, C_skip, Ho, Wo) and the above -> (N, C_skip + C_out,
                        Ho, Wo), concat([skip, conv_transpose2d(...)], dim=1), fused
 
-The two ops are adjoint: the input gradient of a conv is a transposed conv with the
-same weight, and the input gradient of a transposed conv is a conv. So the backend
+conv2d and conv_transpose2d are adjoint: the input gradient of a conv is a transposed
+conv with the same weight, and the input gradient of a transposed conv is a conv. So the backend
 needs only three kernels (conv2d, conv2d_grad_input, conv2d_grad_weight) for both.
 """
 
@@ -130,8 +130,10 @@ class Conv2dReLU(Function):
         return (dx, dw, db) if has_bias else (dx, dw)
 
 
-def _conv_transpose_grads(ctx, grad, x, w, geometry, has_bias, need_x, need_w):
-    """(dx, dw, db) of a transposed conv (db None without bias)."""
+def _conv_transpose_grads(ctx, grad, x, w, geometry, need_x, need_w, need_b):
+    """(dx, dw, db) of a transposed conv, None where not needed."""
+    if not (need_x or need_w or need_b):
+        return None, None, None
     # In a U-Net this gradient is a channel slice of a concat's (not contiguous): copy
     # it once here rather than in each of the three kernels below.
     grad = ctx.backend.xp.ascontiguousarray(grad)
@@ -139,7 +141,7 @@ def _conv_transpose_grads(ctx, grad, x, w, geometry, has_bias, need_x, need_w):
     # <conv_t(x, w), g> = <x, conv(g, w)>, so dL/dw is a conv weight-gradient with
     # the roles of input and output gradient swapped.
     dw = ctx.backend.conv2d_grad_weight(x, grad, geometry, w.shape[2:]) if need_w else None
-    db = ctx.backend.bias_grad(grad) if has_bias else None
+    db = ctx.backend.bias_grad(grad) if need_b else None
     return dx, dw, db
 
 
@@ -153,15 +155,16 @@ class ConvTranspose2d(Function):
     @staticmethod
     def backward(ctx, grad):
         x, w, geometry, has_bias = ctx.saved
-        dx, dw, db = _conv_transpose_grads(ctx, grad, x, w, geometry, has_bias,
-                                           *ctx.needs_input_grad[:2])
+        need_b = has_bias and ctx.needs_input_grad[2]
+        dx, dw, db = _conv_transpose_grads(ctx, grad, x, w, geometry,
+                                           *ctx.needs_input_grad[:2], need_b)
         return (dx, dw, db) if has_bias else (dx, dw)
 
 
 class ConvTranspose2dConcat(Function):
     """concat([skip, conv_transpose2d(x, w, b)], dim=1) as one op, so a backend can write
     the transposed conv straight into its channels of the joined array (the U-Net's up
-    step): the up-conv's output is never copied, and the skip is copied once."""
+    step) instead of making it and copying it; the numba backend does for 2x2 stride 2."""
 
     @staticmethod
     def forward(ctx, skip, x, w, b=None, geometry=None, output_hw=None):
@@ -171,8 +174,9 @@ class ConvTranspose2dConcat(Function):
     @staticmethod
     def backward(ctx, grad):
         c_skip, x, w, geometry, has_bias = ctx.saved
-        dx, dw, db = _conv_transpose_grads(ctx, grad[:, c_skip:], x, w, geometry, has_bias,
-                                           *ctx.needs_input_grad[1:3])
+        need_b = has_bias and ctx.needs_input_grad[3]
+        dx, dw, db = _conv_transpose_grads(ctx, grad[:, c_skip:], x, w, geometry,
+                                           *ctx.needs_input_grad[1:3], need_b)
         d_skip = grad[:, :c_skip]
         return (d_skip, dx, dw, db) if has_bias else (d_skip, dx, dw)
 
@@ -221,14 +225,15 @@ def conv_transpose2d_concat(skip: Tensor, input: Tensor, weight: Tensor,
     """``concat([skip, conv_transpose2d(input, weight, bias, ...)], dim=1)``, fused.
 
     skip: (N, C_skip, Ho, Wo), the transposed conv's output size. The U-Net's up step:
-    the backend writes the up-conv straight into its channels of the result.
+    a backend may write the up-conv straight into its channels of the result (numba
+    does for 2x2 stride 2).
     """
     op = "conv_transpose2d_concat"
     geometry, output_hw = _transposed_geometry(op, input, weight, bias, stride, padding,
                                                output_padding, groups, dilation)
-    expected = (input.shape[0], "C_skip", *output_hw)
-    check(skip.ndim == 4 and (skip.shape[0], *skip.shape[2:]) == (input.shape[0], *output_hw),
-          op, f"skip of shape {expected} (the transposed conv's output size)",
+    (n, (ho, wo)) = input.shape[0], output_hw
+    check(skip.ndim == 4 and (skip.shape[0], *skip.shape[2:]) == (n, ho, wo),
+          op, f"skip of shape ({n}, C_skip, {ho}, {wo}) (the transposed conv's output size)",
           f"skip {skip.shape} with input {input.shape}")
     check(skip.dtype == input.dtype, op, f"skip of dtype {input.dtype}", f"{skip.dtype}")
     args = (skip, input, weight) if bias is None else (skip, input, weight, bias)

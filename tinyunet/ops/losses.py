@@ -98,16 +98,16 @@ class CrossEntropy(Function):
 
 
 def _dice_score(intersection, total, smooth):
-    """Soft Dice and its derivative by p, affine in t: d_score = slope * t + offset.
-    total = sum(p) + sum(t)."""
+    """(score, slope, offset): soft Dice and its derivative by p, which is affine in t:
+    d_score = slope * t + offset. total = sum(p) + sum(t); all keep the sums' dims."""
     denominator = total + smooth
     score = (2 * intersection + smooth) / denominator
     return score, 2 / denominator, -score / denominator
 
 
 def _iou_score(intersection, total, smooth):
-    """Soft Jaccard and its derivative by p, affine in t: d_score = slope * t + offset.
-    union = total - intersection."""
+    """(score, slope, offset): soft Jaccard and its derivative by p, which is affine in t:
+    d_score = slope * t + offset. union = total - intersection; all keep the sums' dims."""
     union = total - intersection + smooth
     score = (intersection + smooth) / union
     return score, (1 + score) / union, -score / union
