@@ -189,11 +189,11 @@ def depth_to_space_2x2(cols, bias, out, first_channel):
     interleaving in one loop (measured 1.8-2.6x faster than the general gather on the
     U-Net's up-convs).
     """
-    n_img, c_in = cols.shape[0], cols.shape[1] // 4
+    n_img, c_up = cols.shape[0], cols.shape[1] // 4
     h, w = out.shape[2] // 2, out.shape[3] // 2
-    for task in prange(n_img * c_in * h):
-        n = task // (c_in * h)
-        c = (task // h) % c_in
+    for task in prange(n_img * c_up * h):
+        n = task // (c_up * h)
+        c = (task // h) % c_up
         r = task % h
         top, bottom = out[n, first_channel + c, 2 * r], out[n, first_channel + c, 2 * r + 1]
         top_even, top_odd = cols[n, 4 * c], cols[n, 4 * c + 1]
@@ -327,7 +327,8 @@ def conv3x3_forward(xp, weight, y):
     c_in = xp.shape[1]
     blocks = o_ch // DIRECT_OUTPUT_BLOCK
     # Channel blocks vary fastest, so a thread's consecutive steps read the same three
-    # input rows from L1 (measured 1.1-1.16x faster alone on four of seven U-Net layers).
+    # input rows from L1 (measured alone on seven U-Net layers: 1.06-1.16x faster on
+    # five, 0.97-0.98x on two).
     for task in prange(n_img * ho * blocks):
         n = task // (ho * blocks)
         h = (task // blocks) % ho
@@ -351,7 +352,8 @@ def conv3x3_forward(xp, weight, y):
                 y3[w] += _stencil(k3, a0, a1, a2, b0, b1, b2, c0, c1, c2)
 
 
-# Output channels per parallel step of conv3x3_grad_weight.
+# Output channels per parallel step of conv3x3_grad_weight, whose body is written for
+# exactly two (its s.. and t.. sums); the backend needs O to be a multiple.
 GRAD_WEIGHT_OUTPUT_BLOCK = 2
 
 
@@ -365,8 +367,9 @@ def conv3x3_grad_weight(dyp, xp, dw):
     contiguous run per image: the vectorised sums are reduced across lanes once per
     plane instead of once per row (row by row, that reduction cost more than the row's
     FMAs; measured 1.3-1.6x faster on the U-Net's 64- and 128-wide maps). The zero
-    columns add 0 * x, which changes nothing unless x holds Inf or NaN: then tap
-    (i, 0) may be NaN where only the other taps of its row are in numpy's result.
+    columns add 0 * x, which changes nothing unless x holds Inf or NaN: an Inf or NaN
+    in the first or last columns of the padded input can then make any tap NaN where
+    numpy's is finite or Inf.
     A parallel step owns two output channels and one input channel and keeps their 18
     sums in registers: each input vector loaded feeds two FMAs (1.11-1.32x faster than
     one output channel a step, measured alone on six U-Net layers).
@@ -386,6 +389,8 @@ def conv3x3_grad_weight(dyp, xp, dw):
             # Slices rather than index arithmetic: numba would wrap a possibly negative
             # index q + wp, and LLVM then gathers instead of loading contiguous runs.
             top, mid, bottom = plane[:span], plane[wp : wp + span], plane[2 * wp : 2 * wp + span]
+            # The last two positions are the last row's zero columns; reading them would
+            # run past ``bottom``.
             for q in range(span - 2):
                 g, u = grad[q], grad_next[q]
                 a0, a1, a2 = top[q], top[q + 1], top[q + 2]
@@ -603,7 +608,8 @@ def sigmoid_overlap_sums(z, t, p, sums):
     """p = sigmoid(z) and sums[n] = (sum p*t, sum p, sum t) over row n, in float64.
 
     z, t, p: (N, K), one row per sample; sums: (N, 3). The forward of a one-channel soft
-    Dice or IoU in one pass; p rounds as ``sigmoid`` does.
+    Dice or IoU in one pass; p rounds as ``sigmoid`` does. Parallel over samples only
+    (each sums its row in order); the U-Nets' batches of 2-8 keep the threads busy.
     """
     one = z.dtype.type(1)
     for n in prange(z.shape[0]):
@@ -623,13 +629,14 @@ def sigmoid_overlap_sums(z, t, p, sums):
 def sigmoid_overlap_backward(p, t, slope, offset, dz):
     """dz[n, k] = (slope[n] * t[n, k] + offset[n]) * p[n, k] * (1 - p[n, k]), rounded as
     numpy evaluates that expression: a one-channel Dice or IoU's gradient to the logits.
-    p, t, dz: (N, K); slope, offset: (N,)."""
+    p, t, dz: (N, K); slope, offset: (N,). Parallel over elements, not samples, so a
+    batch of one or two still uses every thread."""
     one = p.dtype.type(1)
-    for n in prange(p.shape[0]):
-        a, b = slope[n], offset[n]
-        for k in range(p.shape[1]):
-            q = p[n, k]
-            dz[n, k] = (a * t[n, k] + b) * q * (one - q)
+    row = p.shape[1]
+    for index in prange(p.size):
+        n, k = index // row, index % row
+        q = p[n, k]
+        dz[n, k] = (slope[n] * t[n, k] + offset[n]) * q * (one - q)
 
 
 # ---- optimizer updates: every parameter in one call ------------------------------------

@@ -492,3 +492,17 @@ def test_an_optimizer_step_is_one_kernel_call_and_follows_new_arrays(monkeypatch
         for p, old in zip(params, before, strict=True):
             np.testing.assert_array_equal(p, old - np.float32(0.5))
     assert calls == [2, 2, 2]
+
+
+def test_a_gradient_of_another_dtype_is_cast_to_its_parameters():
+    """One typed List holds one array type: a float64 gradient of a float32 parameter is
+    cast first (numpy's in-place update casts its result the same way)."""
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2)]
+    grads = [rng.standard_normal((3, 4)), rng.standard_normal((3, 4)).astype(np.float32)]
+    ours, reference = [p.copy() for p in params], [p.copy() for p in params]
+    NUMBA.sgd_update(ours, grads, grads, 0.1, 0.0, 0.0, False, 0.0, False)
+    NUMPY.sgd_update(reference, grads, grads, 0.1, 0.0, 0.0, False, 0.0, False)
+    for a, b in zip(ours, reference, strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -144,7 +144,9 @@ class Backend:
 
     def sigmoid_overlap_sums(self, z, t):
         """(p, sum p*t, sum p, sum t): p = sigmoid(z) and its sums over every axis but the
-        first (one value per sample, dims kept): the forward of a one-channel Dice or IoU."""
+        first (one value per sample, dims kept): the forward of a one-channel Dice or IoU.
+        The sums are in p's dtype here; a backend may accumulate in float64, which can
+        change their last bits."""
         p = self.sigmoid(z)
         return (p, *self.overlap_sums(p, t, 1))
 

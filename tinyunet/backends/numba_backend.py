@@ -50,20 +50,22 @@ from .interface import Backend, ConvGeometry, PoolGeometry
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
 # columns, small enough to stay in the L2/L3 cache and to keep peak memory low.
 COLUMN_BUDGET = 4 << 20
-# Which 3x3 stride-1 convs run in fast_ops' direct kernels: (minimum output width,
-# maximum C_in * C_out) pairs, any one of which suffices. The direct kernels vectorise
-# along image rows, so they need long rows; the GEMMs win once channels are many. Set
-# from a sweep over the benchmark U-Nets' layers (forward and weight gradient, direct
-# vs GEMM): direct won on the 128- and 256-wide maps up to 32x32 channels, GEMMs on
-# every map of 32 pixels or narrower. On 64-wide maps, timing a layer's three passes
-# with the two paths alternating: direct 1.7-2.3x faster for 8->8 and 16->8, 1.18x for
-# 16->32, even at 32->32, GEMMs 1.1x faster at 64->32.
+# Which 3x3 stride-1 convs run the direct forward kernel (their forward and, a conv
+# itself, their input gradient): (minimum output width, maximum C_in * C_out) pairs,
+# any one of which suffices. The direct kernels vectorise along image rows, so they
+# need long rows; the GEMMs win once channels are many. Set from a sweep over the
+# benchmark U-Nets' layers, before the weight gradient got rules of its own (forward and
+# weight gradient, direct vs GEMM): direct won on the 128- and 256-wide maps up to
+# 32x32 channels, GEMMs on every map of 32 pixels or narrower. On 64-wide maps, timing
+# a layer's three passes with the two paths alternating: direct 1.7-2.3x faster for
+# 8->8 and 16->8, 1.18x for 16->32, even at 32->32, GEMMs 1.1x faster at 64->32.
 DIRECT_RULES = ((128, 32 * 32), (64, 16 * 32))
 # The same for the weight gradient alone, whose direct kernel beats its GEMMs on more
 # channels than the forward's. Measured on the benchmark U-Nets' layers, the two paths
 # alternating: direct 1.25x for 32->32 and 1.5x for 64->32 on 64-wide maps, 0.97x for
-# 32->64; on 128-wide maps 1.1x up to 64->64, 0.97x for 128->64; on 256-wide 1.3x for
-# 32->32, 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster.
+# 32->64 (which the rule, counting C_in * C_out, admits: within this machine's noise);
+# on 128-wide maps 1.1x up to 64->64, 0.97x for 128->64; on 256-wide 1.3x for 32->32,
+# 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster.
 GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # Kernels on fewer elements than this run serially on the calling thread: waking
 # numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
@@ -472,12 +474,12 @@ class NumbaBackend(Backend):
     def sgd_update(self, params, grads, buffers, lr, momentum, dampening, nesterov,
                    weight_decay, first_step):
         for chosen in _by_dtype(params):
-            grad_list = _typed_list([_contiguous(grads[i]) for i in chosen])
-            # Without momentum the optimizer passes the gradients as the (unused) buffers.
-            buffer_list = (grad_list if buffers is grads
-                           else self._typed_list("buffers", buffers, chosen))
+            grad_list = _typed_list(_gradients(params, grads, chosen))
+            # Without momentum the kernel never touches the buffers.
+            buffer_list = (self._cached_typed_list("buffers", buffers, chosen) if momentum
+                           else grad_list)
             sizes = [params[i].size for i in chosen]
-            _run(fast_ops.sgd_update, sum(sizes), self._typed_list("params", params, chosen),
+            _run(fast_ops.sgd_update, sum(sizes), self._cached_typed_list("params", params, chosen),
                  grad_list, buffer_list, self._spans(sizes), float(lr), float(momentum),
                  float(1 - dampening), bool(nesterov), float(weight_decay), bool(first_step))
 
@@ -485,21 +487,23 @@ class NumbaBackend(Backend):
                     weight_decay, decoupled):
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         for chosen in _by_dtype(params):
-            lists = (self._typed_list("params", params, chosen),
-                     _typed_list([_contiguous(grads[i]) for i in chosen]),
-                     self._typed_list("exp_avgs", exp_avgs, chosen),
-                     self._typed_list("exp_avg_sqs", exp_avg_sqs, chosen))
+            lists = (self._cached_typed_list("params", params, chosen),
+                     _typed_list(_gradients(params, grads, chosen)),
+                     self._cached_typed_list("exp_avgs", exp_avgs, chosen),
+                     self._cached_typed_list("exp_avg_sqs", exp_avg_sqs, chosen))
             sizes = [params[i].size for i in chosen]
             _run(fast_ops.adam_update, sum(sizes), *lists, self._spans(sizes),
                  float(lr / bias1), float(beta1), float(1 - beta1), float(beta2),
                  float(1 - beta2), float(bias2), float(eps), float(weight_decay),
                  float(1 - lr * weight_decay), bool(decoupled))
 
-    def _typed_list(self, role, arrays, chosen):
+    def _cached_typed_list(self, role, arrays, chosen):
         """``_typed_list`` of arrays[i] for i in chosen, kept while the same arrays come
         back: parameters and optimizer state persist across steps, and building a list
-        of A's 46 arrays takes about 75 us. The entry holds the arrays, so their ids
-        stay theirs while it lives."""
+        of config A's 46 arrays took about 75 us (measured). One list per role: the entry
+        holds its arrays (so their ids stay theirs) until a call with other arrays of
+        that role replaces it, so the backend keeps the last-updated model's parameters
+        and state alive until then."""
         picked = [arrays[i] for i in chosen]
         key = tuple(map(id, picked))
         cached = self._lists.get(role)
@@ -527,6 +531,11 @@ def _by_dtype(arrays):
     for i, a in enumerate(arrays):
         groups.setdefault(a.dtype, []).append(i)
     return list(groups.values())
+
+
+def _gradients(params, grads, chosen):
+    """grads[i] for i in chosen, contiguous and in params[i]'s dtype (one typed List)."""
+    return [_contiguous(grads[i]).astype(params[i].dtype, copy=False) for i in chosen]
 
 
 def _typed_list(arrays):
