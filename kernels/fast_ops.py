@@ -16,6 +16,9 @@ kernels do everything else in one parallel pass each:
 * ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
   few channels, where a skinny GEMM wastes BLAS; they read a padded copy
   (``pad_images``) and do the arithmetic themselves.
+* ``winograd_input_tiles`` / ``winograd_output_tiles`` / ``winograd_gradient_tiles``: the
+  transforms of Winograd F(2x2, 3x3) for convs with many channels, around the 16 GEMMs
+  BLAS runs; the output transform adds the bias and applies the ReLU in the same pass.
 * ``bias_relu`` (relu(y + bias) in place, the epilogue of a conv layer) and
   ``relu_backward_channel_sums`` (its backward: the ReLU mask and the bias gradient in
   one pass).
@@ -420,6 +423,132 @@ def conv3x3_grad_weight(dyp, xp, dw):
         dw[o + 1, c, 0, 0], dw[o + 1, c, 0, 1], dw[o + 1, c, 0, 2] = t00, t01, t02
         dw[o + 1, c, 1, 0], dw[o + 1, c, 1, 1], dw[o + 1, c, 1, 2] = t10, t11, t12
         dw[o + 1, c, 2, 0], dw[o + 1, c, 2, 1], dw[o + 1, c, 2, 2] = t20, t21, t22
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 2x2 block of a 3x3 stride-1 conv's
+# outputs from a 4x4 input tile d and a 3x3 filter g is A^T [(G g G^T) * (B^T d B)] A,
+# 16 multiplies instead of 36. Summed over input channels, the 16 elementwise products
+# become 16 GEMMs (16, O, C) @ (16, C, tiles), run by BLAS; these kernels are the
+# transforms around them. A tile's 16 values e = 4*i + j are a GEMM operand's first
+# index. Tiles are numbered n * th + ty (a "tile row") times tw plus tx, so a band of
+# consecutive tile rows, from first_row on, is one contiguous range of tile columns.
+#   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+#   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+# The filter transforms G g G^T and its adjoint are small GEMMs in the backend.
+
+
+@kernel()
+def winograd_input_tiles(xp, first_row, v):
+    """v (16, C, rows*tw) = B^T d B of the 4x4 tiles d of ``rows`` tile rows of xp.
+
+    xp: the padded input (N, C, 2*th + 2, 2*tw + 2); tile (ty, tx) of image n starts at
+    row 2*ty, column 2*tx and overlaps its neighbours by two. A parallel step owns one
+    channel: B^T along the columns as whole-row sums (contiguous, vectorised), then B
+    along the rows, one output run per e.
+    """
+    n_img, c_in, hp, wp = xp.shape
+    th, tw = (hp - 2) // 2, (wp - 2) // 2
+    rows = v.shape[2] // tw
+    for c in prange(c_in):
+        sums = np.empty((4, wp), dtype=xp.dtype)
+        for k in range(rows):
+            n, ty = (first_row + k) // th, (first_row + k) % th
+            d0, d1 = xp[n, c, 2 * ty], xp[n, c, 2 * ty + 1]
+            d2, d3 = xp[n, c, 2 * ty + 2], xp[n, c, 2 * ty + 3]
+            for j in range(wp):
+                sums[0, j] = d0[j] - d2[j]
+                sums[1, j] = d1[j] + d2[j]
+                sums[2, j] = d2[j] - d1[j]
+                sums[3, j] = d1[j] - d3[j]
+            lo, hi = k * tw, (k + 1) * tw
+            for i in range(4):
+                s = sums[i]
+                out0, out1 = v[4 * i, c, lo:hi], v[4 * i + 1, c, lo:hi]
+                out2, out3 = v[4 * i + 2, c, lo:hi], v[4 * i + 3, c, lo:hi]
+                # One loop per output run: a single store stream vectorises.
+                for tx in range(tw):
+                    out0[tx] = s[2 * tx] - s[2 * tx + 2]
+                for tx in range(tw):
+                    out1[tx] = s[2 * tx + 1] + s[2 * tx + 2]
+                for tx in range(tw):
+                    out2[tx] = s[2 * tx + 2] - s[2 * tx + 1]
+                for tx in range(tw):
+                    out3[tx] = s[2 * tx + 1] - s[2 * tx + 3]
+
+
+@kernel()
+def winograd_output_tiles(m, first_row, bias, relu, y):
+    """y's tile rows from first_row on = A^T M A + bias[o] of m (16, O, rows*tw), then
+    ReLU if ``relu`` (NaN stays NaN, as in bias_relu).
+
+    y: (N, O, 2*th, 2*tw); each tile is a 2x2 block of outputs. A parallel step owns one
+    output channel: A^T along M's rows as whole-run sums, then A along the columns.
+    """
+    n_img, o_ch, ho, wo = y.shape
+    th, tw = ho // 2, wo // 2
+    rows = m.shape[2] // tw
+    zero = y.dtype.type(0)
+    for o in prange(o_ch):
+        b = bias[o]
+        sums = np.empty((8, tw), dtype=y.dtype)
+        for k in range(rows):
+            n, ty = (first_row + k) // th, (first_row + k) % th
+            lo, hi = k * tw, (k + 1) * tw
+            for j in range(4):
+                m0, m1 = m[j, o, lo:hi], m[4 + j, o, lo:hi]
+                m2, m3 = m[8 + j, o, lo:hi], m[12 + j, o, lo:hi]
+                upper, lower = sums[j], sums[4 + j]
+                for tx in range(tw):
+                    upper[tx] = m0[tx] + m1[tx] + m2[tx]
+                    lower[tx] = m1[tx] - m2[tx] - m3[tx]
+            for i in range(2):
+                out = y[n, o, 2 * ty + i]
+                s0, s1, s2, s3 = sums[4 * i], sums[4 * i + 1], sums[4 * i + 2], sums[4 * i + 3]
+                for tx in range(tw):
+                    left = (s0[tx] + s1[tx] + s2[tx]) + b
+                    right = (s1[tx] - s2[tx] - s3[tx]) + b
+                    if relu:
+                        left = left if (left > 0 or left != left) else zero
+                        right = right if (right > 0 or right != right) else zero
+                    out[2 * tx] = left
+                    out[2 * tx + 1] = right
+
+
+@kernel()
+def winograd_gradient_tiles(dy, first_row, dm):
+    """dm (16, O, rows*tw) = A dY A^T of the 2x2 tiles of dy's tile rows from first_row
+    on: the adjoint of winograd_output_tiles, for the weight gradient.
+
+    dy: (N, O, 2*th, 2*tw). A parallel step owns one output channel.
+    """
+    n_img, o_ch, ho, wo = dy.shape
+    th, tw = ho // 2, wo // 2
+    rows = dm.shape[2] // tw
+    for o in prange(o_ch):
+        sums = np.empty((4, wo), dtype=dy.dtype)
+        for k in range(rows):
+            n, ty = (first_row + k) // th, (first_row + k) % th
+            upper, lower = dy[n, o, 2 * ty], dy[n, o, 2 * ty + 1]
+            # A's rows (1, 0), (1, 1), (1, -1), (0, -1) on the tile's two rows ...
+            for j in range(wo):
+                sums[0, j] = upper[j]
+                sums[1, j] = upper[j] + lower[j]
+                sums[2, j] = upper[j] - lower[j]
+                sums[3, j] = -lower[j]
+            lo, hi = k * tw, (k + 1) * tw
+            # ... and on its two columns.
+            for i in range(4):
+                s = sums[i]
+                out0, out1 = dm[4 * i, o, lo:hi], dm[4 * i + 1, o, lo:hi]
+                out2, out3 = dm[4 * i + 2, o, lo:hi], dm[4 * i + 3, o, lo:hi]
+                for tx in range(tw):
+                    out0[tx] = s[2 * tx]
+                for tx in range(tw):
+                    out1[tx] = s[2 * tx] + s[2 * tx + 1]
+                for tx in range(tw):
+                    out2[tx] = s[2 * tx] - s[2 * tx + 1]
+                for tx in range(tw):
+                    out3[tx] = -s[2 * tx + 1]
 
 
 @njit(cache=True, inline="always")

@@ -119,6 +119,26 @@ def direct_conv_geometries(draw, limit: Limit):
     return (n, c, h, w), (o, c, 3, 3), ConvGeometry((1, 1), padding, (1, 1)), draw(seeds)
 
 
+@st.composite
+def winograd_conv_geometries(draw, limit: Limit):
+    """3x3 stride-1 conv problems as the numba backend's Winograd path takes them: even
+    output sides (2x2 output tiles), paddings drawn per side, so the input sides are
+    even or odd, and the input gradient (back to the input's sides) is Winograd only
+    when those are even too."""
+    from tinyunet.backends import ConvGeometry
+
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    tile_rows, tile_cols = draw(st.integers(1, limit.side // 2)), draw(st.integers(1, limit.side))
+    h = max(2 * tile_rows + 2 - padding[0] - padding[1], 1)
+    w = max(2 * tile_cols + 2 - padding[2] - padding[3], 1)
+    # A 1-pixel side under padding (2, 2) would give 3 output pixels; pad the map instead.
+    h += (h + padding[0] + padding[1] - 2) % 2
+    w += (w + padding[2] + padding[3] - 2) % 2
+    n = draw(st.integers(1, limit.batch))
+    c, o = draw(st.integers(1, limit.channels)), draw(st.integers(1, limit.channels))
+    return (n, c, h, w), (o, c, 3, 3), ConvGeometry((1, 1), padding, (1, 1)), draw(seeds)
+
+
 @dataclass(frozen=True)
 class ConvTransposeCase:
     x_shape: tuple

@@ -1,11 +1,12 @@
 """The numba backend against the numpy reference, kernel by kernel and on a training run.
 
 Shapes, strides, paddings, dilations and channel counts are drawn by hypothesis. Each
-conv case runs four times: with the backend's own choice of path (on these small
+conv case runs five times: with the backend's own choice of path (on these small
 shapes: im2col and whole-batch GEMMs), with the GEMM paths forced (the row shifts of
 the forward and the weight gradient included), with those on bands of a few output
-rows (a tiny column budget), and with the direct 3x3 kernels taking every conv they
-can, so every path of the backend is checked.
+rows (a tiny column budget), with the direct 3x3 kernels taking every conv they can,
+and with Winograd F(2x2, 3x3) taking every conv it can, so every path of the backend
+is checked.
 """
 
 import numpy as np
@@ -16,7 +17,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
-from strategies import Limit, conv_geometries, direct_conv_geometries, pool_cases  # noqa: E402
+from strategies import (  # noqa: E402
+    Limit,
+    conv_geometries,
+    direct_conv_geometries,
+    pool_cases,
+    winograd_conv_geometries,
+)
 
 import tinyunet.functional as F  # noqa: E402
 from tinyunet.backends import (  # noqa: E402
@@ -64,6 +71,9 @@ PATHS = {
                                "ROW_SHIFT_MIN_PIXELS": 1, "COLUMN_BUDGET": 64},
     "direct 3x3 kernels": {"DIRECT_RULES": ((1, 10**6),),
                            "GRAD_WEIGHT_DIRECT_RULES": ((1, 10**6),)},
+    # Bands of one tile row each (a tiny budget), so the band loop is exercised.
+    "Winograd F(2x2, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
+                             "WINOGRAD_BUDGET": 64},
 }
 
 
@@ -100,6 +110,61 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     # conv2d and conv2d_bias_relu, and the input gradient when C_in is a multiple of 4.
     assert calls.count("conv3x3_forward") == (3 if x_shape[1] % 4 == 0 else 2)
     assert calls.count("conv3x3_grad_weight") == 1
+
+
+WINOGRAD_KERNELS = ("winograd_input_tiles", "winograd_output_tiles", "winograd_gradient_tiles")
+
+
+@pytest.mark.parametrize("budget", ["one band", "one tile row a band"])
+@given(case=winograd_conv_geometries(NUMBA_CONV), dtype=DTYPES)
+def test_winograd_path_matches_numpy(budget, case, dtype):
+    """The Winograd F(2x2, 3x3) path (transforms + 16 GEMMs), and that it is taken."""
+    x_shape, w_shape, geometry, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
+    settings_ = dict(PATHS["Winograd F(2x2, 3x3)"])
+    if budget == "one band":
+        settings_["WINOGRAD_BUDGET"] = 1 << 30
+    calls = {name: [] for name in WINOGRAD_KERNELS}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings_.items():
+            patch.setattr(numba_backend, name, value)
+        for name in WINOGRAD_KERNELS:
+            kernel = getattr(numba_backend.fast_ops, name)
+            patch.setattr(numba_backend.fast_ops, name, _Spy(kernel, calls[name]))
+        check_conv(x, weight, geometry, dtype)
+    n, _, h, w = x_shape
+    output_rows = (h + geometry.padding[0] + geometry.padding[1] - 2) // 2
+    # Bands of the forward and weight gradient, and of the input gradient, which is a
+    # Winograd conv only when the input's sides are even (its output).
+    forward_bands = 1 if budget == "one band" else n * output_rows
+    input_bands = 0 if h % 2 or w % 2 else (1 if budget == "one band" else n * h // 2)
+    # conv2d and conv2d_bias_relu; the input gradient; the weight gradient.
+    assert len(calls["winograd_output_tiles"]) == 2 * forward_bands + input_bands
+    assert len(calls["winograd_gradient_tiles"]) == forward_bands
+    assert len(calls["winograd_input_tiles"]) == 3 * forward_bands + input_bands
+
+
+@settings(max_examples=6)
+@given(n=st.integers(1, 2), channels=st.sampled_from([(1, 1), (2, 3), (4, 2)]),
+       tiles=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_winograd_gradients_by_finite_differences(n, channels, tiles, padding, bias, seed):
+    """F.conv2d and its ReLU through the Winograd path, against central differences in
+    float64; the maps have even sides, so the input gradient is Winograd too."""
+    (c_in, c_out), (ph, pw) = channels, padding
+    h, w = 2 * tiles[0] + 2 - 2 * ph, 2 * tiles[1] + 2 - 2 * pw
+    h, w = h + 2 * (h <= 0), w + 2 * (w <= 0)
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((n, c_in, h, w)), rng.standard_normal((c_out, c_in, 3, 3))]
+    if bias:
+        inputs.append(rng.standard_normal(c_out))
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in PATHS["Winograd F(2x2, 3x3)"].items():
+            patch.setattr(numba_backend, name, value)
+        check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 
 @settings(max_examples=6)
@@ -327,12 +392,12 @@ def test_fused_relu_backward_and_bias_gradient_match_numpy(dtype, n, c, h, w, se
     assert_close(db, db_ref, dtype)
 
 
-@pytest.mark.parametrize("path", ["direct 3x3 kernels", "GEMMs only"])
+@pytest.mark.parametrize("path", ["direct 3x3 kernels", "GEMMs only", "Winograd F(2x2, 3x3)"])
 def test_relu_keeps_nan_like_numpy(path):
     x = np.array([np.nan, -1.0, 2.0], dtype=np.float32)
     np.testing.assert_array_equal(NUMBA.relu(x), NUMPY.relu(x))
     # The fused conv + bias + ReLU too: a NaN input reaches its 3x3 neighbourhood.
-    image = np.ones((1, 4, 3, 8), dtype=np.float32)
+    image = np.ones((1, 4, 4, 8), dtype=np.float32)
     image[0, 0, 1, 3] = np.nan
     weight = -np.ones((4, 4, 3, 3), dtype=np.float32)
     bias, geometry = np.zeros(4, dtype=np.float32), ConvGeometry((1, 1), (1, 1, 1, 1))
