@@ -91,8 +91,11 @@ WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_WORK = 1 << 23
 # Bytes of transformed input (and of the GEMMs' product) per band of tile rows: bands
 # keep those scratch arrays, 4x the size of the input and output they stand for, from
-# raising a step's peak memory.
-WINOGRAD_BUDGET = 8 << 20
+# raising a step's peak memory. Measured on config A's step: peak 78.6 MiB without
+# Winograd, 93.4 with 8 MiB bands, 84-88 with 4 MiB (and the transformed filters no
+# longer kept as scratch: 82.3); the step's time the same within noise (30 alternated
+# pairs: 212 vs 207 ms for 8 vs 4 MiB).
+WINOGRAD_BUDGET = 4 << 20
 # Kernels on fewer elements than this run serially on the calling thread: waking
 # numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
 # Measured with GEMMs in between: a ReLU of 300k float32 values ran faster serially
@@ -191,8 +194,8 @@ class NumbaBackend(Backend):
     def _buffer(self, dtype, size, use="columns"):
         """A reusable scratch array of ``size`` elements, valid until the next call for
         the same ``use``: "columns" (im2col columns, padded inputs), "product" (a GEMM's
-        result before it is rearranged into the output), "gradient" (a padded dy),
-        "tiles" and "filters" (Winograd-transformed inputs and filters)."""
+        result before it is rearranged into the output) or "gradient" (a padded dy, or
+        Winograd-transformed input tiles)."""
         key = (np.dtype(dtype), use)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.size < size:
@@ -241,8 +244,7 @@ class NumbaBackend(Backend):
         """
         o, c = w.shape[:2]
         matrix = _WINOGRAD_FILTER[w.dtype]
-        filters = self._buffer(w.dtype, 16 * o * c, "filters").reshape(16, o * c)
-        np.matmul(matrix[:, ::-1] if adjoint else matrix, w.reshape(o * c, 9).T, out=filters)
+        filters = np.matmul(matrix[:, ::-1] if adjoint else matrix, w.reshape(o * c, 9).T)
         filters = filters.reshape(16, o, c)
         return filters.transpose(0, 2, 1) if adjoint else filters
 
@@ -262,7 +264,7 @@ class NumbaBackend(Backend):
         tw, total = wo // 2, n * (ho // 2)
         padded = self._padded(x, padding)
         rows = self._winograd_bands(max(c, o), (ho, wo), n, x.itemsize)
-        tiles = self._buffer(x.dtype, 16 * c * rows * tw, "tiles")
+        tiles = self._buffer(x.dtype, 16 * c * rows * tw, "gradient")
         product = self._buffer(x.dtype, 16 * o * rows * tw, "product")
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
@@ -283,16 +285,20 @@ class NumbaBackend(Backend):
         tw, total = wo // 2, n * (ho // 2)
         padded = self._padded(x, padding)
         rows = self._winograd_bands(max(c, o), (ho, wo), n, x.itemsize)
-        tiles = self._buffer(x.dtype, 16 * c * rows * tw, "tiles")
+        tiles = self._buffer(x.dtype, 16 * c * rows * tw, "gradient")
         grads = self._buffer(x.dtype, 16 * o * rows * tw, "product")
-        total_du = np.zeros((16, o, c), dtype=dy.dtype)
-        band_du = np.empty_like(total_du)
+        total_du = band_du = None
         for first in range(0, total, rows):
             span = min(rows, total - first) * tw
             v = tiles[: 16 * c * span].reshape(16, c, span)
             _run(fast_ops.winograd_input_tiles, v.size, padded, first, v)
             dm = grads[: 16 * o * span].reshape(16, o, span)
             _run(fast_ops.winograd_gradient_tiles, dm.size, dy, first, dm)
+            if total_du is None:
+                total_du = np.matmul(dm, v.transpose(0, 2, 1))
+                continue
+            if band_du is None:
+                band_du = np.empty_like(total_du)
             np.matmul(dm, v.transpose(0, 2, 1), out=band_du)
             total_du += band_du
         return (total_du.reshape(16, o * c).T @ _WINOGRAD_FILTER[dy.dtype]).reshape(o, c, 3, 3)
