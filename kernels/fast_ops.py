@@ -16,9 +16,10 @@ kernels do everything else in one parallel pass each:
 * ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
   few channels, where a skinny GEMM wastes BLAS; they read a padded copy
   (``pad_images``) and do the arithmetic themselves.
-* ``winograd_input_tiles`` / ``winograd_output_tiles`` / ``winograd_gradient_tiles``: the
-  transforms of Winograd F(2x2, 3x3) for convs with many channels, around the 16 GEMMs
-  BLAS runs; the output transform adds the bias and applies the ReLU in the same pass.
+* ``winograd2_input_tiles`` / ``winograd2_output_tiles`` / ``winograd2_gradient_tiles``
+  and the ``winograd4_`` ones: the transforms of Winograd F(2x2, 3x3) and F(4x4, 3x3),
+  around the 16 or 36 GEMMs BLAS runs; the output transforms add the bias and apply
+  the ReLU in the same pass.
 * ``bias_relu`` (relu(y + bias) in place, the epilogue of a conv layer) and
   ``relu_backward_channel_sums`` (its backward: the ReLU mask and the bias gradient in
   one pass).
@@ -438,7 +439,7 @@ def conv3x3_grad_weight(dyp, xp, dw):
 
 
 @kernel()
-def winograd_input_tiles(xp, first_row, v):
+def winograd2_input_tiles(xp, first_row, v):
     """v (16, C, rows*tw) = B^T d B of the 4x4 tiles d of ``rows`` tile rows of xp.
 
     xp: the padded input (N, C, 2*th + 2, 2*tw + 2); tile (ty, tx) of image n starts at
@@ -484,7 +485,7 @@ def winograd_input_tiles(xp, first_row, v):
 
 
 @kernel()
-def winograd_output_tiles(m, first_row, bias, relu, y):
+def winograd2_output_tiles(m, first_row, bias, relu, y):
     """y's tile rows from first_row on = A^T M A + bias[o] of m (16, O, rows*tw), then
     ReLU if ``relu`` (NaN stays NaN, as in bias_relu).
 
@@ -522,9 +523,9 @@ def winograd_output_tiles(m, first_row, bias, relu, y):
 
 
 @kernel()
-def winograd_gradient_tiles(dy, first_row, dm):
+def winograd2_gradient_tiles(dy, first_row, dm):
     """dm (16, O, rows*tw) = A dY A^T of the 2x2 tiles of dy's tile rows from first_row
-    on: the adjoint of winograd_output_tiles, for the weight gradient.
+    on: the adjoint of winograd2_output_tiles, for the weight gradient.
 
     dy: (N, O, 2*th, 2*tw). A parallel step owns one output channel and transforms a
     tile at a time (1.1-1.5x faster than whole-row sums, measured as for the input's).
@@ -546,6 +547,153 @@ def winograd_gradient_tiles(dy, first_row, dm):
                 dm[4, o, t], dm[5, o, t], dm[6, o, t], dm[7, o, t] = s0, s0 + s1, s0 - s1, -s1
                 dm[8, o, t], dm[9, o, t], dm[10, o, t], dm[11, o, t] = u0, u0 + u1, u0 - u1, -u1
                 dm[12, o, t], dm[13, o, t], dm[14, o, t], dm[15, o, t] = -c, -c - d, d - c, d
+
+
+# Winograd F(4x4, 3x3): the same with 6x6 input tiles, 4x4 output tiles and 36 values
+# a tile (e = 6*i + j), from the interpolation points 0, +-1, +-2:
+#   B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+#          [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+#   A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+#          [0, 1, -1, 8, -8, 1]]
+# The constants are passed in the arrays' dtype, so float32 stays float32.
+
+
+@njit(cache=True, inline="always")
+def _winograd4_bt(d0, d1, d2, d3, d4, d5, two, four, five):
+    """B^T of F(4x4, 3x3) times a column of 6 values."""
+    return (four * d0 - five * d2 + d4,
+            d3 + d4 - four * (d1 + d2),
+            four * (d1 - d2) + d4 - d3,
+            two * (d3 - d1) + d4 - d2,
+            two * (d1 - d3) + d4 - d2,
+            four * d1 - five * d3 + d5)
+
+
+@njit(cache=True, inline="always")
+def _winograd4_at(m0, m1, m2, m3, m4, m5, two, four, eight):
+    """A^T of F(4x4, 3x3) times a column of 6 values."""
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return (m0 + s12 + s34, d12 + two * d34, s12 + four * s34, d12 + eight * d34 + m5)
+
+
+@njit(cache=True, inline="always")
+def _winograd4_a(y0, y1, y2, y3, two, four, eight):
+    """A of F(4x4, 3x3) times a column of 4 values (the adjoint of _winograd4_at)."""
+    s02, s13 = y0 + y2, y1 + y3
+    f02, f13 = y0 + four * y2, two * y1 + eight * y3
+    return (y0, s02 + s13, s02 - s13, f02 + f13, f02 - f13, y3)
+
+
+@njit(cache=True, inline="always")
+def _winograd4_input_row(s, i, v, c, lo, tw, two, four, five):
+    """B along row i of a tile row's B^T d (s: (6, 4*tw + 2)) into v's runs 6*i .. 6*i + 5."""
+    e = 6 * i
+    for tx in range(tw):
+        j, t = 4 * tx, lo + tx
+        b0, b1, b2, b3, b4, b5 = _winograd4_bt(s[i, j], s[i, j + 1], s[i, j + 2], s[i, j + 3],
+                                               s[i, j + 4], s[i, j + 5], two, four, five)
+        v[e, c, t], v[e + 1, c, t], v[e + 2, c, t] = b0, b1, b2
+        v[e + 3, c, t], v[e + 4, c, t], v[e + 5, c, t] = b3, b4, b5
+
+
+@kernel()
+def winograd4_input_tiles(xp, first_row, v):
+    """v (36, C, rows*tw) = B^T d B of the 6x6 tiles d of ``rows`` tile rows of xp.
+
+    xp: the padded input (N, C, 4*th + 2, 4*tw + 2); tile (ty, tx) of image n starts at
+    row 4*ty, column 4*tx. A parallel step owns one channel. Per tile row, B^T runs
+    down the columns of its 6 input rows as whole-row sums (contiguous, vectorised),
+    then B along each of the 6 resulting rows, one loop per row with 6 output runs (a
+    tile at a time, 36 values in registers, ran 5-10x slower: too many to vectorise).
+    """
+    n_img, c_in, hp, wp = xp.shape
+    th, tw = (hp - 2) // 4, (wp - 2) // 4
+    rows = v.shape[2] // tw
+    two, four, five = xp.dtype.type(2), xp.dtype.type(4), xp.dtype.type(5)
+    for c in prange(c_in):
+        s = np.empty((6, wp), dtype=xp.dtype)
+        for k in range(rows):
+            n, ty = (first_row + k) // th, (first_row + k) % th
+            x, r, lo = xp[n, c], 4 * ty, k * tw
+            for j in range(wp):
+                s[0, j], s[1, j], s[2, j], s[3, j], s[4, j], s[5, j] = _winograd4_bt(
+                    x[r, j], x[r + 1, j], x[r + 2, j], x[r + 3, j], x[r + 4, j], x[r + 5, j],
+                    two, four, five)
+            # Row by row, written out: a loop over the 6 rows ran 1.4-1.7x slower.
+            _winograd4_input_row(s, 0, v, c, lo, tw, two, four, five)
+            _winograd4_input_row(s, 1, v, c, lo, tw, two, four, five)
+            _winograd4_input_row(s, 2, v, c, lo, tw, two, four, five)
+            _winograd4_input_row(s, 3, v, c, lo, tw, two, four, five)
+            _winograd4_input_row(s, 4, v, c, lo, tw, two, four, five)
+            _winograd4_input_row(s, 5, v, c, lo, tw, two, four, five)
+
+
+@kernel()
+def winograd4_output_tiles(m, first_row, bias, relu, y):
+    """y's tile rows from first_row on = A^T M A + bias[o] of m (36, O, rows*tw), then
+    ReLU if ``relu`` (NaN stays NaN, as in bias_relu).
+
+    y: (N, O, 4*th, 4*tw); each tile is a 4x4 block of outputs. A parallel step owns one
+    output channel: A^T down each of M's 6 columns for a whole tile row, then A along
+    the 4 resulting rows.
+    """
+    n_img, o_ch, ho, wo = y.shape
+    th, tw = ho // 4, wo // 4
+    rows = m.shape[2] // tw
+    two, four, eight = y.dtype.type(2), y.dtype.type(4), y.dtype.type(8)
+    zero = y.dtype.type(0)
+    for o in prange(o_ch):
+        b = bias[o]
+        p = np.empty((4, 6, tw), dtype=y.dtype)
+        for k in range(rows):
+            n, ty = (first_row + k) // th, (first_row + k) % th
+            out, r, lo = y[n, o], 4 * ty, k * tw
+            for q in range(6):
+                for tx in range(tw):
+                    t = lo + tx
+                    p[0, q, tx], p[1, q, tx], p[2, q, tx], p[3, q, tx] = _winograd4_at(
+                        m[q, o, t], m[6 + q, o, t], m[12 + q, o, t], m[18 + q, o, t],
+                        m[24 + q, o, t], m[30 + q, o, t], two, four, eight)
+            for i in range(4):
+                row = out[r + i]
+                for tx in range(tw):
+                    values = _winograd4_at(p[i, 0, tx], p[i, 1, tx], p[i, 2, tx], p[i, 3, tx],
+                                           p[i, 4, tx], p[i, 5, tx], two, four, eight)
+                    for jj in range(4):
+                        value = values[jj] + b
+                        if relu:
+                            value = value if (value > 0 or value != value) else zero
+                        row[4 * tx + jj] = value
+
+
+@kernel()
+def winograd4_gradient_tiles(dy, first_row, dm):
+    """dm (36, O, rows*tw) = A dY A^T of the 4x4 tiles of dy's tile rows from first_row
+    on: the adjoint of winograd4_output_tiles, for the weight gradient.
+
+    dy: (N, O, 4*th, 4*tw). A parallel step owns one output channel: A down the columns
+    of a tile row's 4 rows as whole-row sums, then A along each of the 6 resulting rows.
+    """
+    n_img, o_ch, ho, wo = dy.shape
+    th, tw = ho // 4, wo // 4
+    rows = dm.shape[2] // tw
+    two, four, eight = dy.dtype.type(2), dy.dtype.type(4), dy.dtype.type(8)
+    for o in prange(o_ch):
+        s = np.empty((6, wo), dtype=dy.dtype)
+        for k in range(rows):
+            n, ty = (first_row + k) // th, (first_row + k) % th
+            g, r, lo = dy[n, o], 4 * ty, k * tw
+            for j in range(wo):
+                s[0, j], s[1, j], s[2, j], s[3, j], s[4, j], s[5, j] = _winograd4_a(
+                    g[r, j], g[r + 1, j], g[r + 2, j], g[r + 3, j], two, four, eight)
+            for i in range(6):
+                row = s[i]
+                out0, out1, out2 = dm[6 * i, o], dm[6 * i + 1, o], dm[6 * i + 2, o]
+                out3, out4, out5 = dm[6 * i + 3, o], dm[6 * i + 4, o], dm[6 * i + 5, o]
+                for tx in range(tw):
+                    j, t = 4 * tx, lo + tx
+                    out0[t], out1[t], out2[t], out3[t], out4[t], out5[t] = _winograd4_a(
+                        row[j], row[j + 1], row[j + 2], row[j + 3], two, four, eight)
 
 
 @njit(cache=True, inline="always")

@@ -120,20 +120,19 @@ def direct_conv_geometries(draw, limit: Limit):
 
 
 @st.composite
-def winograd_conv_geometries(draw, limit: Limit):
-    """3x3 stride-1 conv problems as the numba backend's Winograd path takes them: even
-    output sides (2x2 output tiles), paddings drawn per side, so the input sides are
-    even or odd, and the input gradient (back to the input's sides) is Winograd only
-    when those are even too."""
+def winograd_conv_geometries(draw, limit: Limit, tile: int):
+    """3x3 stride-1 conv problems as the numba backend's Winograd F(tile x tile, 3x3)
+    takes them: output sides that are multiples of ``tile``, paddings drawn per side, so
+    the input's sides (the input gradient's output) may or may not be."""
     from tinyunet.backends import ConvGeometry
 
     padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
-    tile_rows, tile_cols = draw(st.integers(1, limit.side // 2)), draw(st.integers(1, limit.side))
-    h = max(2 * tile_rows + 2 - padding[0] - padding[1], 1)
-    w = max(2 * tile_cols + 2 - padding[2] - padding[3], 1)
-    # A 1-pixel side under padding (2, 2) would give 3 output pixels; pad the map instead.
-    h += (h + padding[0] + padding[1] - 2) % 2
-    w += (w + padding[2] + padding[3] - 2) % 2
+    tile_rows = draw(st.integers(1, max(1, limit.side // tile)))
+    tile_cols = draw(st.integers(1, max(1, 2 * limit.side // tile)))
+    h = 2 + tile * tile_rows - padding[0] - padding[1]
+    w = 2 + tile * tile_cols - padding[2] - padding[3]
+    # Too much padding for one tile row: one more tile row instead.
+    h, w = h + tile * (h < 1), w + tile * (w < 1)
     n = draw(st.integers(1, limit.batch))
     c, o = draw(st.integers(1, limit.channels)), draw(st.integers(1, limit.channels))
     return (n, c, h, w), (o, c, 3, 3), ConvGeometry((1, 1), padding, (1, 1)), draw(seeds)

@@ -5,16 +5,23 @@ arrays, so ``xp`` is numpy and tensors move freely between this backend and ``nu
 
 How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer):
 
-* 3x3 stride-1 convs with many channels and even output sides (``WINOGRAD_MIN_CHANNELS``,
-  ``WINOGRAD_MIN_WORK``: the deep levels of configs A and B) run as Winograd F(2x2, 3x3)
-  (Lavin & Gray 2016): each 2x2 block of outputs from a 4x4 input tile with 16
-  multiplies instead of 36, so 16 GEMMs (C_out, C_in) @ (C_in, tiles) do 2.25x less
-  arithmetic than im2col's one. The forward, the input gradient (the adjoint conv, whose
-  filter transforms are the forward's with the taps reversed) and the weight gradient
-  (the adjoint of the forward's steps) all take it, band by band of tile rows
-  (``WINOGRAD_BUDGET``). Rounding: each output sums the same products in another
-  order, within float32 rounding of the GEMM paths; an Inf in the input can give NaN
-  where the other paths give Inf, since the transforms subtract neighbouring values.
+* 3x3 stride-1 convs with many channels run as Winograd convolutions (Lavin & Gray
+  2016), unless the direct kernels below take them: F(4x4, 3x3) computes each 4x4
+  block of outputs from a 6x6 input tile with 36 multiplies instead of 144, F(2x2, 3x3)
+  each 2x2 block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in)
+  @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
+  F(4x4) takes output sides that are multiples of 4 on maps 32 or more wide
+  (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_CHANNELS``), F(2x2) deep levels with
+  even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
+  gradient (the adjoint conv, whose filter transforms are the forward's with the taps
+  reversed) and the weight gradient (the adjoint of the forward's steps) all take them,
+  band by band of tile rows (``WINOGRAD_BUDGET``). Rounding: each output sums other
+  products than im2col's, within float32 rounding of the GEMM paths (F(4x4)'s
+  transforms lose a few more bits: about 5e-6 of the largest output on 64 channels).
+  Inf and NaN: the transforms add and subtract neighbouring values whose coefficients
+  cancel only in exact arithmetic, so an Inf input can give NaN where the other paths
+  give Inf, and under F(4x4) a NaN input reaches outputs of its 4x4 tiles beyond its
+  3x3 neighbourhood (outputs outside those tiles are unaffected).
 * 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``: the U-Net's
   outer levels) skip im2col and BLAS: a padded copy of the input and the direct
   kernels of fast_ops, for the forward, the input gradient (again a conv, with the
@@ -89,6 +96,19 @@ GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # images (0.8x), which the two limits leave out.
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_WORK = 1 << 23
+# Winograd F(4x4, 3x3) (4x4 output tiles, 36 multiplies instead of 144: 1.78x fewer than
+# F(2x2, 3x3), and transformed inputs 2.25x the input's size instead of 4x) takes output
+# sides that are multiples of 4 on maps at least WINOGRAD_4X4_MIN_WIDTH wide, where its
+# transforms' loops are long enough, with both channel counts at least
+# WINOGRAD_4X4_MIN_CHANNELS (the weight gradient: WINOGRAD_MIN_CHANNELS) and outside
+# the direct kernels' rules. Measured per pass, alternating, against the path each layer
+# took before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128
+# channels, 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide
+# maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient;
+# the direct weight gradient stays 1.5x faster there); slower than F(2x2) on maps 16
+# wide or narrower (0.57-0.88x) and than the direct kernels on their layers (0.76-0.97x).
+WINOGRAD_4X4_MIN_WIDTH = 32
+WINOGRAD_4X4_MIN_CHANNELS = 32
 # Bytes of transformed input (and of the GEMMs' product) per band of tile rows: bands
 # keep those scratch arrays, 4x the size of the input and output they stand for, from
 # raising a step's peak memory. Measured on config A's step: peak 78.6 MiB without
@@ -133,23 +153,39 @@ def _is_2x2_stride2(kernel_hw, geometry):
             and not any(geometry.padding))
 
 
-def _winograd(c_in, c_out, kernel_hw, geometry, batch, output_hw):
-    """Whether a conv goes to Winograd F(2x2, 3x3) (see WINOGRAD_MIN_CHANNELS)."""
+def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw, min_channels_4x4):
+    """The output tile of the Winograd variant a conv goes to: 4 (F(4x4, 3x3)), 2
+    (F(2x2, 3x3)) or 0 for none (see WINOGRAD_MIN_CHANNELS, WINOGRAD_4X4_MIN_WIDTH)."""
     ho, wo = output_hw
     if (kernel_hw != (3, 3) or geometry.stride != (1, 1) or geometry.dilation != (1, 1)
             or ho % 2 or wo % 2 or not ho or not wo):
-        return False
+        return 0
+    if (ho % 4 == 0 and wo % 4 == 0 and wo >= WINOGRAD_4X4_MIN_WIDTH
+            and min(c_in, c_out) >= min_channels_4x4):
+        return 4
     tiles = batch * (ho // 2) * (wo // 2)
-    return (min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
-            and c_in * c_out * tiles >= WINOGRAD_MIN_WORK)
+    if (min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
+            and c_in * c_out * tiles >= WINOGRAD_MIN_WORK):
+        return 2
+    return 0
 
 
-# G of F(2x2, 3x3), and the (16, 9) matrix that maps a flattened 3x3 filter g to its
-# flattened 4x4 transform G g G^T (row 4a + b, column 3k + l holds G[a, k] * G[b, l]).
-# Every entry is 0, +-1/4, +-1/2 or 1, so the float32 copy is exact.
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-_WINOGRAD_FILTER = {np.dtype(t): np.kron(_WINOGRAD_G, _WINOGRAD_G).astype(t)
-                    for t in (np.float32, np.float64)}
+def _winograd_filter_matrix(g):
+    """The (alpha^2, 9) matrix that maps a flattened 3x3 filter to its flattened
+    transform G g G^T (row alpha*a + b, column 3k + l holds G[a, k] * G[b, l])."""
+    return {np.dtype(t): np.kron(g, g).astype(t) for t in (np.float32, np.float64)}
+
+
+# G of F(2x2, 3x3) and of F(4x4, 3x3) (Lavin & Gray 2016), by output tile. F(2x2)'s
+# entries are 0, +-1/2 or 1, so its float32 matrix is exact; F(4x4)'s 1/6, 1/12 and 1/24
+# are rounded, which the filter transform's error absorbs.
+_WINOGRAD_FILTER = {
+    2: _winograd_filter_matrix(np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
+                                         [0, 0, 1]])),
+    4: _winograd_filter_matrix(np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6],
+                                         [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                                         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])),
+}
 
 
 def _im2col(x, n0, count, row0, rows, kernel_hw, geometry, wo, cols):
@@ -219,11 +255,15 @@ class NumbaBackend(Backend):
         ho, wo = geometry.output_hw((h, width), (kh, kw))
         w2 = w.reshape(o, c * kh * kw)
         y = np.empty((n, o, ho, wo), dtype=x.dtype)
-        if _winograd(c, o, (kh, kw), geometry, n, (ho, wo)):
-            self._conv2d_winograd(x, self._winograd_filters(w), geometry.padding, relu_bias, y)
+        direct = (_direct_3x3(c, o, (kh, kw), geometry, wo, DIRECT_RULES)
+                  and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
+        tile = 0 if direct else _winograd_tile(c, o, (kh, kw), geometry, n, (ho, wo),
+                                               WINOGRAD_4X4_MIN_CHANNELS)
+        if tile:
+            filters = self._winograd_filters(w, tile)
+            self._conv2d_winograd(x, filters, tile, geometry.padding, relu_bias, y)
             return y
-        if (_direct_3x3(c, o, (kh, kw), geometry, wo, DIRECT_RULES)
-                and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0):
+        if direct:
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
@@ -235,65 +275,72 @@ class NumbaBackend(Backend):
             _run(fast_ops.bias_relu, y.size, y.reshape(n, o, ho * wo), relu_bias)
         return y
 
-    def _winograd_filters(self, w, adjoint=False):
-        """The filters' Winograd transforms G g G^T as (16, O, C), one small GEMM.
+    def _winograd_filters(self, w, tile, adjoint=False):
+        """The filters' Winograd transforms G g G^T as (alpha^2, O, C), one small GEMM
+        (alpha = tile + 2).
 
         With ``adjoint``: those of the input gradient's conv, whose filter (c, o) is
-        w[o, c] flipped, as a (16, C, O) view. Flipping a filter reverses its 9 taps,
+        w[o, c] flipped, as a (alpha^2, C, O) view. Flipping a filter reverses its 9 taps,
         which is the filter matrix's columns reversed.
         """
         o, c = w.shape[:2]
-        matrix = _WINOGRAD_FILTER[w.dtype]
+        matrix = _WINOGRAD_FILTER[tile][w.dtype]
         filters = np.matmul(matrix[:, ::-1] if adjoint else matrix, w.reshape(o * c, 9).T)
-        filters = filters.reshape(16, o, c)
+        filters = filters.reshape(-1, o, c)
         return filters.transpose(0, 2, 1) if adjoint else filters
 
-    def _winograd_bands(self, channels, output_hw, batch, itemsize):
+    def _winograd_bands(self, tile, channels, output_hw, batch, itemsize):
         """Tile rows per band: the transformed input and the GEMMs' product of one band,
-        16 values a tile for each of ``channels`` (the larger of C_in and C_out), stay
-        within WINOGRAD_BUDGET."""
-        th, tw = output_hw[0] // 2, output_hw[1] // 2
-        return max(1, min(batch * th, WINOGRAD_BUDGET // (16 * channels * tw * itemsize)))
+        alpha^2 values a tile for each of ``channels`` (the larger of C_in and C_out),
+        stay within WINOGRAD_BUDGET."""
+        th, tw = output_hw[0] // tile, output_hw[1] // tile
+        return max(1, min(batch * th, WINOGRAD_BUDGET // ((tile + 2) ** 2 * channels * tw
+                                                          * itemsize)))
 
-    def _conv2d_winograd(self, x, filters, padding, relu_bias, y):
-        """y = a 3x3 stride-1 conv of x as Winograd F(2x2, 3x3), band by band of tile rows:
-        input transform, 16 GEMMs with the transformed filters (16, O, C), output
-        transform with relu(y + relu_bias[o]) unless relu_bias is None (see fast_ops)."""
+    def _conv2d_winograd(self, x, filters, tile, padding, relu_bias, y):
+        """y = a 3x3 stride-1 conv of x as Winograd F(tile x tile, 3x3), band by band of
+        tile rows: input transform, alpha^2 GEMMs with the transformed filters
+        (alpha^2, O, C), output transform with relu(y + relu_bias[o]) unless relu_bias
+        is None (see fast_ops)."""
         n, c = x.shape[:2]
         o, (ho, wo) = y.shape[1], y.shape[2:]
-        tw, total = wo // 2, n * (ho // 2)
+        values, tw, total = (tile + 2) ** 2, wo // tile, n * (ho // tile)
+        input_tiles = getattr(fast_ops, f"winograd{tile}_input_tiles")
+        output_tiles = getattr(fast_ops, f"winograd{tile}_output_tiles")
         padded = self._padded(x, padding)
-        rows = self._winograd_bands(max(c, o), (ho, wo), n, x.itemsize)
-        tiles = self._buffer(x.dtype, 16 * c * rows * tw, "gradient")
-        product = self._buffer(x.dtype, 16 * o * rows * tw, "product")
+        rows = self._winograd_bands(tile, max(c, o), (ho, wo), n, x.itemsize)
+        tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
+        product = self._buffer(x.dtype, values * o * rows * tw, "product")
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
         for first in range(0, total, rows):
             span = min(rows, total - first) * tw
-            v = tiles[: 16 * c * span].reshape(16, c, span)
-            _run(fast_ops.winograd_input_tiles, v.size, padded, first, v)
-            m = product[: 16 * o * span].reshape(16, o, span)
+            v = tiles[: values * c * span].reshape(values, c, span)
+            _run(input_tiles, v.size, padded, first, v)
+            m = product[: values * o * span].reshape(values, o, span)
             np.matmul(filters, v, out=m)
-            _run(fast_ops.winograd_output_tiles, m.size, m, first, bias, relu, y)
+            _run(output_tiles, m.size, m, first, bias, relu, y)
 
-    def _grad_weight_winograd(self, dy, x, padding):
-        """dW of a 3x3 stride-1 conv through Winograd F(2x2, 3x3): the adjoint of the
-        forward's steps. Per band, dU (16, O, C) += (A dY A^T) @ (B^T d B)^T, 16 GEMMs;
-        then dW = G^T dU G, one small GEMM with the filter matrix."""
+    def _grad_weight_winograd(self, dy, x, tile, padding):
+        """dW of a 3x3 stride-1 conv through Winograd F(tile x tile, 3x3): the adjoint of
+        the forward's steps. Per band, dU (alpha^2, O, C) += (A dY A^T) @ (B^T d B)^T,
+        alpha^2 GEMMs; then dW = G^T dU G, one small GEMM with the filter matrix."""
         n, o, ho, wo = dy.shape
         c = x.shape[1]
-        tw, total = wo // 2, n * (ho // 2)
+        values, tw, total = (tile + 2) ** 2, wo // tile, n * (ho // tile)
+        input_tiles = getattr(fast_ops, f"winograd{tile}_input_tiles")
+        gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
         padded = self._padded(x, padding)
-        rows = self._winograd_bands(max(c, o), (ho, wo), n, x.itemsize)
-        tiles = self._buffer(x.dtype, 16 * c * rows * tw, "gradient")
-        grads = self._buffer(x.dtype, 16 * o * rows * tw, "product")
+        rows = self._winograd_bands(tile, max(c, o), (ho, wo), n, x.itemsize)
+        tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
+        grads = self._buffer(x.dtype, values * o * rows * tw, "product")
         total_du = band_du = None
         for first in range(0, total, rows):
             span = min(rows, total - first) * tw
-            v = tiles[: 16 * c * span].reshape(16, c, span)
-            _run(fast_ops.winograd_input_tiles, v.size, padded, first, v)
-            dm = grads[: 16 * o * span].reshape(16, o, span)
-            _run(fast_ops.winograd_gradient_tiles, dm.size, dy, first, dm)
+            v = tiles[: values * c * span].reshape(values, c, span)
+            _run(input_tiles, v.size, padded, first, v)
+            dm = grads[: values * o * span].reshape(values, o, span)
+            _run(gradient_tiles, dm.size, dy, first, dm)
             if total_du is None:
                 total_du = np.matmul(dm, v.transpose(0, 2, 1))
                 continue
@@ -301,7 +348,8 @@ class NumbaBackend(Backend):
                 band_du = np.empty_like(total_du)
             np.matmul(dm, v.transpose(0, 2, 1), out=band_du)
             total_du += band_du
-        return (total_du.reshape(16, o * c).T @ _WINOGRAD_FILTER[dy.dtype]).reshape(o, c, 3, 3)
+        matrix = _WINOGRAD_FILTER[tile][dy.dtype]
+        return (total_du.reshape(values, o * c).T @ matrix).reshape(o, c, 3, 3)
 
     def _conv2d_gemms(self, x, w2, geometry, kernel_hw, y):
         """y = conv2d as im2col bands + one GEMM per band (see the module docstring)."""
@@ -324,9 +372,14 @@ class NumbaBackend(Backend):
         reach_h, reach_w = dh * (kh - 1), dw * (kw - 1)
         adjoint_pads = (reach_h - top, reach_h - bottom, reach_w - left, reach_w - right)
         if geometry.stride == (1, 1) and min(adjoint_pads) >= 0:
-            if _winograd(o, c, (kh, kw), geometry, n, input_hw):
+            adjoint = ConvGeometry((1, 1), adjoint_pads, geometry.dilation)
+            direct = (_direct_3x3(o, c, (kh, kw), adjoint, input_hw[1], DIRECT_RULES)
+                      and c % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
+            tile = 0 if direct else _winograd_tile(o, c, (kh, kw), adjoint, n, input_hw,
+                                                   WINOGRAD_4X4_MIN_CHANNELS)
+            if tile:
                 dx = np.empty((n, c, *input_hw), dtype=dy.dtype)
-                self._conv2d_winograd(dy, self._winograd_filters(w, adjoint=True),
+                self._conv2d_winograd(dy, self._winograd_filters(w, tile, adjoint=True), tile,
                                       adjoint_pads, None, dx)
                 return dx
             # The adjoint of a stride-1 conv is a conv with the flipped, transposed
@@ -377,8 +430,9 @@ class NumbaBackend(Backend):
             for image in range(n):
                 dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
             return dw.reshape(o, c, kh, kw)
-        if _winograd(c, o, kernel_hw, geometry, n, (ho, wo)):
-            return self._grad_weight_winograd(dy, x, geometry.padding)
+        tile = _winograd_tile(c, o, kernel_hw, geometry, n, (ho, wo), WINOGRAD_MIN_CHANNELS)
+        if tile:
+            return self._grad_weight_winograd(dy, x, tile, geometry.padding)
         if (_direct_3x3(c, o, kernel_hw, geometry, wo, GRAD_WEIGHT_DIRECT_RULES)
                 and o % fast_ops.GRAD_WEIGHT_OUTPUT_BLOCK == 0):
             dw = dw.reshape(o, c, kh, kw)
