@@ -110,12 +110,14 @@ WINOGRAD_MIN_WORK = 1 << 23
 WINOGRAD_4X4_MIN_WIDTH = 32
 WINOGRAD_4X4_MIN_CHANNELS = 32
 # Bytes of transformed input (and of the GEMMs' product) per band of tile rows: bands
-# keep those scratch arrays, 4x the size of the input and output they stand for, from
-# raising a step's peak memory. Measured on config A's step: peak 78.6 MiB without
-# Winograd, 93.4 with 8 MiB bands, 84-88 with 4 MiB (and the transformed filters no
-# longer kept as scratch: 82.3); the step's time the same within noise (30 alternated
-# pairs: 212 vs 207 ms for 8 vs 4 MiB).
-WINOGRAD_BUDGET = 4 << 20
+# keep those scratch arrays, 2.25x (F(4x4)) or 4x (F(2x2)) the size of the input and
+# output they stand for, from growing with the map. Bigger bands mean bigger GEMMs and
+# fewer calls: with F(4x4) on, 16 MiB bands against 4 MiB made B's step 11% faster
+# (1088 vs 1208 ms, 10 alternated pairs) and A's 5% (242 vs 256 ms, 25 pairs), and raised
+# the step's peak from 298 to 321 MiB on B and from 90 to 94 MiB on A (8 MiB: 321 and
+# 96). The transformed filters are not kept as scratch (A's peak 93 -> 82 MiB when
+# that was measured, with F(2x2) alone).
+WINOGRAD_BUDGET = 16 << 20
 # Kernels on fewer elements than this run serially on the calling thread: waking
 # numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
 # Measured with GEMMs in between: a ReLU of 300k float32 values ran faster serially
