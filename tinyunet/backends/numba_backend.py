@@ -100,8 +100,8 @@ WINOGRAD_MIN_WORK = 1 << 23
 # F(2x2, 3x3), and transformed inputs 2.25x the input's size instead of 4x) takes output
 # sides that are multiples of 4 on maps at least WINOGRAD_4X4_MIN_WIDTH wide, where its
 # transforms' loops are long enough, with both channel counts at least
-# WINOGRAD_4X4_MIN_CHANNELS (the weight gradient: WINOGRAD_MIN_CHANNELS) and outside
-# the direct kernels' rules. Measured per pass, alternating, against the path each layer
+# WINOGRAD_4X4_MIN_CHANNELS (the weight gradient: see below) and outside the direct
+# kernels' rules. Measured per pass, alternating, against the path each layer
 # took before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128
 # channels, 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide
 # maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient;
@@ -109,6 +109,11 @@ WINOGRAD_MIN_WORK = 1 << 23
 # wide or narrower (0.57-0.88x) and than the direct kernels on their layers (0.76-0.97x).
 WINOGRAD_4X4_MIN_WIDTH = 32
 WINOGRAD_4X4_MIN_CHANNELS = 32
+# The weight gradient takes F(4x4) from WINOGRAD_4X4_MIN_CHANNELS on maps up to this
+# wide, beyond it from WINOGRAD_MIN_CHANNELS: on B's 256-wide 64 -> 32 layer the direct
+# weight gradient was 1.5x faster. Against 64 channels everywhere, alternating steps:
+# B 5.4% and 3.7% faster (medians of 10 and 14 pairs), A 1.4% (30 pairs, within noise).
+WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH = 128
 # Bytes of transformed input (and of the GEMMs' product) per band of tile rows: bands
 # keep those scratch arrays, 2.25x (F(4x4)) or 4x (F(2x2)) the size of the input and
 # output they stand for, from growing with the map. Bigger bands mean bigger GEMMs and
@@ -432,7 +437,9 @@ class NumbaBackend(Backend):
             for image in range(n):
                 dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
             return dw.reshape(o, c, kh, kw)
-        tile = _winograd_tile(c, o, kernel_hw, geometry, n, (ho, wo), WINOGRAD_MIN_CHANNELS)
+        min_channels = (WINOGRAD_4X4_MIN_CHANNELS if wo <= WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH
+                        else WINOGRAD_MIN_CHANNELS)
+        tile = _winograd_tile(c, o, kernel_hw, geometry, n, (ho, wo), min_channels)
         if tile:
             return self._grad_weight_winograd(dy, x, tile, geometry.padding)
         if (_direct_3x3(c, o, kernel_hw, geometry, wo, GRAD_WEIGHT_DIRECT_RULES)
