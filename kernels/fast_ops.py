@@ -597,28 +597,39 @@ def _winograd4_input_row(s, i, v, c, lo, tw, two, four, five):
 
 
 @kernel()
-def winograd4_input_tiles(xp, first_row, v):
-    """v (36, C, rows*tw) = B^T d B of the 6x6 tiles d of ``rows`` tile rows of xp.
+def winograd4_input_tiles(x, top, left, th, tw, first_row, v):
+    """v (36, C, rows*tw) = B^T d B of the 6x6 tiles d of ``rows`` tile rows of x padded.
 
-    xp: the padded input (N, C, 4*th + 2, 4*tw + 2); tile (ty, tx) of image n starts at
-    row 4*ty, column 4*tx. A parallel step owns one channel. Per tile row, B^T runs
-    down the columns of its 6 input rows as whole-row sums (contiguous, vectorised),
-    then B along each of the 6 resulting rows, one loop per row with 6 output runs (a
-    tile at a time, 36 values in registers, ran 5-10x slower: too many to vectorise).
+    x: the input (N, C, H, W), read as if placed at (top, left) in a zero border of
+    4*th + 2 rows and 4*tw + 2 columns; tile (ty, tx) of image n starts at padded row
+    4*ty, column 4*tx. The padding is applied here, not copied first (a padded copy
+    took 6-15% of B's Winograd convs). A parallel step owns one channel. Per tile row,
+    B^T runs down the columns of its 6 input rows as whole-row sums (contiguous,
+    vectorised; rows in the border read a zero row), then B along each of the 6
+    resulting rows, one loop per row with 6 output runs (a tile at a time, 36 values in
+    registers, ran 5-10x slower: too many to vectorise).
     """
-    n_img, c_in, hp, wp = xp.shape
-    th, tw = (hp - 2) // 4, (wp - 2) // 4
+    n_img, c_in, h, w = x.shape
+    wp = 4 * tw + 2
     rows = v.shape[2] // tw
-    two, four, five = xp.dtype.type(2), xp.dtype.type(4), xp.dtype.type(5)
+    two, four, five = x.dtype.type(2), x.dtype.type(4), x.dtype.type(5)
+    zeros = np.zeros(w, dtype=x.dtype)
     for c in prange(c_in):
-        s = np.empty((6, wp), dtype=xp.dtype)
+        s = np.zeros((6, wp), dtype=x.dtype)
         for k in range(rows):
             n, ty = (first_row + k) // th, (first_row + k) % th
-            x, r, lo = xp[n, c], 4 * ty, k * tw
-            for j in range(wp):
-                s[0, j], s[1, j], s[2, j], s[3, j], s[4, j], s[5, j] = _winograd4_bt(
-                    x[r, j], x[r + 1, j], x[r + 2, j], x[r + 3, j], x[r + 4, j], x[r + 5, j],
-                    two, four, five)
+            r, lo = 4 * ty - top, k * tw
+            d0 = x[n, c, r] if 0 <= r < h else zeros
+            d1 = x[n, c, r + 1] if 0 <= r + 1 < h else zeros
+            d2 = x[n, c, r + 2] if 0 <= r + 2 < h else zeros
+            d3 = x[n, c, r + 3] if 0 <= r + 3 < h else zeros
+            d4 = x[n, c, r + 4] if 0 <= r + 4 < h else zeros
+            d5 = x[n, c, r + 5] if 0 <= r + 5 < h else zeros
+            # Columns outside [left, left + w) stay zero from np.zeros above.
+            for j in range(w):
+                q = left + j
+                s[0, q], s[1, q], s[2, q], s[3, q], s[4, q], s[5, q] = _winograd4_bt(
+                    d0[j], d1[j], d2[j], d3[j], d4[j], d5[j], two, four, five)
             # Row by row, written out: a loop over the 6 rows ran 1.4-1.7x slower.
             _winograd4_input_row(s, 0, v, c, lo, tw, two, four, five)
             _winograd4_input_row(s, 1, v, c, lo, tw, two, four, five)

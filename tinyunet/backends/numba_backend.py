@@ -304,6 +304,17 @@ class NumbaBackend(Backend):
         return max(1, min(batch * th, WINOGRAD_BUDGET // ((tile + 2) ** 2 * channels * tw
                                                           * itemsize)))
 
+    def _winograd_input(self, x, tile, padding, output_hw):
+        """A function (first_row, v) that writes one band's transformed input tiles into
+        v: F(4x4)'s kernel pads x as it reads it; F(2x2)'s reads a padded copy."""
+        if tile == 4:
+            top, left = padding[0], padding[2]
+            th, tw = output_hw[0] // 4, output_hw[1] // 4
+            return lambda first, v: _run(fast_ops.winograd4_input_tiles, v.size, x, top, left,
+                                         th, tw, first, v)
+        padded = self._padded(x, padding)
+        return lambda first, v: _run(fast_ops.winograd2_input_tiles, v.size, padded, first, v)
+
     def _conv2d_winograd(self, x, filters, tile, padding, relu_bias, y):
         """y = a 3x3 stride-1 conv of x as Winograd F(tile x tile, 3x3), band by band of
         tile rows: input transform, alpha^2 GEMMs with the transformed filters
@@ -312,9 +323,8 @@ class NumbaBackend(Backend):
         n, c = x.shape[:2]
         o, (ho, wo) = y.shape[1], y.shape[2:]
         values, tw, total = (tile + 2) ** 2, wo // tile, n * (ho // tile)
-        input_tiles = getattr(fast_ops, f"winograd{tile}_input_tiles")
         output_tiles = getattr(fast_ops, f"winograd{tile}_output_tiles")
-        padded = self._padded(x, padding)
+        transform_input = self._winograd_input(x, tile, padding, (ho, wo))
         rows = self._winograd_bands(tile, max(c, o), (ho, wo), n, x.itemsize)
         tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
         product = self._buffer(x.dtype, values * o * rows * tw, "product")
@@ -323,7 +333,7 @@ class NumbaBackend(Backend):
         for first in range(0, total, rows):
             span = min(rows, total - first) * tw
             v = tiles[: values * c * span].reshape(values, c, span)
-            _run(input_tiles, v.size, padded, first, v)
+            transform_input(first, v)
             m = product[: values * o * span].reshape(values, o, span)
             np.matmul(filters, v, out=m)
             _run(output_tiles, m.size, m, first, bias, relu, y)
@@ -335,9 +345,8 @@ class NumbaBackend(Backend):
         n, o, ho, wo = dy.shape
         c = x.shape[1]
         values, tw, total = (tile + 2) ** 2, wo // tile, n * (ho // tile)
-        input_tiles = getattr(fast_ops, f"winograd{tile}_input_tiles")
         gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
-        padded = self._padded(x, padding)
+        transform_input = self._winograd_input(x, tile, padding, (ho, wo))
         rows = self._winograd_bands(tile, max(c, o), (ho, wo), n, x.itemsize)
         tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
         grads = self._buffer(x.dtype, values * o * rows * tw, "product")
@@ -345,7 +354,7 @@ class NumbaBackend(Backend):
         for first in range(0, total, rows):
             span = min(rows, total - first) * tw
             v = tiles[: values * c * span].reshape(values, c, span)
-            _run(input_tiles, v.size, padded, first, v)
+            transform_input(first, v)
             dm = grads[: values * o * span].reshape(values, o, span)
             _run(gradient_tiles, dm.size, dy, first, dm)
             if total_du is None:
