@@ -438,6 +438,14 @@ def conv3x3_grad_weight(dyp, xp, dw):
 # The filter transforms G g G^T and its adjoint are small GEMMs in the backend.
 
 
+@njit(cache=True, inline="always")
+def _bias_relu_value(value, relu, zero):
+    """relu(value) if ``relu`` else value; NaN stays NaN, as in bias_relu."""
+    if relu and not (value > 0 or value != value):
+        return zero
+    return value
+
+
 @kernel()
 def winograd2_input_tiles(xp, first_row, v):
     """v (16, C, rows*tw) = B^T d B of the 4x4 tiles d of ``rows`` tile rows of xp.
@@ -513,13 +521,8 @@ def winograd2_output_tiles(m, first_row, bias, relu, y):
                 out = y[n, o, 2 * ty + i]
                 s0, s1, s2, s3 = sums[4 * i], sums[4 * i + 1], sums[4 * i + 2], sums[4 * i + 3]
                 for tx in range(tw):
-                    left = (s0[tx] + s1[tx] + s2[tx]) + b
-                    right = (s1[tx] - s2[tx] - s3[tx]) + b
-                    if relu:
-                        left = left if (left > 0 or left != left) else zero
-                        right = right if (right > 0 or right != right) else zero
-                    out[2 * tx] = left
-                    out[2 * tx + 1] = right
+                    out[2 * tx] = _bias_relu_value((s0[tx] + s1[tx] + s2[tx]) + b, relu, zero)
+                    out[2 * tx + 1] = _bias_relu_value((s1[tx] - s2[tx] - s3[tx]) + b, relu, zero)
 
 
 @kernel()
@@ -668,13 +671,13 @@ def winograd4_output_tiles(m, first_row, bias, relu, y):
             for i in range(4):
                 row = out[r + i]
                 for tx in range(tw):
-                    values = _winograd4_at(p[i, 0, tx], p[i, 1, tx], p[i, 2, tx], p[i, 3, tx],
-                                           p[i, 4, tx], p[i, 5, tx], two, four, eight)
-                    for jj in range(4):
-                        value = values[jj] + b
-                        if relu:
-                            value = value if (value > 0 or value != value) else zero
-                        row[4 * tx + jj] = value
+                    y0, y1, y2, y3 = _winograd4_at(p[i, 0, tx], p[i, 1, tx], p[i, 2, tx],
+                                                   p[i, 3, tx], p[i, 4, tx], p[i, 5, tx],
+                                                   two, four, eight)
+                    row[4 * tx] = _bias_relu_value(y0 + b, relu, zero)
+                    row[4 * tx + 1] = _bias_relu_value(y1 + b, relu, zero)
+                    row[4 * tx + 2] = _bias_relu_value(y2 + b, relu, zero)
+                    row[4 * tx + 3] = _bias_relu_value(y3 + b, relu, zero)
 
 
 @kernel()
