@@ -296,45 +296,48 @@ class NumbaBackend(Backend):
         filters = filters.reshape(-1, o, c)
         return filters.transpose(0, 2, 1) if adjoint else filters
 
-    def _winograd_bands(self, tile, channels, output_hw, batch, itemsize):
-        """Tile rows per band: the transformed input and the GEMMs' product of one band,
-        alpha^2 values a tile for each of ``channels`` (the larger of C_in and C_out),
-        stay within WINOGRAD_BUDGET."""
-        th, tw = output_hw[0] // tile, output_hw[1] // tile
-        return max(1, min(batch * th, WINOGRAD_BUDGET // ((tile + 2) ** 2 * channels * tw
-                                                          * itemsize)))
+    def _winograd_bands(self, x, tile, padding, output_hw, c_out):
+        """Yield (first_row, v, m) per band of tile rows of a Winograd conv of x.
 
-    def _winograd_input(self, x, tile, padding, output_hw):
-        """A function (first_row, v) that writes one band's transformed input tiles into
-        v: F(4x4)'s kernel pads x as it reads it; F(2x2)'s reads a padded copy."""
+        v (alpha^2, C, span) holds the band's transformed input tiles; m is a scratch
+        (alpha^2, c_out, span) array for the band's other GEMM operand or product. Both
+        live in reused buffers, so each band must be consumed before the next. Bands
+        keep v and m within WINOGRAD_BUDGET. F(4x4)'s input transform pads x as it
+        reads it; F(2x2)'s reads a padded copy.
+        """
+        n, c = x.shape[:2]
+        th, tw = output_hw[0] // tile, output_hw[1] // tile
+        values = (tile + 2) ** 2
         if tile == 4:
             top, left = padding[0], padding[2]
-            th, tw = output_hw[0] // 4, output_hw[1] // 4
-            return lambda first, v: _run(fast_ops.winograd4_input_tiles, v.size, x, top, left,
-                                         th, tw, first, v)
-        padded = self._padded(x, padding)
-        return lambda first, v: _run(fast_ops.winograd2_input_tiles, v.size, padded, first, v)
+
+            def transform(first, v):
+                _run(fast_ops.winograd4_input_tiles, v.size, x, top, left, th, tw, first, v)
+        else:
+            padded = self._padded(x, padding)
+
+            def transform(first, v):
+                _run(fast_ops.winograd2_input_tiles, v.size, padded, first, v)
+        per_row = values * max(c, c_out) * tw * x.itemsize
+        rows = max(1, min(n * th, WINOGRAD_BUDGET // per_row))
+        tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
+        product = self._buffer(x.dtype, values * c_out * rows * tw, "product")
+        for first in range(0, n * th, rows):
+            span = min(rows, n * th - first) * tw
+            v = tiles[: values * c * span].reshape(values, c, span)
+            transform(first, v)
+            yield first, v, product[: values * c_out * span].reshape(values, c_out, span)
 
     def _conv2d_winograd(self, x, filters, tile, padding, relu_bias, y):
         """y = a 3x3 stride-1 conv of x as Winograd F(tile x tile, 3x3), band by band of
         tile rows: input transform, alpha^2 GEMMs with the transformed filters
         (alpha^2, O, C), output transform with relu(y + relu_bias[o]) unless relu_bias
         is None (see fast_ops)."""
-        n, c = x.shape[:2]
-        o, (ho, wo) = y.shape[1], y.shape[2:]
-        values, tw, total = (tile + 2) ** 2, wo // tile, n * (ho // tile)
+        o = y.shape[1]
         output_tiles = getattr(fast_ops, f"winograd{tile}_output_tiles")
-        transform_input = self._winograd_input(x, tile, padding, (ho, wo))
-        rows = self._winograd_bands(tile, max(c, o), (ho, wo), n, x.itemsize)
-        tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
-        product = self._buffer(x.dtype, values * o * rows * tw, "product")
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
-        for first in range(0, total, rows):
-            span = min(rows, total - first) * tw
-            v = tiles[: values * c * span].reshape(values, c, span)
-            transform_input(first, v)
-            m = product[: values * o * span].reshape(values, o, span)
+        for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
             np.matmul(filters, v, out=m)
             _run(output_tiles, m.size, m, first, bias, relu, y)
 
@@ -342,20 +345,10 @@ class NumbaBackend(Backend):
         """dW of a 3x3 stride-1 conv through Winograd F(tile x tile, 3x3): the adjoint of
         the forward's steps. Per band, dU (alpha^2, O, C) += (A dY A^T) @ (B^T d B)^T,
         alpha^2 GEMMs; then dW = G^T dU G, one small GEMM with the filter matrix."""
-        n, o, ho, wo = dy.shape
-        c = x.shape[1]
-        values, tw, total = (tile + 2) ** 2, wo // tile, n * (ho // tile)
+        o, c = dy.shape[1], x.shape[1]
         gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
-        transform_input = self._winograd_input(x, tile, padding, (ho, wo))
-        rows = self._winograd_bands(tile, max(c, o), (ho, wo), n, x.itemsize)
-        tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
-        grads = self._buffer(x.dtype, values * o * rows * tw, "product")
         total_du = band_du = None
-        for first in range(0, total, rows):
-            span = min(rows, total - first) * tw
-            v = tiles[: values * c * span].reshape(values, c, span)
-            transform_input(first, v)
-            dm = grads[: values * o * span].reshape(values, o, span)
+        for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
             _run(gradient_tiles, dm.size, dy, first, dm)
             if total_du is None:
                 total_du = np.matmul(dm, v.transpose(0, 2, 1))
@@ -365,7 +358,7 @@ class NumbaBackend(Backend):
             np.matmul(dm, v.transpose(0, 2, 1), out=band_du)
             total_du += band_du
         matrix = _WINOGRAD_FILTER[tile][dy.dtype]
-        return (total_du.reshape(values, o * c).T @ matrix).reshape(o, c, 3, 3)
+        return (total_du.reshape(-1, o * c).T @ matrix).reshape(o, c, 3, 3)
 
     def _conv2d_gemms(self, x, w2, geometry, kernel_hw, y):
         """y = conv2d as im2col bands + one GEMM per band (see the module docstring)."""
