@@ -159,6 +159,26 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
     assert {name: len(found) for name, found in calls.items()} == expected
 
 
+@pytest.mark.parametrize("max_width, winograd_calls", [(4, 0), (8, 1)])
+def test_weight_gradient_takes_4x4_from_32_channels_up_to_its_width(max_width,
+                                                                    winograd_calls):
+    """The weight gradient's own F(4x4) rule: 32 channels suffice on maps up to
+    WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH wide; wider ones need WINOGRAD_MIN_CHANNELS (64)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 32, 8, 8)).astype(np.float32)
+    dy = rng.standard_normal((2, 32, 8, 8)).astype(np.float32)
+    geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "WINOGRAD_4X4_MIN_WIDTH", 1)
+        patch.setattr(numba_backend, "WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH", max_width)
+        kernel = numba_backend.fast_ops.winograd4_gradient_tiles
+        patch.setattr(numba_backend.fast_ops, "winograd4_gradient_tiles", _Spy(kernel, calls))
+        dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
+    assert len(calls) == winograd_calls
+    assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 @settings(max_examples=6)
 @given(n=st.integers(1, 2), channels=st.sampled_from([(1, 1), (2, 3), (4, 2)]),
@@ -168,7 +188,8 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
 def test_winograd_gradients_by_finite_differences(tile, n, channels, tiles, padding, bias,
                                                   seed):
     """F.conv2d through the Winograd F(tile x tile, 3x3) path, against central
-    differences in float64; with padding 1 the input gradient is Winograd too."""
+    differences in float64. The input's sides are even, so the input gradient is a
+    Winograd conv too: F(tile x tile) when they are multiples of the tile, else F(2x2)."""
     (c_in, c_out), (ph, pw) = channels, padding
     h, w = tile * tiles[0] + 2 - 2 * ph, tile * tiles[1] + 2 - 2 * pw
     h, w = h + tile * (h <= 0), w + tile * (w <= 0)
@@ -490,7 +511,7 @@ OPTIMIZERS = {"sgd-momentum": sgd_momentum, "adam": adam}
 def test_training_on_numba_matches_numpy_step_by_step(optimizer, path):
     """Same seed, same data: every step's loss and the final weights agree up to float32
     rounding (the backends sum GEMM products in different orders), also with every 3x3
-    conv the tiny U-Net has (16x16 and 8x8 maps) forced through Winograd.
+    conv the tiny U-Net has (16x16, 8x8 and 4x4 maps) forced through Winograd.
 
     Winograd with Adam is held to the losses only: Adam divides each gradient by its
     own running magnitude, so a gradient element within rounding of zero moves its

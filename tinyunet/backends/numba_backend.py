@@ -6,7 +6,8 @@ arrays, so ``xp`` is numpy and tensors move freely between this backend and ``nu
 How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer):
 
 * 3x3 stride-1 convs with many channels run as Winograd convolutions (Lavin & Gray
-  2016), unless the direct kernels below take them: F(4x4, 3x3) computes each 4x4
+  2016), unless the direct kernels below take them (the weight gradient tries
+  Winograd first; see conv2d_grad_weight): F(4x4, 3x3) computes each 4x4
   block of outputs from a 6x6 input tile with 36 multiplies instead of 144, F(2x2, 3x3)
   each 2x2 block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in)
   @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
@@ -82,7 +83,9 @@ DIRECT_RULES = ((128, 32 * 32), (64, 16 * 32))
 # alternating: direct 1.25x for 32->32 and 1.5x for 64->32 on 64-wide maps, 0.97x for
 # 32->64 (which the rule, counting C_in * C_out, admits: within this machine's noise);
 # on 128-wide maps 1.1x up to 64->64, 0.97x for 128->64; on 256-wide 1.3x for 32->32,
-# 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster.
+# 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster. Measured before Winograd, which
+# the weight gradient tries first: the direct kernel now keeps the layers under 32
+# channels and those wider than WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH under 64.
 GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # Which 3x3 stride-1 convs with even output sides run as Winograd F(2x2, 3x3): 2.25x
 # fewer multiplies, in 16 GEMMs of (C_out, C_in) @ (C_in, tiles), plus transforms that
@@ -91,7 +94,8 @@ GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # tiles (the work of one of the 16 GEMMs) at least WINOGRAD_MIN_WORK. Measured per pass
 # against the paths below, alternating: 1.3-1.9x faster for the forward and both
 # gradients of 128- to 1024-channel layers on config B's 16- to 64-wide maps, 1.04-1.37x
-# on 64 channels over 128-wide maps and on config A's 64- to 256-channel layers; slower
+# on 64 channels over 128-wide maps and on config A's 64- to 256-channel layers (before
+# F(4x4), which now takes the maps 32 or more wide); slower
 # for 32 -> 64 channels (0.84x forward) and for 64 -> 64 channels on 8x8 maps of 8
 # images (0.8x), which the two limits leave out.
 WINOGRAD_MIN_CHANNELS = 64
@@ -120,8 +124,7 @@ WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH = 128
 # fewer calls: with F(4x4) on, 16 MiB bands against 4 MiB made B's step 11% faster
 # (1088 vs 1208 ms, 10 alternated pairs) and A's 5% (242 vs 256 ms, 25 pairs), and raised
 # the step's peak from 298 to 321 MiB on B and from 90 to 94 MiB on A (8 MiB: 321 and
-# 96). The transformed filters are not kept as scratch (A's peak 93 -> 82 MiB when
-# that was measured, with F(2x2) alone).
+# 96).
 WINOGRAD_BUDGET = 16 << 20
 # Kernels on fewer elements than this run serially on the calling thread: waking
 # numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
@@ -177,9 +180,9 @@ def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw, min_chann
     return 0
 
 
-def _winograd_filter_matrix(g):
-    """The (alpha^2, 9) matrix that maps a flattened 3x3 filter to its flattened
-    transform G g G^T (row alpha*a + b, column 3k + l holds G[a, k] * G[b, l])."""
+def _winograd_filter_matrices(g):
+    """By dtype, the (alpha^2, 9) matrix that maps a flattened 3x3 filter to its
+    flattened transform G g G^T (row alpha*a + b, column 3k + l holds G[a, k] * G[b, l])."""
     return {np.dtype(t): np.kron(g, g).astype(t) for t in (np.float32, np.float64)}
 
 
@@ -187,9 +190,9 @@ def _winograd_filter_matrix(g):
 # entries are 0, +-1/2 or 1, so its float32 matrix is exact; F(4x4)'s 1/6, 1/12 and 1/24
 # are rounded, which the filter transform's error absorbs.
 _WINOGRAD_FILTER = {
-    2: _winograd_filter_matrix(np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
+    2: _winograd_filter_matrices(np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
                                          [0, 0, 1]])),
-    4: _winograd_filter_matrix(np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6],
+    4: _winograd_filter_matrices(np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6],
                                          [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
                                          [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])),
 }
@@ -220,7 +223,11 @@ class NumbaBackend(Backend):
 
     def __init__(self):
         # Scratch arrays per (dtype, use), grown on demand and reused across calls and
-        # steps, so training allocates no temporaries after the first step. A fresh
+        # steps, so the temporaries that scale with the maps (columns, padded copies,
+        # GEMM products, Winograd tiles) are allocated once; those that scale with a
+        # layer's weights (Winograd's transformed filters and dU sums, alpha^2 * C_out *
+        # C_in values) are fresh arrays each call, which malloc reuses under
+        # tinyunet.memory.keep_freed_memory. A fresh
         # multi-MB array costs its page faults on every call (measured: a 2x2 transposed
         # conv to a 128x128 map took 4.3 ms with fresh columns, 2.7 ms reusing them).
         self._scratch: dict[tuple[np.dtype, str], np.ndarray] = {}
@@ -237,8 +244,8 @@ class NumbaBackend(Backend):
     def _buffer(self, dtype, size, use="columns"):
         """A reusable scratch array of ``size`` elements, valid until the next call for
         the same ``use``: "columns" (im2col columns, padded inputs), "product" (a GEMM's
-        result before it is rearranged into the output) or "gradient" (a padded dy, or
-        Winograd-transformed input tiles)."""
+        result before it is rearranged into the output, or Winograd's other GEMM
+        operand) or "gradient" (a padded dy, or Winograd-transformed input tiles)."""
         key = (np.dtype(dtype), use)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.size < size:
@@ -288,7 +295,9 @@ class NumbaBackend(Backend):
 
         With ``adjoint``: those of the input gradient's conv, whose filter (c, o) is
         w[o, c] flipped, as a (alpha^2, C, O) view. Flipping a filter reverses its 9 taps,
-        which is the filter matrix's columns reversed.
+        which is the filter matrix's columns reversed. A fresh array, not scratch: kept
+        as scratch, the largest layer's transform stayed resident (A's step peak 93 vs
+        82 MiB, measured with F(2x2) alone), and malloc reuses the freed block.
         """
         o, c = w.shape[:2]
         matrix = _WINOGRAD_FILTER[tile][w.dtype]
@@ -303,7 +312,8 @@ class NumbaBackend(Backend):
         (alpha^2, c_out, span) array for the band's other GEMM operand or product. Both
         live in reused buffers, so each band must be consumed before the next. Bands
         keep v and m within WINOGRAD_BUDGET. F(4x4)'s input transform pads x as it
-        reads it; F(2x2)'s reads a padded copy.
+        reads it; F(2x2)'s reads a padded copy (in "columns"; v is in "gradient", m in
+        "product").
         """
         n, c = x.shape[:2]
         th, tw = output_hw[0] // tile, output_hw[1] // tile
@@ -434,16 +444,20 @@ class NumbaBackend(Backend):
         dy, x = _contiguous(dy), _contiguous(x)
         n, o, ho, wo = dy.shape
         c, (kh, kw) = x.shape[1], kernel_hw
-        dw = np.zeros((o, c * kh * kw), dtype=dy.dtype)
-        if (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
-            for image in range(n):
-                dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
-            return dw.reshape(o, c, kh, kw)
+        # Unlike the forward, the weight gradient tries Winograd before the direct
+        # kernel, which GRAD_WEIGHT_DIRECT_RULES also admits on these layers: alone,
+        # F(4x4)'s beat it 1.44-1.56x on 64-wide maps of 32-64 channels, F(2x2)'s 1.37x
+        # on B's 128-wide 64 -> 64 layer.
         min_channels = (WINOGRAD_4X4_MIN_CHANNELS if wo <= WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH
                         else WINOGRAD_MIN_CHANNELS)
         tile = _winograd_tile(c, o, kernel_hw, geometry, n, (ho, wo), min_channels)
         if tile:
             return self._grad_weight_winograd(dy, x, tile, geometry.padding)
+        dw = np.zeros((o, c * kh * kw), dtype=dy.dtype)
+        if (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
+            for image in range(n):
+                dw += dy[image].reshape(o, -1) @ x[image].reshape(c, -1).T
+            return dw.reshape(o, c, kh, kw)
         if (_direct_3x3(c, o, kernel_hw, geometry, wo, GRAD_WEIGHT_DIRECT_RULES)
                 and o % fast_ops.GRAD_WEIGHT_OUTPUT_BLOCK == 0):
             dw = dw.reshape(o, c, kh, kw)
