@@ -95,9 +95,9 @@ GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # against the paths below, alternating: 1.3-1.9x faster for the forward and both
 # gradients of 128- to 1024-channel layers on config B's 16- to 64-wide maps, 1.04-1.37x
 # on 64 channels over 128-wide maps and on config A's 64- to 256-channel layers (before
-# F(4x4), which now takes the maps 32 or more wide); slower
-# for 32 -> 64 channels (0.84x forward) and for 64 -> 64 channels on 8x8 maps of 8
-# images (0.8x), which the two limits leave out.
+# F(4x4), which now takes the maps 32 or more wide); slower for 32 -> 64 channels (0.84x
+# forward) and for 64 -> 64 channels on 8x8 maps of 8 images (0.8x), which the two
+# limits leave out.
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_WORK = 1 << 23
 # Winograd F(4x4, 3x3) (4x4 output tiles, 36 multiplies instead of 144: 1.78x fewer than
@@ -191,10 +191,10 @@ def _winograd_filter_matrices(g):
 # are rounded, which the filter transform's error absorbs.
 _WINOGRAD_FILTER = {
     2: _winograd_filter_matrices(np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
-                                         [0, 0, 1]])),
+                                           [0, 0, 1]])),
     4: _winograd_filter_matrices(np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6],
-                                         [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                                         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])),
+                                           [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                                           [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])),
 }
 
 
