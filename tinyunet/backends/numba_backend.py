@@ -180,6 +180,17 @@ def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw, min_chann
     return 0
 
 
+def _forward_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
+    """(direct, tile) for a conv's forward: whether the direct 3x3 kernel takes it,
+    else the output tile of the Winograd variant that does (0 for none)."""
+    direct = (_direct_3x3(c_in, c_out, kernel_hw, geometry, output_hw[1], DIRECT_RULES)
+              and c_out % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
+    if direct:
+        return True, 0
+    return False, _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw,
+                                 WINOGRAD_4X4_MIN_CHANNELS)
+
+
 def _winograd_filter_matrices(g):
     """By dtype, the (alpha^2, 9) matrix that maps a flattened 3x3 filter to its
     flattened transform G g G^T (row alpha*a + b, column 3k + l holds G[a, k] * G[b, l])."""
@@ -269,10 +280,7 @@ class NumbaBackend(Backend):
         ho, wo = geometry.output_hw((h, width), (kh, kw))
         w2 = w.reshape(o, c * kh * kw)
         y = np.empty((n, o, ho, wo), dtype=x.dtype)
-        direct = (_direct_3x3(c, o, (kh, kw), geometry, wo, DIRECT_RULES)
-                  and o % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
-        tile = 0 if direct else _winograd_tile(c, o, (kh, kw), geometry, n, (ho, wo),
-                                               WINOGRAD_4X4_MIN_CHANNELS)
+        direct, tile = _forward_route(c, o, (kh, kw), geometry, n, (ho, wo))
         if tile:
             filters = self._winograd_filters(w, tile)
             self._conv2d_winograd(x, filters, tile, geometry.padding, relu_bias, y)
@@ -392,10 +400,9 @@ class NumbaBackend(Backend):
         adjoint_pads = (reach_h - top, reach_h - bottom, reach_w - left, reach_w - right)
         if geometry.stride == (1, 1) and min(adjoint_pads) >= 0:
             adjoint = ConvGeometry((1, 1), adjoint_pads, geometry.dilation)
-            direct = (_direct_3x3(o, c, (kh, kw), adjoint, input_hw[1], DIRECT_RULES)
-                      and c % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
-            tile = 0 if direct else _winograd_tile(o, c, (kh, kw), adjoint, n, input_hw,
-                                                   WINOGRAD_4X4_MIN_CHANNELS)
+            # Routed as conv2d would route the adjoint conv, but a Winograd one gets its
+            # filter transforms from w directly, with no flipped copy.
+            _, tile = _forward_route(o, c, (kh, kw), adjoint, n, input_hw)
             if tile:
                 dx = np.empty((n, c, *input_hw), dtype=dy.dtype)
                 self._conv2d_winograd(dy, self._winograd_filters(w, tile, adjoint=True), tile,
