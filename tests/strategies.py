@@ -138,6 +138,22 @@ def winograd_conv_geometries(draw, limit: Limit, tile: int):
     return (n, c, h, w), (o, c, 3, 3), ConvGeometry((1, 1), padding, (1, 1)), draw(seeds)
 
 
+@st.composite
+def gemm_stacks(draw, max_stack: int = 7, max_side: int = 9):
+    """(a, b) stacks of GEMMs (S, M, K) @ (S, K, N), b sometimes a transposed view (as
+    the Winograd weight gradient passes it), float32 or float64."""
+    stack = draw(st.integers(1, max_stack))
+    m, k, n = (draw(st.integers(1, max_side)) for _ in range(3))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(seeds))
+    a = rng.standard_normal((stack, m, k)).astype(dtype)
+    if draw(st.booleans()):
+        b = rng.standard_normal((stack, n, k)).astype(dtype).transpose(0, 2, 1)
+    else:
+        b = rng.standard_normal((stack, k, n)).astype(dtype)
+    return a, b
+
+
 @dataclass(frozen=True)
 class ConvTransposeCase:
     x_shape: tuple

@@ -31,6 +31,7 @@ from tinyunet.backends import (  # noqa: E402
     PoolGeometry,
     get_backend,
     numba_backend,
+    stacked_gemm,
 )
 
 NUMPY = get_backend("numpy")
@@ -40,9 +41,12 @@ NUMBA = get_backend("numba")
 @pytest.fixture(autouse=True, params=["serial twins", "parallel kernels"])
 def kernel_mode(request, monkeypatch):
     """Every test twice: the small shapes here go to the kernels' serial twins by
-    default, so the parallel compiles are forced for the second run."""
+    default, so the parallel compiles (and split GEMM stacks) are forced for the
+    second run."""
     if request.param == "parallel kernels":
         monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 0)
+        # The Winograd GEMM stacks split over BLAS's threads too (stacked_gemm).
+        monkeypatch.setattr(stacked_gemm, "MIN_SPLIT_FLOPS", 0)
     return request.param
 
 DTYPES = st.sampled_from([np.float32, np.float64])

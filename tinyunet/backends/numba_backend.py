@@ -64,6 +64,7 @@ from numba import typed
 
 from ..kernels import fast_ops
 from .interface import Backend, ConvGeometry, PoolGeometry
+from .stacked_gemm import StackedGemm
 
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
 # columns, small enough to stay in the L2/L3 cache and to keep peak memory low.
@@ -245,6 +246,7 @@ class NumbaBackend(Backend):
         # The optimizer updates' typed Lists, by role, and their piece tables (_spans).
         self._lists: dict[str, tuple] = {}
         self._piece_tables: dict[tuple, np.ndarray] = {}
+        self._stacked_gemm = StackedGemm()
 
     def asarray(self, host_array):
         return np.asarray(host_array)
@@ -356,7 +358,7 @@ class NumbaBackend(Backend):
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
         for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
-            np.matmul(filters, v, out=m)
+            self._stacked_gemm.matmul(filters, v, m)
             _run(output_tiles, m.size, m, first, bias, relu, y)
 
     def _grad_weight_winograd(self, dy, x, tile, padding):
@@ -365,15 +367,16 @@ class NumbaBackend(Backend):
         alpha^2 GEMMs; then dW = G^T dU G, one small GEMM with the filter matrix."""
         o, c = dy.shape[1], x.shape[1]
         gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
-        total_du = band_du = None
+        total_du = np.empty(((tile + 2) ** 2, o, c), dtype=dy.dtype)
+        band_du = None
         for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
             _run(gradient_tiles, dm.size, dy, first, dm)
-            if total_du is None:
-                total_du = np.matmul(dm, v.transpose(0, 2, 1))
+            if first == 0:
+                self._stacked_gemm.matmul(dm, v.transpose(0, 2, 1), total_du)
                 continue
             if band_du is None:
                 band_du = np.empty_like(total_du)
-            np.matmul(dm, v.transpose(0, 2, 1), out=band_du)
+            self._stacked_gemm.matmul(dm, v.transpose(0, 2, 1), band_du)
             total_du += band_du
         matrix = _WINOGRAD_FILTER[tile][dy.dtype]
         return (total_du.reshape(-1, o * c).T @ matrix).reshape(o, c, 3, 3)
