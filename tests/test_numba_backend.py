@@ -163,23 +163,25 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
     assert {name: len(found) for name, found in calls.items()} == expected
 
 
-@pytest.mark.parametrize("max_width, winograd_calls", [(4, 0), (8, 1)])
-def test_weight_gradient_takes_4x4_from_32_channels_up_to_its_width(max_width,
-                                                                    winograd_calls):
-    """The weight gradient's own F(4x4) rule: 32 channels suffice on maps up to
-    WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH wide; wider ones need WINOGRAD_MIN_CHANNELS (64)."""
+@pytest.mark.parametrize("channels, winograd_calls", [(16, 0), (32, 1)])
+def test_weight_gradient_tries_4x4_before_the_direct_kernel(channels, winograd_calls):
+    """The weight gradient takes F(4x4) from WINOGRAD_4X4_MIN_CHANNELS on, even on
+    layers that the direct kernel's rules admit too; fewer channels go direct."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 32, 8, 8)).astype(np.float32)
-    dy = rng.standard_normal((2, 32, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((2, channels, 8, 8)).astype(np.float32)
+    dy = rng.standard_normal((2, channels, 8, 8)).astype(np.float32)
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
-    calls = []
+    calls, direct_calls = [], []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numba_backend, "WINOGRAD_4X4_MIN_WIDTH", 1)
-        patch.setattr(numba_backend, "WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH", max_width)
+        patch.setattr(numba_backend, "GRAD_WEIGHT_DIRECT_RULES", ((1, 10**6),))
         kernel = numba_backend.fast_ops.winograd4_gradient_tiles
         patch.setattr(numba_backend.fast_ops, "winograd4_gradient_tiles", _Spy(kernel, calls))
+        direct = numba_backend.fast_ops.conv3x3_grad_weight
+        patch.setattr(numba_backend.fast_ops, "conv3x3_grad_weight",
+                      _Spy(direct, direct_calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
-    assert len(calls) == winograd_calls
+    assert (len(calls), len(direct_calls)) == (winograd_calls, 1 - winograd_calls)
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
 
 

@@ -78,7 +78,11 @@ COLUMN_BUDGET = 4 << 20
 # 32x32 channels, GEMMs on every map of 32 pixels or narrower. On 64-wide maps, timing
 # a layer's three passes with the two paths alternating: direct 1.7-2.3x faster for
 # 8->8 and 16->8, 1.18x for 16->32, even at 32->32, GEMMs 1.1x faster at 64->32.
-DIRECT_RULES = ((128, 32 * 32), (64, 16 * 32))
+# Since Winograd's GEMM stacks are split among BLAS's threads (stacked_gemm), F(4x4)
+# beats direct on B's 32->32 layer at 256x256 (forward 16.4 -> 13.6 ms, input gradient
+# 15.9 -> 13.7 ms, alone) and its rule (32x32 channels on 128-wide maps) went: B's step
+# 763 -> 710 ms, with the next rule's change (12 alternated pairs).
+DIRECT_RULES = ((64, 16 * 32),)
 # The same for the weight gradient alone, whose direct kernel beats its GEMMs on more
 # channels than the forward's. Measured on the benchmark U-Nets' layers, the two paths
 # alternating: direct 1.25x for 32->32 and 1.5x for 64->32 on 64-wide maps, 0.97x for
@@ -86,7 +90,7 @@ DIRECT_RULES = ((128, 32 * 32), (64, 16 * 32))
 # on 128-wide maps 1.1x up to 64->64, 0.97x for 128->64; on 256-wide 1.3x for 32->32,
 # 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster. Measured before Winograd, which
 # the weight gradient tries first: the direct kernel now keeps the layers under 32
-# channels and those wider than WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH under 64.
+# channels.
 GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # Which 3x3 stride-1 convs with even output sides run as Winograd F(2x2, 3x3): 2.25x
 # fewer multiplies, in 16 GEMMs of (C_out, C_in) @ (C_in, tiles), plus transforms that
@@ -105,20 +109,17 @@ WINOGRAD_MIN_WORK = 1 << 23
 # F(2x2, 3x3), and transformed inputs 2.25x the input's size instead of 4x) takes output
 # sides that are multiples of 4 on maps at least WINOGRAD_4X4_MIN_WIDTH wide, where its
 # transforms' loops are long enough, with both channel counts at least
-# WINOGRAD_4X4_MIN_CHANNELS (the weight gradient: see below) and outside the direct
+# WINOGRAD_4X4_MIN_CHANNELS and (but for the weight gradient) outside the direct
 # kernels' rules. Measured per pass, alternating, against the path each layer
 # took before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128
 # channels, 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide
-# maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient;
-# the direct weight gradient stays 1.5x faster there); slower than F(2x2) on maps 16
-# wide or narrower (0.57-0.88x) and than the direct kernels on their layers (0.76-0.97x).
+# maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient);
+# slower than F(2x2) on maps 16 wide or narrower (0.57-0.88x) and than the direct
+# kernels on their layers (0.76-0.97x). With its GEMM stacks split (stacked_gemm), its
+# weight gradient also beats the direct one on B's 256-wide 64 -> 32 layer (36.9 ->
+# 23.3 ms alone), which a rule had kept from it while the direct one was 1.5x faster.
 WINOGRAD_4X4_MIN_WIDTH = 32
 WINOGRAD_4X4_MIN_CHANNELS = 32
-# The weight gradient takes F(4x4) from WINOGRAD_4X4_MIN_CHANNELS on maps up to this
-# wide, beyond it from WINOGRAD_MIN_CHANNELS: on B's 256-wide 64 -> 32 layer the direct
-# weight gradient was 1.5x faster. Against 64 channels everywhere, alternating steps:
-# B 5.4% and 3.7% faster (medians of 10 and 14 pairs), A 1.4% (30 pairs, within noise).
-WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH = 128
 # Bytes of transformed input (and of the GEMMs' product) per band of tile rows: bands
 # keep those scratch arrays, 2.25x (F(4x4)) or 4x (F(2x2)) the size of the input and
 # output they stand for, from growing with the map. Bigger bands mean bigger GEMMs and
@@ -164,7 +165,7 @@ def _is_2x2_stride2(kernel_hw, geometry):
             and not any(geometry.padding))
 
 
-def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw, min_channels_4x4):
+def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     """The output tile of the Winograd variant a conv goes to: 4 (F(4x4, 3x3)), 2
     (F(2x2, 3x3)) or 0 for none (see WINOGRAD_MIN_CHANNELS, WINOGRAD_4X4_MIN_WIDTH)."""
     ho, wo = output_hw
@@ -172,7 +173,7 @@ def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw, min_chann
             or ho % 2 or wo % 2 or not ho or not wo):
         return 0
     if (ho % 4 == 0 and wo % 4 == 0 and wo >= WINOGRAD_4X4_MIN_WIDTH
-            and min(c_in, c_out) >= min_channels_4x4):
+            and min(c_in, c_out) >= WINOGRAD_4X4_MIN_CHANNELS):
         return 4
     tiles = batch * (ho // 2) * (wo // 2)
     if (min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
@@ -188,8 +189,7 @@ def _forward_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
               and c_out % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
     if direct:
         return True, 0
-    return False, _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw,
-                                 WINOGRAD_4X4_MIN_CHANNELS)
+    return False, _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
 
 
 def _winograd_filter_matrices(g):
@@ -458,9 +458,7 @@ class NumbaBackend(Backend):
         # kernel, which GRAD_WEIGHT_DIRECT_RULES also admits on these layers: alone,
         # F(4x4)'s beat it 1.44-1.56x on 64-wide maps of 32-64 channels, F(2x2)'s 1.37x
         # on B's 128-wide 64 -> 64 layer.
-        min_channels = (WINOGRAD_4X4_MIN_CHANNELS if wo <= WINOGRAD_4X4_GRAD_WEIGHT_MAX_WIDTH
-                        else WINOGRAD_MIN_CHANNELS)
-        tile = _winograd_tile(c, o, kernel_hw, geometry, n, (ho, wo), min_channels)
+        tile = _winograd_tile(c, o, kernel_hw, geometry, n, (ho, wo))
         if tile:
             return self._grad_weight_winograd(dy, x, tile, geometry.padding)
         dw = np.zeros((o, c * kh * kw), dtype=dy.dtype)
