@@ -290,7 +290,11 @@ class NumbaBackend(Backend):
         if direct:
             fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
-            np.matmul(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
+            # One input channel makes each image's GEMM an outer product, which BLAS ran
+            # 10x slower than numpy's broadcast multiply (the input gradient of B's
+            # one-class head: 4.7 vs 0.47 ms).
+            product = np.multiply if c == 1 else np.matmul
+            product(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
         elif geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS and o <= c:
             self._conv2d_row_shifts(x, w, geometry, y)
         else:
