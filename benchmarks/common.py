@@ -17,14 +17,20 @@ from . import MALLOC_KEEPS_FREED_MEMORY
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def import_torch(threads: int):
-    """PyTorch with ``threads`` intra-op threads, or None when it is not installed."""
+def import_torch(threads: int | None = None):
+    """PyTorch (with ``threads`` intra-op threads unless None), or None when it is not
+    installed."""
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     return torch
+
+
+def torch_label(torch, where: str) -> str:
+    return f"{torch.__version__}, {torch.get_num_threads()} threads, {where}"
 
 
 def compute_threads() -> int:
@@ -71,7 +77,9 @@ def interleaved(runs: dict, repeats: int, warmup: int = 1) -> dict:
             run()
             start = time.perf_counter()
             run()
-            times[name].append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            # A competitor in another process times itself (no pipe latency counted).
+            times[name].append(getattr(run, "last_seconds", elapsed))
     return {name: sorted(values) for name, values in times.items()}
 
 
@@ -98,8 +106,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine_lines(threads: int, torch) -> list[str]:
-    """Markdown bullet lines describing the machine and the software."""
+def machine_lines(threads: int, torch_label: str | None) -> list[str]:
+    """Markdown bullet lines describing the machine and the software; ``torch_label``
+    says which PyTorch ran and how (None: not installed)."""
     import numba
 
     blas = "unknown"
@@ -115,16 +124,22 @@ def machine_lines(threads: int, torch) -> list[str]:
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; {platform.system()} "
         f"{platform.release()}",
         f"- Python {platform.python_version()}, numpy {np.__version__} ({blas}), "
-        f"numba {numba.__version__} (threading layer {numba.threading_layer()})",
-        "- PyTorch: " + (f"{torch.__version__}, {torch.get_num_threads()} threads"
-                         if torch else "not installed"),
+        f"numba {numba.__version__} (threading layer {_threading_layer()})",
+        "- PyTorch: " + (torch_label or "not installed"),
         f"- Threads: {threads} for numba kernels and PyTorch; thread env vars: {env}",
         "- malloc: " + ("keeps freed memory for reuse (`tinyunet.memory.keep_freed_memory`, "
-                        "one process: both frameworks)" if MALLOC_KEEPS_FREED_MEMORY
+                        "in every benchmark process)" if MALLOC_KEEPS_FREED_MEMORY
                         else "glibc's defaults (or not glibc)"),
         f"- Command: `python -m {' '.join([_module_name(), *sys.argv[1:]])}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M')}",
     ]
+
+
+def _threading_layer() -> str:
+    import numba
+
+    layer = numba.threading_layer()
+    return layer + (", GNU OpenMP waiting passively" if layer == "omp" else "")
 
 
 def _module_name() -> str:

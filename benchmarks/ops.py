@@ -27,6 +27,7 @@ from .common import (
     median,
     sgemm_gflops,
     table,
+    torch_label,
     write_section,
 )
 
@@ -183,8 +184,13 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args(argv)
 
+    # PyTorch first, as both frameworks share this process: its GNU OpenMP keeps its
+    # default wait policy, and numba's kernels then run on the workqueue layer (see
+    # fast_ops._start_thread_pool; train_step runs PyTorch in a process of its own).
+    torch = import_torch()
     threads = compute_threads()
-    torch = import_torch(threads)
+    if torch:
+        torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     first_peak = sgemm_gflops()
     print(f"sgemm 1024^3 in numpy: {first_peak:.1f} GFLOP/s; threads {threads}; "
@@ -226,7 +232,7 @@ def main(argv=None):
     body = "\n".join([
         "## Per-op benchmark (`python -m benchmarks.ops`)",
         "",
-        *machine_lines(threads, torch),
+        *machine_lines(threads, torch and torch_label(torch, "in this process")),
         f"- float32 sgemm 1024^3 in numpy, measured in this run before and after the layers: "
         f"{peak:.1f} GFLOP/s, the higher of the two (the % in the table is of this)",
         f"- Medians of {args.repeats} round-robin repeats, each turn a rest, one untimed call "

@@ -13,7 +13,9 @@ A training step is zero_grad + forward + loss + backward + optimizer step, on fl
 
 Steps of the two frameworks alternate (round-robin; each turn rests, runs one untimed
 step and times the next, back to back as in a training loop),
-and the medians, min/max and their ratio come from that one run. Inference (forward
+and the medians, min/max and their ratio come from that one run. PyTorch runs in a
+child process of its own, one step per request (``PeerProcess``), so that each
+framework keeps its own OpenMP settings. Inference (forward
 only, no graph) is timed the same way. Peak memory is measured in a fresh child
 process per framework and config (see ``memory_probe``): the peak resident set
 (VmHWM) of three training steps above what the process held before them, after a
@@ -24,9 +26,11 @@ PyTorch is optional; without it only tinyunet's figures are reported.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,6 +43,7 @@ from .common import (
     machine_lines,
     median,
     table,
+    torch_label,
     write_section,
 )
 
@@ -168,6 +173,61 @@ def torch_runs(config: Config, torch, device: str = "cpu"):
     return train_step, inference
 
 
+# ---- PyTorch in a process of its own ----------------------------------------------
+
+class PeerProcess:
+    """PyTorch's train step and inference of one config, run in a child process.
+
+    tinyunet's numba kernels run on GNU OpenMP told to wait passively, and a PyTorch
+    imported into the same process would share that runtime and its policy (its steps
+    ran 15-50% slower so). Here PyTorch keeps its own defaults. The child runs one call
+    per request and reports its own time, so the pipe is not timed; while one process
+    runs, the other waits on the pipe, so turns still alternate, as in one process.
+    """
+
+    def __init__(self, config_name: str, threads: int):
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.train_step", "--peer-server",
+             "--configs", config_name, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.label = self._ask("label")
+
+    def _ask(self, request: str) -> str:
+        self.child.stdin.write(request + "\n")
+        reply = self.child.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"PyTorch peer process ended (exit code {self.child.wait()})")
+        return reply.strip()
+
+    def run(self, kind: str):
+        """A zero-argument callable for ``interleaved``: one call of ``kind``
+        ("train" or "infer") in the child, its seconds left in ``last_seconds``."""
+
+        def call():
+            call.last_seconds = float(self._ask(kind))
+
+        return call
+
+    def close(self):
+        self.child.stdin.close()
+        self.child.wait()
+
+
+def peer_server(config_name: str, threads: int):
+    """The child's side of PeerProcess: answer requests on stdin until it closes."""
+    torch = import_torch(threads)
+    train, infer = torch_runs(CONFIGS[config_name], torch)
+    calls = {"train": train, "infer": infer}
+    for request in sys.stdin:
+        request = request.strip()
+        if request == "label":
+            print(torch_label(torch, "in a process of its own"), flush=True)
+            continue
+        start = time.perf_counter()
+        calls[request]()
+        print(repr(time.perf_counter() - start), flush=True)
+
+
 # ---- peak memory, in a fresh process ------------------------------------------------
 
 def _rss_kib(field: str) -> int:
@@ -246,23 +306,31 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--memory-probe", choices=["tinyunet", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.peer_server:
+        peer_server(args.configs[0], args.threads)
+        return
     threads = compute_threads()
     if args.memory_probe:
         memory_probe(args.memory_probe, args.configs[0], args.backend, threads)
         return
-    torch = None if args.no_torch else import_torch(threads)
-    print(f"threads {threads}; tinyunet backend {args.backend}; "
-          f"torch {torch.__version__ if torch else 'not used'}", flush=True)
-
-    competitors = {}
+    # PyTorch is imported only in its own processes (PeerProcess, the memory probes).
+    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    competitors, peers = {}, []
     for name in args.configs:
         ours_step, ours_infer = tinyunet_runs(CONFIGS[name], args.backend)
         runs_train, runs_infer = {"tinyunet": ours_step}, {"tinyunet": ours_infer}
         if torch:
-            runs_train["torch"], runs_infer["torch"] = torch_runs(CONFIGS[name], torch)
+            peer = PeerProcess(name, threads)
+            peers.append(peer)
+            runs_train["torch"], runs_infer["torch"] = peer.run("train"), peer.run("infer")
         competitors[name] = runs_train, runs_infer
+    torch_version = peers[0].label if peers else None
+    print(f"threads {threads}; tinyunet backend {args.backend}; "
+          f"torch {torch_version or 'not used'}", flush=True)
     # Every run times every config, so the runs sample the machine at different times;
     # the tables pool their steps, the speed-ups list each run's too.
     pooled = {(name, kind): {} for name in args.configs for kind in ("train", "infer")}
@@ -320,16 +388,22 @@ def main(argv=None):
             memory_rows.append(mem_row)
             print("memory", " | ".join(mem_row), flush=True)
 
+    for peer in peers:
+        peer.close()
     peer_cols = ["PyTorch step", "PyTorch img/s", "speed-up", "target"] if torch else []
     lines = [
         "## Training step (`python -m benchmarks.train_step`)",
         "",
-        *machine_lines(threads, torch),
+        *machine_lines(threads, torch_version),
         f"- tinyunet backend: `{args.backend}`. Medians over round-robin repeats, each turn "
         "a rest, one untimed step and the timed one (15 timed steps for "
         f"A, 7 for B, 30 for C unless --repeats, per run; {args.runs} run(s), each timing "
         "every config in turn, steps pooled), min-max in brackets; speed-up = PyTorch "
-        "time / tinyunet time, with each run's own in brackets when there are several.",
+        "time / tinyunet time, with each run's own in brackets when there are several. "
+        "PyTorch runs in a child process of its own, driven step by step in turn with "
+        "tinyunet's and timing itself: in this process it would share the GNU OpenMP "
+        "runtime that tinyunet's kernels run on, told to wait passively, which slowed "
+        "its steps 15-50% (measured).",
         "",
         "### Training step (zero_grad + forward + loss + backward + SGD step)",
         "",

@@ -32,3 +32,11 @@ def test_memory_probe_reports_the_warm_up_and_the_step():
                          .strip().splitlines()[-1])
     assert figures["step_mib"] > 0 and figures["warmup_mib"] >= 0
     assert figures["total_mib"] == pytest.approx(figures["step_mib"] + figures["warmup_mib"])
+
+
+def test_train_step_benchmark_runs_pytorch_in_its_own_process():
+    pytest.importorskip("torch")
+    out = benchmark("--configs", "C", "--repeats", "1", "--no-memory", "--no-write")
+    assert "in a process of its own" in out
+    row = next(line for line in out.splitlines() if line.startswith("| C |"))
+    assert "x** | 1.5x |" in row  # PyTorch's columns and the speed-up are filled in
