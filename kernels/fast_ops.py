@@ -94,11 +94,10 @@ def _start_thread_pool():
 _start_thread_pool()
 
 
-
 def kernel(fastmath=False):
     """Compile a kernel twice: parallel (the dispatcher returned) and serial (``.serial``).
 
-    Handing a call to numba's thread pool cost about 0.1 ms on the 2-core VM of
+    Handing a call to numba's thread pool cost 45-100 us on the 2-core VM of
     benchmarks/RESULTS.md: the workers sleep between calls (spinning would steal the
     cores BLAS needs), and waking them takes that long. A small call is done sooner by
     the calling thread alone, so the backend sends calls under

@@ -11,6 +11,7 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   block of outputs from a 6x6 input tile with 36 multiplies instead of 144, F(2x2, 3x3)
   each 2x2 block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in)
   @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
+  Those GEMMs are shared out among BLAS's threads, one GEMM each (stacked_gemm).
   F(4x4) takes output sides that are multiples of 4 on maps 32 or more wide
   (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_CHANNELS``), F(2x2) deep levels with
   even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
