@@ -81,6 +81,7 @@ PATHS = {
     # F(4x4) wherever the sides allow, F(2x2) where they are only even.
     "Winograd F(4x4, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
                              "WINOGRAD_4X4_MIN_WIDTH": 1, "WINOGRAD_4X4_MIN_CHANNELS": 1,
+                             "WINOGRAD_4X4_NARROW_MIN_CHANNELS": 1,
                              "DIRECT_RULES": (), "WINOGRAD_BUDGET": 64},
 }
 
@@ -163,25 +164,28 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
     assert {name: len(found) for name, found in calls.items()} == expected
 
 
-@pytest.mark.parametrize("channels, winograd_calls", [(16, 0), (32, 1)])
-def test_weight_gradient_tries_4x4_before_the_direct_kernel(channels, winograd_calls):
+@pytest.mark.parametrize("width, channels, winograd_calls",
+                         [(64, 16, 0), (64, 32, 1), (32, 4, 0), (32, 8, 1)])
+def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     """The weight gradient takes F(4x4) from WINOGRAD_4X4_MIN_CHANNELS on, even on
-    layers that the direct kernel's rules admit too; fewer channels go direct."""
+    layers that the direct kernel's rules admit too (64-wide maps: 16 channels go
+    direct); on maps narrower than WINOGRAD_4X4_NARROW_BELOW_WIDTH from
+    WINOGRAD_4X4_NARROW_MIN_CHANNELS on."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, channels, 8, 8)).astype(np.float32)
-    dy = rng.standard_normal((2, channels, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((1, channels, width, width)).astype(np.float32)
+    dy = rng.standard_normal((1, channels, width, width)).astype(np.float32)
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     calls, direct_calls = [], []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "WINOGRAD_4X4_MIN_WIDTH", 1)
-        patch.setattr(numba_backend, "GRAD_WEIGHT_DIRECT_RULES", ((1, 10**6),))
         kernel = numba_backend.fast_ops.winograd4_gradient_tiles
         patch.setattr(numba_backend.fast_ops, "winograd4_gradient_tiles", _Spy(kernel, calls))
         direct = numba_backend.fast_ops.conv3x3_grad_weight
         patch.setattr(numba_backend.fast_ops, "conv3x3_grad_weight",
                       _Spy(direct, direct_calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
-    assert (len(calls), len(direct_calls)) == (winograd_calls, 1 - winograd_calls)
+    assert len(calls) == winograd_calls
+    assert len(direct_calls) == (width == 64 and not winograd_calls)
+    assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
 
 

@@ -124,6 +124,13 @@ WINOGRAD_MIN_WORK = 1 << 21
 # 23.3 ms alone), which a rule had kept from it while the direct one was 1.5x faster.
 WINOGRAD_4X4_MIN_WIDTH = 32
 WINOGRAD_4X4_MIN_CHANNELS = 32
+# On maps narrower than this, where no direct kernel competes (DIRECT_RULES), F(4x4)
+# takes layers from WINOGRAD_4X4_NARROW_MIN_CHANNELS on: config C's 32-wide layers of
+# 8-32 channels, whose im2col GEMMs are skinny. C's step 5% and 7% faster (medians of
+# 50 alternated pairs, twice); A and B have no such layer. From 8 channels on every map
+# width instead made A's step 6.5% slower (its 16-channel weight gradients).
+WINOGRAD_4X4_NARROW_BELOW_WIDTH = 64
+WINOGRAD_4X4_NARROW_MIN_CHANNELS = 8
 # Bytes of transformed input (and of the GEMMs' product) per band of tile rows: bands
 # keep those scratch arrays, 2.25x (F(4x4)) or 4x (F(2x2)) the size of the input and
 # output they stand for, from growing with the map. Bigger bands mean bigger GEMMs and
@@ -176,8 +183,10 @@ def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     if (kernel_hw != (3, 3) or geometry.stride != (1, 1) or geometry.dilation != (1, 1)
             or ho % 2 or wo % 2 or not ho or not wo):
         return 0
+    min_channels_4x4 = (WINOGRAD_4X4_NARROW_MIN_CHANNELS if wo < WINOGRAD_4X4_NARROW_BELOW_WIDTH
+                        else WINOGRAD_4X4_MIN_CHANNELS)
     if (ho % 4 == 0 and wo % 4 == 0 and wo >= WINOGRAD_4X4_MIN_WIDTH
-            and min(c_in, c_out) >= WINOGRAD_4X4_MIN_CHANNELS):
+            and min(c_in, c_out) >= min_channels_4x4):
         return 4
     tiles = batch * (ho // 2) * (wo // 2)
     if (min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
