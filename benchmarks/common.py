@@ -137,9 +137,10 @@ def machine_lines(threads: int, torch_label: str | None) -> list[str]:
 
 def _threading_layer() -> str:
     import numba
+    from tinyunet.kernels import fast_ops
 
-    layer = numba.threading_layer()
-    return layer + (", GNU OpenMP waiting passively" if layer == "omp" else "")
+    passive = fast_ops.OPENMP_WAITS_PASSIVELY
+    return numba.threading_layer() + (", GNU OpenMP waiting passively" if passive else "")
 
 
 def _module_name() -> str:

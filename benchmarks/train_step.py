@@ -185,6 +185,8 @@ class PeerProcess:
     runs, the other waits on the pipe, so turns still alternate, as in one process.
     """
 
+    REPLY = "tinyunet-peer-reply "  # marks the child's answers among anything it prints
+
     def __init__(self, config_name: str, threads: int):
         self.child = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.train_step", "--peer-server",
@@ -194,10 +196,11 @@ class PeerProcess:
 
     def _ask(self, request: str) -> str:
         self.child.stdin.write(request + "\n")
-        reply = self.child.stdout.readline()
-        if not reply:
-            raise RuntimeError(f"PyTorch peer process ended (exit code {self.child.wait()})")
-        return reply.strip()
+        for line in self.child.stdout:
+            if line.startswith(self.REPLY):
+                return line[len(self.REPLY):].strip()
+            print(f"PyTorch peer: {line.rstrip()}", file=sys.stderr)
+        raise RuntimeError(f"PyTorch peer process ended (exit code {self.child.wait()})")
 
     def run(self, kind: str):
         """A zero-argument callable for ``interleaved``: one call of ``kind``
@@ -210,7 +213,11 @@ class PeerProcess:
 
     def close(self):
         self.child.stdin.close()
-        self.child.wait()
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
 
 
 def peer_server(config_name: str, threads: int):
@@ -221,11 +228,11 @@ def peer_server(config_name: str, threads: int):
     for request in sys.stdin:
         request = request.strip()
         if request == "label":
-            print(torch_label(torch, "in a process of its own"), flush=True)
+            print(PeerProcess.REPLY + torch_label(torch, "in a process of its own"), flush=True)
             continue
         start = time.perf_counter()
         calls[request]()
-        print(repr(time.perf_counter() - start), flush=True)
+        print(PeerProcess.REPLY + repr(time.perf_counter() - start), flush=True)
 
 
 # ---- peak memory, in a fresh process ------------------------------------------------
@@ -294,32 +301,11 @@ def _fmt(seconds_list):
             f"({seconds_list[0] * 1e3:.1f}-{seconds_list[-1] * 1e3:.1f})")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--backend", default="numba", help="tinyunet backend (default numba)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed steps per framework (default: 15 for A, 7 for B, 30 for C)")
-    parser.add_argument("--runs", type=int, default=1,
-                        help="times to repeat the whole timing, configs in turn (default 1)")
-    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
-    parser.add_argument("--memory-probe", choices=["tinyunet", "torch"], help=argparse.SUPPRESS)
-    parser.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.peer_server:
-        peer_server(args.configs[0], args.threads)
-        return
-    threads = compute_threads()
-    if args.memory_probe:
-        memory_probe(args.memory_probe, args.configs[0], args.backend, threads)
-        return
-    # PyTorch is imported only in its own processes (PeerProcess, the memory probes).
-    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
-    competitors, peers = {}, []
+def _time_all(args, threads, torch, peers):
+    """Time every config's training step and inference, ``args.runs`` times, against
+    PyTorch in child processes (appended to ``peers``, for the caller to close).
+    Returns (pooled seconds, each run's speed-ups, PyTorch's label or None)."""
+    competitors = {}
     for name in args.configs:
         ours_step, ours_infer = tinyunet_runs(CONFIGS[name], args.backend)
         runs_train, runs_infer = {"tinyunet": ours_step}, {"tinyunet": ours_infer}
@@ -349,6 +335,40 @@ def main(argv=None):
                 print(f"run {run + 1} {kind} {name}: "
                       + ", ".join(f"{fw} {median(t) * 1e3:.1f} ms" for fw, t in times.items()),
                       flush=True)
+    return pooled, run_ratios, torch_version
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--backend", default="numba", help="tinyunet backend (default numba)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per framework (default: 15 for A, 7 for B, 30 for C)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="times to repeat the whole timing, configs in turn (default 1)")
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--memory-probe", choices=["tinyunet", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.peer_server:
+        peer_server(args.configs[0], args.threads)
+        return
+    threads = compute_threads()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.configs[0], args.backend, threads)
+        return
+    # PyTorch is imported only in its own processes (PeerProcess, the memory probes).
+    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    peers = []
+    try:
+        pooled, run_ratios, torch_version = _time_all(args, threads, torch, peers)
+    finally:
+        for peer in peers:
+            peer.close()
 
     def speed_up(name, kind):
         times = pooled[name, kind]
@@ -388,8 +408,6 @@ def main(argv=None):
             memory_rows.append(mem_row)
             print("memory", " | ".join(mem_row), flush=True)
 
-    for peer in peers:
-        peer.close()
     peer_cols = ["PyTorch step", "PyTorch img/s", "speed-up", "target"] if torch else []
     lines = [
         "## Training step (`python -m benchmarks.train_step`)",

@@ -49,12 +49,18 @@ from numba import njit, prange
 
 
 def _openmp_loaded():
-    """Whether this process has loaded GNU OpenMP already (PyTorch, for one, brings it)."""
+    """Whether this process has loaded an OpenMP runtime already (GNU's, LLVM's or
+    Intel's; PyTorch, for one, brings GNU's)."""
     try:
         with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
+            return any(name in line for line in maps
+                       for name in ("libgomp", "libomp.so", "libiomp5"))
     except OSError:
         return True  # cannot tell: assume so
+
+
+# Whether this module started numba's pool on GNU OpenMP told to wait passively.
+OPENMP_WAITS_PASSIVELY = False
 
 
 def _start_thread_pool():
@@ -70,9 +76,10 @@ def _start_thread_pool():
     libgomp is missing, with OMP_WAIT_POLICY=passive set only while the pool starts:
     libgomp reads it once, when it loads. That policy then holds for the process's
     libgomp, which a library loaded later may share (PyTorch's CPU build does: its
-    steps ran 15-50% slower passive). Where GNU OpenMP is already loaded, its wait
-    policy is set, so workqueue again; a layer or a wait policy the user set
-    (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY other than passive) is left alone.
+    steps ran 15-50% slower passive). Where an OpenMP runtime is already loaded, its
+    wait policy is set, so workqueue again; a layer or a wait policy the user set
+    (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY other than passive) is left alone. If
+    numba's pool was started before this module is first imported, its layer stays.
     """
     if "NUMBA_THREADING_LAYER" in os.environ:
         return
@@ -89,6 +96,10 @@ def _start_thread_pool():
     finally:
         if policy is None:
             del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = policy
+    global OPENMP_WAITS_PASSIVELY
+    OPENMP_WAITS_PASSIVELY = numba.threading_layer() == "omp"
 
 
 _start_thread_pool()

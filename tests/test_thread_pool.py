@@ -23,10 +23,14 @@ print(json.dumps([numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY")]))
 
 
 def probe(mode="plain", **env):
+    return probe_with_stderr(mode, **env)[0]
+
+
+def probe_with_stderr(mode="plain", **env):
     run = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                          env={**os.environ, **env}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stderr
 
 
 def omp_layer_loads():
@@ -43,8 +47,17 @@ def clean_env(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP choice is Linux's")
 def test_openmp_layer_with_passive_wait_and_the_environment_left_as_found(clean_env):
-    expected = "omp" if omp_layer_loads() else "workqueue"
-    assert probe() == [expected, None]
+    if not omp_layer_loads():
+        assert probe() == ["workqueue", None]
+        return
+    # libgomp prints the policy it read when it loaded (OMP_DISPLAY_ENV).
+    layer_and_policy, stderr = probe_with_stderr(OMP_DISPLAY_ENV="true")
+    assert layer_and_policy == ["omp", None]
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in stderr
+
+
+def test_a_passive_policy_the_user_set_is_restored_as_written(clean_env):
+    assert probe(OMP_WAIT_POLICY="PASSIVE")[1] == "PASSIVE"
 
 
 def test_a_wait_policy_the_user_set_is_kept_and_means_workqueue(clean_env):

@@ -13,7 +13,8 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
   Those GEMMs are shared out among BLAS's threads, one GEMM each (stacked_gemm).
   F(4x4) takes output sides that are multiples of 4 on maps 32 or more wide
-  (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_CHANNELS``), F(2x2) deep levels with
+  (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_CHANNELS``; fewer channels on maps
+  narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) deep levels with
   even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
   gradient (the adjoint conv, whose filter transforms are the forward's with the taps
   reversed) and the weight gradient (the adjoint of the forward's steps) all take them,
@@ -64,8 +65,8 @@ import numpy as np
 from numba import typed
 
 from ..kernels import fast_ops
+from . import stacked_gemm
 from .interface import Backend, ConvGeometry, PoolGeometry
-from .stacked_gemm import StackedGemm
 
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
 # columns, small enough to stay in the L2/L3 cache and to keep peak memory low.
@@ -259,7 +260,6 @@ class NumbaBackend(Backend):
         # The optimizer updates' typed Lists, by role, and their piece tables (_spans).
         self._lists: dict[str, tuple] = {}
         self._piece_tables: dict[tuple, np.ndarray] = {}
-        self._stacked_gemm = StackedGemm()
 
     def asarray(self, host_array):
         return np.asarray(host_array)
@@ -375,7 +375,7 @@ class NumbaBackend(Backend):
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
         for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
-            self._stacked_gemm.matmul(filters, v, m)
+            stacked_gemm.matmul(filters, v, m)
             _run(output_tiles, m.size, m, first, bias, relu, y)
 
     def _grad_weight_winograd(self, dy, x, tile, padding):
@@ -383,17 +383,19 @@ class NumbaBackend(Backend):
         the forward's steps. Per band, dU (alpha^2, O, C) += (A dY A^T) @ (B^T d B)^T,
         alpha^2 GEMMs; then dW = G^T dU G, one small GEMM with the filter matrix."""
         o, c = dy.shape[1], x.shape[1]
+        if not len(dy):
+            return np.zeros((o, c, 3, 3), dtype=dy.dtype)  # no bands: nothing to sum
         gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
         total_du = np.empty(((tile + 2) ** 2, o, c), dtype=dy.dtype)
         band_du = None
         for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
             _run(gradient_tiles, dm.size, dy, first, dm)
             if first == 0:
-                self._stacked_gemm.matmul(dm, v.transpose(0, 2, 1), total_du)
+                stacked_gemm.matmul(dm, v.transpose(0, 2, 1), total_du)
                 continue
             if band_du is None:
                 band_du = np.empty_like(total_du)
-            self._stacked_gemm.matmul(dm, v.transpose(0, 2, 1), band_du)
+            stacked_gemm.matmul(dm, v.transpose(0, 2, 1), band_du)
             total_du += band_du
         matrix = _WINOGRAD_FILTER[tile][dy.dtype]
         return (total_du.reshape(-1, o * c).T @ matrix).reshape(o, c, 3, 3)
