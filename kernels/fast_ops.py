@@ -71,7 +71,8 @@ def _start_thread_pool():
     BLAS needs (measured: a conv forward 5-10x slower on 2 cores). Told to sleep at
     once (OMP_WAIT_POLICY=passive), they wake faster than numba's own workqueue pool
     (a tiny parallel kernel: 45 vs 62-82 us a call): training steps in fresh processes,
-    alternating, C 34 vs 45 ms, A 131-147 vs 142-175 ms, B 553 vs 589 ms. So on Linux,
+    alternating, C 32-34 vs 43-48 ms, A 130-172 vs 142-190 ms, B 522-590 vs 587-737 ms.
+    So on Linux,
     where we measured it, numba gets the OpenMP layer, falling back to workqueue where
     libgomp is missing, with OMP_WAIT_POLICY=passive set only while the pool starts:
     libgomp reads it once, when it loads. That policy then holds for the process's
