@@ -12,6 +12,7 @@ repeats that interleave the competitors, so machine noise hits all of them alike
 import tinyunet  # noqa: E402, F401
 from tinyunet.memory import keep_freed_memory
 
-# As the tinyunet command does. It is a setting of the process, so PyTorch, timed in the
-# same process, gets it too; RESULTS.md says whether it was made.
+# As the tinyunet command does. It is a setting of the process; every benchmark process
+# makes it (PyTorch's, whether timed in this process or in its own), and RESULTS.md
+# says whether it was made.
 MALLOC_KEEPS_FREED_MEMORY = keep_freed_memory()

@@ -141,9 +141,11 @@ WINOGRAD_4X4_NARROW_MIN_CHANNELS = 8
 # 96).
 WINOGRAD_BUDGET = 16 << 20
 # Kernels on fewer elements than this run serially on the calling thread: waking
-# numba's pool (about 0.1 ms when GEMMs run in between) costs more than they take.
-# Measured with GEMMs in between: a ReLU of 300k float32 values ran faster serially
-# (72 vs 103 us), im2col of 130k inputs too, im2col of 260k faster in parallel.
+# numba's pool (about 0.1 ms on workqueue when GEMMs run in between, 45 us on passive
+# OpenMP) costs more than they take. Measured with GEMMs in between, on workqueue: a
+# ReLU of 300k float32 values ran faster serially (72 vs 103 us), im2col of 130k inputs
+# too, im2col of 260k faster in parallel; on OpenMP, 2^16 instead of 2^18 changed
+# nothing on C's step (40 alternated pairs) and 2^20 made it 13% slower.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 # The row-shift paths (forward and weight gradient) need maps of this many output pixels:
 # on 16x16 and smaller, the weight gradient's GEMMs over one image each ran up to 5x
