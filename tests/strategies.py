@@ -167,6 +167,21 @@ class ConvTransposeCase:
 
 
 @st.composite
+def gram_stacks(draw, block: int, max_stack: int = 3, max_blocks: int = 3, max_length: int = 40):
+    """(a, b, out) for stacks of a @ b^T: a (S, I, T), b (S, J, T) with I and J
+    multiples of ``block``, T from 0 (an empty sum) past a few vector widths, and a
+    random out (S, I, J) to accumulate into; float32 or float64."""
+    stack = draw(st.integers(1, max_stack))
+    i_rows, j_rows = (block * draw(st.integers(1, max_blocks)) for _ in range(2))
+    length = draw(st.integers(0, max_length))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(seeds))
+    return (rng.standard_normal((stack, i_rows, length)).astype(dtype),
+            rng.standard_normal((stack, j_rows, length)).astype(dtype),
+            rng.standard_normal((stack, i_rows, j_rows)).astype(dtype))
+
+
+@st.composite
 def conv_transpose_cases(draw, limit: Limit):
     """conv_transpose2d arguments with a positive output size (output_padding < stride)."""
     n = draw(st.integers(1, limit.batch))

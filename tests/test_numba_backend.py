@@ -21,6 +21,7 @@ from strategies import (  # noqa: E402
     Limit,
     conv_geometries,
     direct_conv_geometries,
+    gram_stacks,
     pool_cases,
     winograd_conv_geometries,
 )
@@ -121,6 +122,33 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     # conv2d and conv2d_bias_relu, and the input gradient when C_in is a multiple of 4.
     assert calls.count("conv3x3_forward") == (3 if x_shape[1] % 4 == 0 else 2)
     assert calls.count("conv3x3_grad_weight") == 1
+
+
+@given(stacks=gram_stacks(numba_backend.fast_ops.GRAM_BLOCK), accumulate=st.booleans())
+def test_stacked_gram_matches_numpy(stacks, accumulate):
+    """The weight gradients' a @ b^T kernel, writing or adding to what out holds."""
+    a, b, out = stacks
+    expected = np.matmul(a, b.transpose(0, 2, 1)) + (out if accumulate else 0)
+    kernel = numba_backend.fast_ops.stacked_gram
+    numba_backend._run(kernel, a.size + b.size, a, b, accumulate, out)
+    assert_close(out, expected, a.dtype)
+
+
+@pytest.mark.parametrize("channels, gram_calls", [(4, 1), (6, 0), (68, 0)])
+def test_weight_gradient_gram_rules(channels, gram_calls):
+    """The weight gradient's GEMMs go to stacked_gram when both operands' rows are
+    multiples of its block and one has at most GRAM_MAX_ROWS rows, else to BLAS."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, channels, 6, 6)).astype(np.float32)
+    dy = rng.standard_normal((2, 68, 6, 6)).astype(np.float32)
+    geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        kernel = numba_backend.fast_ops.stacked_gram
+        patch.setattr(numba_backend.fast_ops, "stacked_gram", _Spy(kernel, calls))
+        dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
+    assert len(calls) == gram_calls
+    assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
 
 
 WINOGRAD_KERNELS = [f"winograd{tile}_{part}_tiles" for tile in (2, 4)
