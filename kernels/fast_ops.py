@@ -324,11 +324,11 @@ def row_shift_sum(z, count, rows_in, dh, y, n0, r0):
 # With 16-32 channels an im2col GEMM is skinny (16 output rows over 65536 pixels): BLAS
 # runs it at a third of its peak and the column matrix is 9x the input, written and read
 # back. These kernels read a zero-padded copy of the input instead and keep the 3x3
-# window in registers: a pass over one row of pixels loads 9 shifted vectors and feeds
-# them to 4 output channels (36 FMAs per 13 loads and 4 stores). Measured 1.5-3x faster
-# than im2col + GEMM on maps 128 or more pixels wide with up to 32x32 channels, slower
-# on narrow maps and with many channels, where the backend keeps the GEMMs (its
-# DIRECT_RULES).
+# windows in registers: the forward's pass over two rows of pixels loads 12 shifted
+# vectors (4 input rows) and feeds them to 2 output channels (36 FMAs per 16 loads and 4
+# stores), with the 18 taps held in registers. Measured 1.5-3x faster than im2col + GEMM
+# on maps 128 or more pixels wide with up to 32x32 channels, slower on narrow maps and
+# with many channels, where the backend keeps the GEMMs (its DIRECT_RULES).
 # The padded copy pays for itself: a forward kernel that read the unpadded input (zero
 # rows for the border, edge columns summed one by one) ran 1.4-1.7x slower than copy plus
 # kernel on the U-Net's 64- and 128-wide maps (40 alternated calls each), most likely
@@ -336,7 +336,7 @@ def row_shift_sum(z, count, rows_in, dh, y, n0, r0):
 # for the same L1 sets; the padded planes (130 x 130) do not.
 # The flags allow contraction to FMA and, in the weight gradient's sums, reassociation
 # (to vectorise them); NaN and Inf still propagate.
-DIRECT_OUTPUT_BLOCK = 4
+DIRECT_OUTPUT_BLOCK = 2
 
 
 @kernel()
@@ -376,38 +376,69 @@ def conv3x3_forward(xp, weight, y):
     """y (N, O, Ho, Wo) = the 3x3 stride-1 conv of the padded input xp (N, C, Ho+2, Wo+2).
 
     weight: (O, C, 3, 3) with O a multiple of DIRECT_OUTPUT_BLOCK. A parallel step owns
-    one output row of 4 channels and sums over the input channels in order. Bias and
+    two output rows (one if Ho is odd and it is the last) of two channels and sums over
+    the input channels in order. Two rows of two channels beat one row of four (the
+    kernel's earlier block), whose 36 taps did not fit in the registers and were
+    reloaded for every FMA: 1.3-1.9x faster alone on nine U-Net layers; four rows of
+    one channel came second (1.2-1.7x) and four rows of two did not vectorise. Bias and
     ReLU are a separate pass (``bias_relu``): applied here to each finished row, they
-    made the whole kernel 15% slower, even when switched off (measured on the U-Net's
-    level-0 layers of configs A and B).
+    made the kernel 15% slower, even when switched off (measured with the old block).
     """
     n_img, o_ch, ho, wo = y.shape
     c_in = xp.shape[1]
     blocks = o_ch // DIRECT_OUTPUT_BLOCK
-    # Channel blocks vary fastest, so a thread's consecutive steps read the same three
-    # input rows from L1 (measured alone on seven U-Net layers: 1.06-1.16x faster on
-    # five, 0.97-0.98x on two).
-    for task in prange(n_img * ho * blocks):
-        n = task // (ho * blocks)
-        h = (task // blocks) % ho
+    pairs = (ho + 1) // 2
+    # Channel blocks vary fastest, so a thread's consecutive steps read the same input
+    # rows from L1 (measured alone on seven U-Net layers with the old block: 1.06-1.16x
+    # faster on five, 0.97-0.98x on two).
+    for task in prange(n_img * pairs * blocks):
+        n = task // (pairs * blocks)
+        h = 2 * ((task // blocks) % pairs)
         o = DIRECT_OUTPUT_BLOCK * (task % blocks)
-        y0, y1, y2, y3 = y[n, o, h], y[n, o + 1, h], y[n, o + 2, h], y[n, o + 3, h]
-        y0[:] = 0
-        y1[:] = 0
-        y2[:] = 0
-        y3[:] = 0
-        for c in range(c_in):
-            top, mid, bottom = xp[n, c, h], xp[n, c, h + 1], xp[n, c, h + 2]
-            k0, k1 = _taps(weight, o, c), _taps(weight, o + 1, c)
-            k2, k3 = _taps(weight, o + 2, c), _taps(weight, o + 3, c)
-            for w in range(wo):
-                a0, a1, a2 = top[w], top[w + 1], top[w + 2]
-                b0, b1, b2 = mid[w], mid[w + 1], mid[w + 2]
-                c0, c1, c2 = bottom[w], bottom[w + 1], bottom[w + 2]
-                y0[w] += _stencil(k0, a0, a1, a2, b0, b1, b2, c0, c1, c2)
-                y1[w] += _stencil(k1, a0, a1, a2, b0, b1, b2, c0, c1, c2)
-                y2[w] += _stencil(k2, a0, a1, a2, b0, b1, b2, c0, c1, c2)
-                y3[w] += _stencil(k3, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+        if h + 1 < ho:
+            _conv3x3_two_rows(xp, weight, y, n, o, h)
+        else:
+            _conv3x3_last_row(xp, weight, y, n, o, h)
+
+
+@njit(cache=True, inline="always")
+def _conv3x3_two_rows(xp, weight, y, n, o, h):
+    """Output rows h and h + 1 of channels o and o + 1 of image n."""
+    upper, lower = y[n, o, h], y[n, o, h + 1]
+    upper_next, lower_next = y[n, o + 1, h], y[n, o + 1, h + 1]
+    upper[:] = 0
+    lower[:] = 0
+    upper_next[:] = 0
+    lower_next[:] = 0
+    for c in range(xp.shape[1]):
+        r0, r1, r2, r3 = xp[n, c, h], xp[n, c, h + 1], xp[n, c, h + 2], xp[n, c, h + 3]
+        k, k_next = _taps(weight, o, c), _taps(weight, o + 1, c)
+        for w in range(len(upper)):
+            a0, a1, a2 = r0[w], r0[w + 1], r0[w + 2]
+            b0, b1, b2 = r1[w], r1[w + 1], r1[w + 2]
+            c0, c1, c2 = r2[w], r2[w + 1], r2[w + 2]
+            d0, d1, d2 = r3[w], r3[w + 1], r3[w + 2]
+            upper[w] += _stencil(k, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+            lower[w] += _stencil(k, b0, b1, b2, c0, c1, c2, d0, d1, d2)
+            upper_next[w] += _stencil(k_next, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+            lower_next[w] += _stencil(k_next, b0, b1, b2, c0, c1, c2, d0, d1, d2)
+
+
+@njit(cache=True, inline="always")
+def _conv3x3_last_row(xp, weight, y, n, o, h):
+    """Output row h of channels o and o + 1 of image n: the last row of an odd Ho."""
+    row, row_next = y[n, o, h], y[n, o + 1, h]
+    row[:] = 0
+    row_next[:] = 0
+    for c in range(xp.shape[1]):
+        r0, r1, r2 = xp[n, c, h], xp[n, c, h + 1], xp[n, c, h + 2]
+        k, k_next = _taps(weight, o, c), _taps(weight, o + 1, c)
+        for w in range(len(row)):
+            a0, a1, a2 = r0[w], r0[w + 1], r0[w + 2]
+            b0, b1, b2 = r1[w], r1[w + 1], r1[w + 2]
+            c0, c1, c2 = r2[w], r2[w + 1], r2[w + 2]
+            row[w] += _stencil(k, a0, a1, a2, b0, b1, b2, c0, c1, c2)
+            row_next[w] += _stencil(k_next, a0, a1, a2, b0, b1, b2, c0, c1, c2)
 
 
 # Output channels per parallel step of conv3x3_grad_weight, whose body is written for

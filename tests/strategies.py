@@ -104,18 +104,21 @@ def conv_geometries(draw, limit: Limit, max_kernel: int = 3, max_pad: int = 2):
 def direct_conv_geometries(draw, limit: Limit):
     """3x3 stride-1 conv problems as the numba backend's direct kernels take them.
 
-    Output channels come in multiples of 4 (the kernels' block), input channels too
-    half the time (so the input gradient, a conv back to C_in channels, is direct as
-    well); paddings are drawn per side, and maps from 1 pixel up to several vectors wide.
+    Output channels come in multiples of the forward kernel's block, input channels
+    too half the time (so the input gradient, a conv back to C_in channels, is direct
+    as well); paddings are drawn per side, maps from 1 pixel up to several vectors
+    wide, odd and even output heights (the kernel takes rows in pairs).
     """
     from tinyunet.backends import ConvGeometry
+    from tinyunet.kernels.fast_ops import DIRECT_OUTPUT_BLOCK
 
     padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
     h = draw(st.integers(max(1, 3 - padding[0] - padding[1]), limit.side))
     w = draw(st.integers(max(1, 3 - padding[2] - padding[3]), 4 * limit.side))
     n = draw(st.integers(1, limit.batch))
-    c = draw(st.one_of(st.integers(1, limit.channels), st.sampled_from([4, 8])))
-    o = draw(st.sampled_from([4, 8]))
+    blocks = st.integers(1, 4).map(lambda count: DIRECT_OUTPUT_BLOCK * count)
+    c = draw(st.one_of(st.integers(1, limit.channels), blocks))
+    o = draw(blocks)
     return (n, c, h, w), (o, c, 3, 3), ConvGeometry((1, 1), padding, (1, 1)), draw(seeds)
 
 
