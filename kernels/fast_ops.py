@@ -385,7 +385,6 @@ def conv3x3_forward(xp, weight, y):
     made the kernel 15% slower, even when switched off (measured with the old block).
     """
     n_img, o_ch, ho, wo = y.shape
-    c_in = xp.shape[1]
     blocks = o_ch // DIRECT_OUTPUT_BLOCK
     pairs = (ho + 1) // 2
     # Channel blocks vary fastest, so a thread's consecutive steps read the same input

@@ -109,8 +109,9 @@ def direct_conv_geometries(draw, limit: Limit):
     as well); paddings are drawn per side, maps from 1 pixel up to several vectors
     wide, odd and even output heights (the kernel takes rows in pairs).
     """
-    from tinyunet.backends import ConvGeometry
     from tinyunet.kernels.fast_ops import DIRECT_OUTPUT_BLOCK
+
+    from tinyunet.backends import ConvGeometry
 
     padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
     h = draw(st.integers(max(1, 3 - padding[0] - padding[1]), limit.side))

@@ -87,7 +87,11 @@ COLUMN_BUDGET = 4 << 20
 # Since Winograd's GEMM stacks are split among BLAS's threads (stacked_gemm), F(4x4)
 # beats direct on B's 32->32 layer at 256x256 (forward 16.4 -> 13.6 ms, input gradient
 # 15.9 -> 13.7 ms, alone) and its rule (32x32 channels on 128-wide maps) went: B's step
-# 763 -> 710 ms, with the next rule's change (12 alternated pairs).
+# 763 -> 710 ms, with the next rule's change (12 alternated pairs). Once the forward
+# kernel took two rows of two channels a step (1.3-1.9x faster alone), wider rules were
+# measured again and lost or tied: up to 32x32 channels on 64-wide maps (A's step 2%
+# slower, C's the same), up to 16x32 on 32-wide maps (A and C the same), up to 32x32 on
+# 128-wide maps (B's step 2% slower).
 DIRECT_RULES = ((64, 16 * 32),)
 # The same for the weight gradient alone, whose direct kernel beats its GEMMs on more
 # channels than the forward's. Measured on the benchmark U-Nets' layers, the two paths
