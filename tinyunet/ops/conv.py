@@ -36,6 +36,13 @@ def pair(value, name, op):
 
 
 def _check_conv_inputs(op, x, w, b, weight_in_channels_axis):
+    # The messages below format shapes and dtypes on every call (20 us a call, measured;
+    # 1.3 us without: 0.45 ms of A's inference, 23 calls); valid inputs skip them.
+    out_channels = w.shape[1 - weight_in_channels_axis] if w.ndim == 4 else None
+    if (x.ndim == 4 and w.ndim == 4 and x.shape[1] == w.shape[weight_in_channels_axis]
+            and x.dtype == w.dtype
+            and (b is None or (b.shape == (out_channels,) and b.dtype == x.dtype))):
+        return
     check(x.ndim == 4, op, "input of rank 4 (N, C, H, W)", f"shape {x.shape}")
     check(w.ndim == 4, op, "weight of rank 4", f"shape {w.shape}")
     check(
@@ -48,7 +55,6 @@ def _check_conv_inputs(op, x, w, b, weight_in_channels_axis):
     check(x.dtype == w.dtype, op, f"input and weight of one dtype ({x.dtype})",
           f"input {x.dtype}, weight {w.dtype}")
     if b is not None:
-        out_channels = w.shape[1 - weight_in_channels_axis]
         check(b.shape == (out_channels,), op, f"bias of shape ({out_channels},)",
               f"shape {b.shape}")
         check(b.dtype == x.dtype, op, f"bias of dtype {x.dtype}", f"{b.dtype}")
