@@ -17,7 +17,7 @@ everything else in one parallel pass each:
 * ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
   few channels, where a skinny GEMM wastes BLAS; they read a padded copy
   (``pad_images``) and do the arithmetic themselves.
-* ``stacked_gram``: the weight gradients' GEMMs a @ b^T when both have few rows, as
+* ``stacked_gram``: the weight gradients' GEMMs a @ b^T when one has few rows, as
   4x4 blocks of dot products over their long shared dimension.
 * ``winograd2_input_tiles`` / ``winograd2_output_tiles`` / ``winograd2_gradient_tiles``
   and the ``winograd4_`` ones: the transforms of Winograd F(2x2, 3x3) and F(4x4, 3x3),
@@ -528,7 +528,8 @@ def stacked_gram(a, b, accumulate, out):
     and keeps their 16 dot products in registers, so each vector loaded feeds 4 FMAs:
     1.3-2.2x faster than BLAS on the Winograd weight gradients of 16-128 channels and
     1.35-5x on im2col's of 8-64 output channels (measured alone); slower from 256
-    channels, whose GEMMs BLAS runs near its peak.
+    channels, whose GEMMs BLAS runs near its peak, and on short T (the backend's
+    ``_gram_wins`` says where it is used).
     """
     stack, i_rows, length = a.shape
     j_rows = b.shape[1]

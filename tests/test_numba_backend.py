@@ -136,13 +136,20 @@ def test_stacked_gram_matches_numpy(stacks, accumulate):
     assert_close(out, expected, a.dtype)
 
 
-@pytest.mark.parametrize("channels, gram_calls", [(4, 1), (6, 0), (68, 0)])
-def test_weight_gradient_gram_rules(channels, gram_calls):
+@pytest.mark.parametrize("batch, c_in, c_out, gram_calls", [
+    (2, 4, 68, 1),   # im2col: 68 x 36 rows over 2 images of 256 pixels
+    (2, 6, 68, 0),   # 54 rows: not a multiple of the kernel's block
+    (2, 4, 66, 0),   # nor 66
+    (2, 68, 68, 0),  # neither side within GRAM_MAX_ROWS
+    (1, 4, 68, 0),   # 256 pixels: shorter than GRAM_MIN_LENGTH
+])
+def test_weight_gradient_gram_rules(batch, c_in, c_out, gram_calls):
     """The weight gradient's GEMMs go to stacked_gram when both operands' rows are
-    multiples of its block and one has at most GRAM_MAX_ROWS rows, else to BLAS."""
+    multiples of its block, one has at most GRAM_MAX_ROWS rows and they are at least
+    GRAM_MIN_LENGTH long, else to BLAS."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, channels, 6, 6)).astype(np.float32)
-    dy = rng.standard_normal((2, 68, 6, 6)).astype(np.float32)
+    x = rng.standard_normal((batch, c_in, 16, 16)).astype(np.float32)
+    dy = rng.standard_normal((batch, c_out, 16, 16)).astype(np.float32)
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     calls = []
     with pytest.MonkeyPatch.context() as patch:
@@ -151,6 +158,42 @@ def test_weight_gradient_gram_rules(channels, gram_calls):
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     assert len(calls) == gram_calls
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
+
+
+# Weight-gradient paths whose GEMMs stacked_gram can take, on small maps (so with
+# GRAM_MIN_LENGTH off): (kernel size, settings, kernel calls expected for 2 images of
+# 8x8). Winograd takes a band per tile row (8 of F(2x2)'s, 4 of F(4x4)'s), which the
+# kernel adds into the first band's sums; im2col one band of both whole images, or
+# bands of rows, which stay in BLAS (views with gaps); the 1x1 conv one call an image.
+GRAM_PATHS = {
+    "Winograd F(2x2) bands": (3, PATHS["Winograd F(2x2, 3x3)"], 8),
+    "Winograd F(4x4) bands": (3, PATHS["Winograd F(4x4, 3x3)"], 4),
+    "im2col": (3, PATHS["GEMMs only"] | {"ROW_SHIFT_MIN_PIXELS": 10**9}, 1),
+    "im2col bands of rows": (3, PATHS["GEMMs on bands of rows"]
+                             | {"ROW_SHIFT_MIN_PIXELS": 10**9}, 0),
+    "1x1": (1, {}, 2),
+}
+
+
+@pytest.mark.parametrize("path", list(GRAM_PATHS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_through_stacked_gram_matches_numpy(path, dtype):
+    kernel_size, settings_, gram_calls = GRAM_PATHS[path]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(dtype)
+    dy = rng.standard_normal((2, 8, 8, 8)).astype(dtype)
+    pad = kernel_size // 2
+    geometry = ConvGeometry((1, 1), (pad, pad, pad, pad))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**settings_, "GRAM_MIN_LENGTH": 0}.items():
+            patch.setattr(numba_backend, name, value)
+        kernel = numba_backend.fast_ops.stacked_gram
+        patch.setattr(numba_backend.fast_ops, "stacked_gram", _Spy(kernel, calls))
+        dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
+    assert len(calls) == gram_calls
+    expected = NUMPY.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
+    assert_close(dw, expected, dtype)
 
 
 WINOGRAD_KERNELS = [f"winograd{tile}_{part}_tiles" for tile in (2, 4)

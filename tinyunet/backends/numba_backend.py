@@ -54,10 +54,12 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   Either way the batch's columns never exist all at once.
 * 1x1 stride-1 convs (the U-Net's head) skip im2col: the input already is the
   column matrix.
-* The weight gradients' GEMMs dY @ X^T (Winograd's per tile value, im2col's, the 1x1
-  conv's) multiply two matrices of few rows over a long shared dimension, which BLAS
-  runs far below its peak. Where either has at most ``GRAM_MAX_ROWS`` rows,
-  fast_ops.stacked_gram computes them as dot products instead.
+* The weight gradients' GEMMs dY @ X^T (Winograd's per tile value, im2col's on
+  whole images, the 1x1 conv's) multiply two matrices of few rows over a long shared
+  dimension, which BLAS runs far below its peak. Where one has at most
+  ``GRAM_MAX_ROWS`` rows and the shared dimension is long enough (``_gram_wins``),
+  fast_ops.stacked_gram computes them as dot products instead. im2col's bands of rows
+  of one image and the row-shift path's windows are views with gaps and stay in BLAS.
 
 Every fast_ops kernel but the direct convs goes through ``_run``: calls on fewer than
 ``PARALLEL_MIN_ELEMENTS`` elements take the kernel's serial compile.
@@ -149,12 +151,18 @@ WINOGRAD_4X4_NARROW_MIN_CHANNELS = 8
 # 96).
 WINOGRAD_BUDGET = 16 << 20
 # The weight gradients' GEMMs a @ b^T (a: output channels by tiles or pixels; b: input
-# channels, or channels times taps, by the same) run in fast_ops.stacked_gram when
-# either operand has at most this many rows (and both a multiple of its block), else
-# in BLAS. Measured alone, against BLAS: 1.3-2.2x faster on Winograd's (36, O, tiles)
-# stacks up to 64 x 128 channels, 1.05x at 128 x 128, 0.75x at 256 x 256; 1.35-5.2x
-# on im2col's for 8-64 output channels, 1.05x for 128 and 0.79x for 256.
+# channels, or channels times taps, by the same) run in fast_ops.stacked_gram when one
+# operand has at most GRAM_MAX_ROWS rows, the other at most GRAM_MAX_OTHER_ROWS, both a
+# multiple of its block, and their shared length is at least GRAM_MIN_LENGTH; else in
+# BLAS. Measured alone, against BLAS, on shared lengths of 512 or more: 1.3-2.2x faster
+# on Winograd's (36, O, tiles) stacks up to 64 x 128 channels, 1.14-1.5x for 32-64 x
+# 256-512, 1.05x at 128 x 128, 0.75x at 256 x 256; 1.05-5.2x on im2col's for 8-64
+# output channels over up to 2304 rows (256 channels x 9 taps), 0.72x for 32 x 4608;
+# 1.05x for 128 x 1152 and 0.79x for 256 x 1152. On lengths of 64-256 it is 0.57-1.07x
+# as fast: each 4x4 block then ends in 16 lane reductions after few FMAs.
 GRAM_MAX_ROWS = 64
+GRAM_MAX_OTHER_ROWS = 2304
+GRAM_MIN_LENGTH = 512
 # Kernels on fewer elements than this run serially on the calling thread: waking
 # numba's pool (about 0.1 ms on workqueue when GEMMs run in between, 45 us on passive
 # OpenMP) costs more than they take. Measured with GEMMs in between, on workqueue: a
@@ -181,16 +189,19 @@ def _run(kernel, elements, *args):
     return (kernel if elements >= PARALLEL_MIN_ELEMENTS else kernel.serial)(*args)
 
 
-def _gram_wins(rows_a, rows_b):
-    """Whether a @ b^T, for a of ``rows_a`` rows and b of ``rows_b``, goes to
-    fast_ops.stacked_gram rather than BLAS (see GRAM_MAX_ROWS)."""
+def _gram_wins(rows_a, rows_b, length):
+    """Whether a @ b^T, for a of ``rows_a`` rows and b of ``rows_b``, both ``length``
+    long, goes to fast_ops.stacked_gram rather than BLAS (see GRAM_MAX_ROWS)."""
     return (min(rows_a, rows_b) <= GRAM_MAX_ROWS
+            and max(rows_a, rows_b) <= GRAM_MAX_OTHER_ROWS and length >= GRAM_MIN_LENGTH
             and rows_a % fast_ops.GRAM_BLOCK == 0 and rows_b % fast_ops.GRAM_BLOCK == 0)
 
 
 def _add_gram(a, b, out):
-    """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J)."""
-    if _gram_wins(len(a), len(b)) and a.flags.c_contiguous and b.flags.c_contiguous:
+    """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J); BLAS where the kernel
+    would lose, or where a or b is a view with gaps (a band of rows of an image)."""
+    if (_gram_wins(len(a), len(b), a.shape[1])
+            and a.flags.c_contiguous and b.flags.c_contiguous):
         _run(fast_ops.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
     else:
         out += a @ b.T
@@ -422,7 +433,7 @@ class NumbaBackend(Backend):
         band_du = None
         for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
             _run(gradient_tiles, dm.size, dy, first, dm)
-            if _gram_wins(o, c):
+            if _gram_wins(o, c, dm.shape[2]):
                 _run(fast_ops.stacked_gram, dm.size + v.size, dm, v, first > 0, total_du)
                 continue
             if first == 0:
