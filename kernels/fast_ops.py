@@ -31,12 +31,12 @@ everything else in one parallel pass each:
   pass each; the SGD and Adam updates of every parameter in one call.
 
 Every kernel is compiled twice, parallel and serial (see ``kernel``), both cached on
-disk. Fast-math flags are used only where
-they buy vectorisation and never drop NaN/Inf semantics: FMA contraction and
-reassociation in the direct convs and ``stacked_gram``, reassociation in ``channel_sums``; the other
-kernels copy data, accumulate in a fixed order, or must round exactly as the numpy
-reference does. Callers pass contiguous float32/float64 arrays only, which keeps the
-number of compiled specialisations (and the first-run compile time) small.
+disk. Fast-math flags are used only where they buy vectorisation and never drop NaN/Inf
+semantics: FMA contraction and reassociation in the direct convs and ``stacked_gram``,
+reassociation in ``channel_sums``; the other kernels copy data, accumulate in a fixed
+order, or must round exactly as the numpy reference does. Callers pass contiguous
+float32/float64 arrays only, which keeps the number of compiled specialisations (and
+the first-run compile time) small.
 """
 
 from __future__ import annotations
