@@ -12,10 +12,10 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   each 2x2 block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in)
   @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
   Those GEMMs are shared out among BLAS's threads, one GEMM each (stacked_gemm).
-  F(4x4) takes output sides that are multiples of 4 on maps 32 or more wide
+  F(4x4) takes output sides that are multiples of 4 on maps 16 or more wide
   (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_CHANNELS``; fewer channels on maps
-  narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) deep levels with
-  even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
+  narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) the 8-wide deep levels
+  and other even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
   gradient (the adjoint conv, whose filter transforms are the forward's with the taps
   reversed) and the weight gradient (the adjoint of the forward's steps) all take them,
   band by band of tile rows (``WINOGRAD_BUDGET``). Rounding: each output sums other
@@ -129,11 +129,15 @@ WINOGRAD_MIN_WORK = 1 << 21
 # took before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128
 # channels, 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide
 # maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient);
-# slower than F(2x2) on maps 16 wide or narrower (0.57-0.88x) and than the direct
-# kernels on their layers (0.76-0.97x). With its GEMM stacks split (stacked_gemm), its
-# weight gradient also beats the direct one on B's 256-wide 64 -> 32 layer (36.9 ->
-# 23.3 ms alone), which a rule had kept from it while the direct one was 1.5x faster.
-WINOGRAD_4X4_MIN_WIDTH = 32
+# slower than the direct kernels on their layers (0.76-0.97x). With its GEMM stacks
+# split (stacked_gemm), its weight gradient also beats the direct one on B's 256-wide
+# 64 -> 32 layer (36.9 -> 23.3 ms alone), which a rule had kept from it while the direct
+# one was 1.5x faster. On 16-wide maps it lost to F(2x2) (0.57-0.88x per pass) until the
+# GEMM stacks were split and the weight gradient's GEMMs went to stacked_gram; then
+# F(4x4) from 16 wide (32 before) made the training steps faster, medians of alternated
+# pairs: A 2.6% and 2.2% (30 and 20 pairs), B 3.3% (8), C 4.6% (30), A's inference 2%
+# (30). From 8 wide, A's step was 1% slower.
+WINOGRAD_4X4_MIN_WIDTH = 16
 WINOGRAD_4X4_MIN_CHANNELS = 32
 # On maps narrower than this, where no direct kernel competes (DIRECT_RULES), F(4x4)
 # takes layers from WINOGRAD_4X4_NARROW_MIN_CHANNELS on: config C's 32-wide layers of
