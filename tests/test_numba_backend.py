@@ -83,7 +83,8 @@ PATHS = {
                              "WINOGRAD_4X4_MIN_WIDTH": 10**9, "WINOGRAD_BUDGET": 64},
     # F(4x4) wherever the sides allow, F(2x2) where they are only even.
     "Winograd F(4x4, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
-                             "WINOGRAD_4X4_MIN_WIDTH": 1, "WINOGRAD_4X4_MIN_CHANNELS": 1,
+                             "WINOGRAD_4X4_MIN_WIDTH": 1, "WINOGRAD_4X4_MIN_TILES": 0,
+                             "WINOGRAD_4X4_MIN_CHANNELS": 1,
                              "WINOGRAD_4X4_NARROW_MIN_CHANNELS": 1,
                              "DIRECT_RULES": (), "WINOGRAD_BUDGET": 64},
 }
@@ -261,6 +262,21 @@ def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     assert len(calls) == winograd_calls
     assert len(direct_calls) == (width == 64 and not winograd_calls)
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
+
+
+@pytest.mark.parametrize("batch, side, channels, tile", [
+    (4, 16, 128, 4),   # 64 tiles of 4x4: F(4x4) (A's level 3)
+    (2, 16, 512, 2),   # 32 tiles: F(2x2) (B's bottom)
+    (4, 8, 256, 2),    # 8 wide: F(2x2) (A's bottom)
+    (2, 32, 256, 4),   # 128 tiles (B's level 3)
+    (8, 16, 16, 4),    # 128 tiles of few channels, on a map under 64 wide (C's level 2)
+])
+def test_winograd_variant_rules(batch, side, channels, tile):
+    """Which Winograd variant a 3x3 'same' conv takes, by map width, tiles, channels."""
+    geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
+    chosen = numba_backend._winograd_tile(channels, channels, (3, 3), geometry, batch,
+                                          (side, side))
+    assert chosen == tile
 
 
 @pytest.mark.parametrize("tile", [2, 4])

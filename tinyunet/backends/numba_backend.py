@@ -12,8 +12,9 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   each 2x2 block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in)
   @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
   Those GEMMs are shared out among BLAS's threads, one GEMM each (stacked_gemm).
-  F(4x4) takes output sides that are multiples of 4 on maps 16 or more wide
-  (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_CHANNELS``; fewer channels on maps
+  F(4x4) takes output sides that are multiples of 4 on maps 16 or more wide, with
+  enough tiles (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_TILES``,
+  ``WINOGRAD_4X4_MIN_CHANNELS``; fewer channels on maps
   narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) the 8-wide deep levels
   and other even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
   gradient (the adjoint conv, whose filter transforms are the forward's with the taps
@@ -133,11 +134,15 @@ WINOGRAD_MIN_WORK = 1 << 21
 # split (stacked_gemm), its weight gradient also beats the direct one on B's 256-wide
 # 64 -> 32 layer (36.9 -> 23.3 ms alone), which a rule had kept from it while the direct
 # one was 1.5x faster. On 16-wide maps it lost to F(2x2) (0.57-0.88x per pass) until the
-# GEMM stacks were split and the weight gradient's GEMMs went to stacked_gram; then
-# F(4x4) from 16 wide (32 before) made the training steps faster, medians of alternated
-# pairs: A 2.6% and 2.2% (30 and 20 pairs), B 3.3% (8), C 4.6% (30), A's inference 2%
-# (30). From 8 wide, A's step was 1% slower.
+# GEMM stacks were split and the weight gradient's GEMMs went to stacked_gram; then, per
+# layer (three passes, alone), F(4x4) was 1.15-1.2x faster on A's 64- to 256-channel
+# layers at 16x16 (64 tiles of 4x4 in its batch of 4) but 0.73-0.9x on B's 256- to
+# 1024-channel ones (32 tiles in its batch of 2): GEMMs over 32 tiles run far below
+# BLAS's peak. So it takes maps from 16 wide with at least WINOGRAD_4X4_MIN_TILES tiles
+# in the batch: A's step 2.2-2.6% faster (medians of 20 and 30 alternated pairs), C's
+# 4.6% (30), A's inference 2% (30). From 8 wide (A's 16 tiles), A's step was 1% slower.
 WINOGRAD_4X4_MIN_WIDTH = 16
+WINOGRAD_4X4_MIN_TILES = 64
 WINOGRAD_4X4_MIN_CHANNELS = 32
 # On maps narrower than this, where no direct kernel competes (DIRECT_RULES), F(4x4)
 # takes layers from WINOGRAD_4X4_NARROW_MIN_CHANNELS on: config C's 32-wide layers of
@@ -234,6 +239,7 @@ def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     min_channels_4x4 = (WINOGRAD_4X4_NARROW_MIN_CHANNELS if wo < WINOGRAD_4X4_NARROW_BELOW_WIDTH
                         else WINOGRAD_4X4_MIN_CHANNELS)
     if (ho % 4 == 0 and wo % 4 == 0 and wo >= WINOGRAD_4X4_MIN_WIDTH
+            and batch * (ho // 4) * (wo // 4) >= WINOGRAD_4X4_MIN_TILES
             and min(c_in, c_out) >= min_channels_4x4):
         return 4
     tiles = batch * (ho // 2) * (wo // 2)
