@@ -75,10 +75,9 @@ def _start_thread_pool():
     once (OMP_WAIT_POLICY=passive), they wake faster than numba's own workqueue pool
     (a tiny parallel kernel: 45 vs 62-82 us a call): training steps in fresh processes,
     alternating, C 32-34 vs 43-48 ms, A 130-172 vs 142-190 ms, B 522-590 vs 587-737 ms.
-    So on Linux,
-    where we measured it, numba gets the OpenMP layer, falling back to workqueue where
-    libgomp is missing, with OMP_WAIT_POLICY=passive set only while the pool starts:
-    libgomp reads it once, when it loads. That policy then holds for the process's
+    So on Linux, where we measured it, numba gets the OpenMP layer, falling back to
+    workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive set only while the
+    pool starts: libgomp reads it once, when it loads. That policy then holds for the process's
     libgomp, which a library loaded later may share (PyTorch's CPU build does: its
     steps ran 15-50% slower passive). Where an OpenMP runtime is already loaded, its
     wait policy is set, so workqueue again; a layer or a wait policy the user set
