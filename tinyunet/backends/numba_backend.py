@@ -143,6 +143,11 @@ WINOGRAD_MIN_WORK = 1 << 21
 # 4.6% (30), A's inference 2% (30). From 8 wide (A's 16 tiles), A's step was 1% slower.
 WINOGRAD_4X4_MIN_WIDTH = 16
 WINOGRAD_4X4_MIN_TILES = 64
+# From 16 channels, F(4x4) would take the weight gradients of A's 16-channel layers at
+# 64x64 and 128x128 (their forwards stay direct): 1.15-1.8x faster alone, A's step 1.4%
+# and 7.5% faster (two runs of 25-30 alternated pairs), but its transformed input then
+# fills whole 16 MiB bands and the step's peak rose from 95-101 to 120 MiB, above
+# PyTorch's 88-113. So 32.
 WINOGRAD_4X4_MIN_CHANNELS = 32
 # On maps narrower than this, where no direct kernel competes (DIRECT_RULES), F(4x4)
 # takes layers from WINOGRAD_4X4_NARROW_MIN_CHANNELS on: config C's 32-wide layers of
