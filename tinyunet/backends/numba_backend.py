@@ -7,19 +7,19 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
 
 * 3x3 stride-1 convs with many channels run as Winograd convolutions (Lavin & Gray
   2016), unless the direct kernels below take them (the weight gradient tries
-  Winograd first; see conv2d_grad_weight): F(4x4, 3x3) computes each 4x4
-  block of outputs from a 6x6 input tile with 36 multiplies instead of 144, F(2x2, 3x3)
-  each 2x2 block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in)
-  @ (C_in, tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one.
-  Those GEMMs are shared out among BLAS's threads, one GEMM each (stacked_gemm).
-  F(4x4) takes output sides that are multiples of 4 on maps 16 or more wide, with
-  enough tiles (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_TILES``,
-  ``WINOGRAD_4X4_MIN_CHANNELS``; fewer channels on maps
-  narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) the 8-wide deep levels
-  and other even sides (``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_WORK``). The forward, the input
-  gradient (the adjoint conv, whose filter transforms are the forward's with the taps
-  reversed) and the weight gradient (the adjoint of the forward's steps) all take them,
-  band by band of tile rows (``WINOGRAD_BUDGET``). Rounding: each output sums other
+  Winograd first; see conv2d_grad_weight): F(4x4, 3x3) computes each 4x4 block of
+  outputs from a 6x6 input tile with 36 multiplies instead of 144, F(2x2, 3x3) each 2x2
+  block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in) @ (C_in,
+  tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one. Those GEMMs
+  are shared out among BLAS's threads, one GEMM each (stacked_gemm). F(4x4) takes
+  output sides that are multiples of 4 on maps 16 or more wide, with enough tiles
+  (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_TILES``, ``WINOGRAD_4X4_MIN_CHANNELS``;
+  fewer channels on maps narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) the
+  8-wide deep levels and other even sides (``WINOGRAD_MIN_CHANNELS``,
+  ``WINOGRAD_MIN_WORK``). The forward, the input gradient (the adjoint conv, whose
+  filter transforms are the forward's with the taps reversed) and the weight gradient
+  (the adjoint of the forward's steps) all take them, band by band of tile rows
+  (``WINOGRAD_BUDGET``). Rounding: each output sums other
   products than im2col's, within float32 rounding of the GEMM paths (F(4x4)'s
   transforms lose a few more bits: about 5e-6 of the largest output on 64 channels).
   Inf and NaN: the transforms add and subtract neighbouring values whose coefficients
