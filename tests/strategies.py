@@ -186,6 +186,19 @@ def gram_stacks(draw, block: int, max_stack: int = 3, max_blocks: int = 3, max_l
 
 
 @st.composite
+def filter_banks(draw, max_channels: int = 40):
+    """(w, du): a 3x3 weight (O, C, 3, 3) and a transformed weight gradient
+    (alpha^2, O, C), alpha = tile + 2, for Winograd F(tile x tile, 3x3)'s filter
+    transforms; C crosses a few vector widths, float32 or float64."""
+    tile = draw(st.sampled_from([2, 4]))
+    o, c = draw(st.integers(1, 5)), draw(st.integers(1, max_channels))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(seeds))
+    return (tile, rng.standard_normal((o, c, 3, 3)).astype(dtype),
+            rng.standard_normal(((tile + 2) ** 2, o, c)).astype(dtype))
+
+
+@st.composite
 def conv_transpose_cases(draw, limit: Limit):
     """conv_transpose2d arguments with a positive output size (output_padding < stride)."""
     n = draw(st.integers(1, limit.batch))

@@ -21,6 +21,7 @@ from strategies import (  # noqa: E402
     Limit,
     conv_geometries,
     direct_conv_geometries,
+    filter_banks,
     gram_stacks,
     pool_cases,
     winograd_conv_geometries,
@@ -135,6 +136,29 @@ def test_stacked_gram_matches_numpy(stacks, accumulate):
     kernel = numba_backend.fast_ops.stacked_gram
     numba_backend._run(kernel, a.size + b.size, a, b, accumulate, out)
     assert_close(out, expected, a.dtype)
+
+
+@given(bank=filter_banks(), flip=st.booleans())
+def test_winograd_filter_transforms_match_numpy(bank, flip):
+    """u = G f G^T per filter f (rotated by 180 degrees with ``flip``), and its adjoint
+    dW = G^T dU G, against numpy's products in float64."""
+    tile, w, du = bank
+    o, c = w.shape[:2]
+    g = numba_backend._WINOGRAD_G[tile][w.dtype]
+    taps = w[:, :, ::-1, ::-1] if flip else w
+    expected = np.einsum("ai,ocij,bj->aboc", g, taps.astype(np.float64), g)
+    u = np.empty_like(du)
+    numba_backend._run(numba_backend.fast_ops.winograd_filters, u.size, w.reshape(o, c, 9),
+                       g, flip, u)
+    assert_close(u, expected.reshape(du.shape).astype(w.dtype), w.dtype)
+
+    alpha = tile + 2
+    expected = np.einsum("ai,aboc,bj->ocij", g, du.reshape(alpha, alpha, o, c).astype(
+        np.float64), g)
+    dw = np.empty_like(w)
+    numba_backend._run(numba_backend.fast_ops.winograd_filter_gradient, du.size, du, g,
+                       dw.reshape(o, c, 9))
+    assert_close(dw, expected.astype(w.dtype), w.dtype)
 
 
 @pytest.mark.parametrize("batch, c_in, c_out, gram_calls", [

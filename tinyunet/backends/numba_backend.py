@@ -264,21 +264,16 @@ def _forward_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     return False, _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
 
 
-def _winograd_filter_matrices(g):
-    """By dtype, the (alpha^2, 9) matrix that maps a flattened 3x3 filter to its
-    flattened transform G g G^T (row alpha*a + b, column 3k + l holds G[a, k] * G[b, l])."""
-    return {np.dtype(t): np.kron(g, g).astype(t) for t in (np.float32, np.float64)}
-
-
-# G of F(2x2, 3x3) and of F(4x4, 3x3) (Lavin & Gray 2016), by output tile. F(2x2)'s
-# entries are 0, +-1/2 or 1, so its float32 matrix is exact; F(4x4)'s 1/6, 1/12 and 1/24
-# are rounded, which the filter transform's error absorbs.
-_WINOGRAD_FILTER = {
-    2: _winograd_filter_matrices(np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5],
-                                           [0, 0, 1]])),
-    4: _winograd_filter_matrices(np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6],
-                                           [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                                           [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])),
+# G of F(2x2, 3x3) and of F(4x4, 3x3) (Lavin & Gray 2016), by output tile and dtype.
+# F(2x2)'s entries are 0, +-1/2 or 1, so its float32 matrix is exact; F(4x4)'s 1/6,
+# 1/12 and 1/24 are rounded, which the filter transform's error absorbs.
+_WINOGRAD_G = {
+    tile: {np.dtype(t): np.array(g, dtype=t) for t in (np.float32, np.float64)}
+    for tile, g in (
+        (2, [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]),
+        (4, [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+             [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+    )
 }
 
 
@@ -375,19 +370,18 @@ class NumbaBackend(Backend):
         return y
 
     def _winograd_filters(self, w, tile, adjoint=False):
-        """The filters' Winograd transforms G g G^T as (alpha^2, O, C), one small GEMM
-        (alpha = tile + 2).
+        """The filters' Winograd transforms G g G^T as (alpha^2, O, C), alpha = tile + 2
+        (fast_ops.winograd_filters).
 
         With ``adjoint``: those of the input gradient's conv, whose filter (c, o) is
-        w[o, c] flipped, as a (alpha^2, C, O) view. Flipping a filter reverses its 9 taps,
-        which is the filter matrix's columns reversed. A fresh array, not scratch: kept
-        as scratch, the largest layer's transform stayed resident (A's step peak 93 vs
-        82 MiB, measured with F(2x2) alone), and malloc reuses the freed block.
+        w[o, c] rotated by 180 degrees, as a (alpha^2, C, O) view. A fresh array, not
+        scratch: kept as scratch, the largest layer's transform stayed resident (A's step
+        peak 93 vs 82 MiB, measured with F(2x2) alone), and malloc reuses the freed block.
         """
         o, c = w.shape[:2]
-        matrix = _WINOGRAD_FILTER[tile][w.dtype]
-        filters = np.matmul(matrix[:, ::-1] if adjoint else matrix, w.reshape(o * c, 9).T)
-        filters = filters.reshape(-1, o, c)
+        filters = np.empty(((tile + 2) ** 2, o, c), dtype=w.dtype)
+        _run(fast_ops.winograd_filters, filters.size, w.reshape(o, c, 9),
+             _WINOGRAD_G[tile][w.dtype], adjoint, filters)
         return filters.transpose(0, 2, 1) if adjoint else filters
 
     def _winograd_bands(self, x, tile, padding, output_hw, c_out):
@@ -439,7 +433,7 @@ class NumbaBackend(Backend):
     def _grad_weight_winograd(self, dy, x, tile, padding):
         """dW of a 3x3 stride-1 conv through Winograd F(tile x tile, 3x3): the adjoint of
         the forward's steps. Per band, dU (alpha^2, O, C) += (A dY A^T) @ (B^T d B)^T,
-        alpha^2 GEMMs; then dW = G^T dU G, one small GEMM with the filter matrix."""
+        alpha^2 GEMMs; then dW = G^T dU G (fast_ops.winograd_filter_gradient)."""
         o, c = dy.shape[1], x.shape[1]
         if not len(dy):
             return np.zeros((o, c, 3, 3), dtype=dy.dtype)  # no bands: nothing to sum
@@ -458,8 +452,10 @@ class NumbaBackend(Backend):
                 band_du = np.empty_like(total_du)
             stacked_gemm.matmul(dm, v.transpose(0, 2, 1), band_du)
             total_du += band_du
-        matrix = _WINOGRAD_FILTER[tile][dy.dtype]
-        return (total_du.reshape(-1, o * c).T @ matrix).reshape(o, c, 3, 3)
+        dw = np.empty((o, c, 3, 3), dtype=dy.dtype)
+        _run(fast_ops.winograd_filter_gradient, total_du.size, total_du,
+             _WINOGRAD_G[tile][dy.dtype], dw.reshape(o, c, 9))
+        return dw
 
     def _conv2d_gemms(self, x, w2, geometry, kernel_hw, y):
         """y = conv2d as im2col bands + one GEMM per band (see the module docstring)."""
