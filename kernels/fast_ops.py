@@ -520,7 +520,8 @@ def stacked_gram(a, b, accumulate, out):
     """out[s, i, j] = sum over t of a[s, i, t] * b[s, j, t], plus out's own value if
     ``accumulate``.
 
-    a: (S, I, T), b: (S, J, T), out: (S, I, J), with I and J multiples of GRAM_BLOCK: a
+    a: (S, I', T), b: (S, J', T), out: (S, I, J), with I and J multiples of GRAM_BLOCK
+    (rows of a and b past I and J are not read: the Winograd bands' spare rows): a
     stack of GEMMs a @ b^T whose shared dimension T is long and whose rows are few, as
     in the weight gradients (T: tiles or pixels; I, J: channels, or channels times
     taps). BLAS runs those skinny products at 40-100 GFLOP/s on this project's 2-core
@@ -531,8 +532,8 @@ def stacked_gram(a, b, accumulate, out):
     channels, whose GEMMs BLAS runs near its peak, and on short T (the backend's
     ``_gram_wins`` says where it is used).
     """
-    stack, i_rows, length = a.shape
-    j_rows = b.shape[1]
+    stack, i_rows, j_rows = out.shape
+    length = a.shape[2]
     i_blocks, j_blocks = i_rows // GRAM_BLOCK, j_rows // GRAM_BLOCK
     zero = a.dtype.type(0)
     # Column blocks vary fastest, so a thread's consecutive steps reuse a's 4 rows.

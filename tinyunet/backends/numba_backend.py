@@ -164,6 +164,12 @@ WINOGRAD_4X4_NARROW_MIN_CHANNELS = 8
 # the step's peak from 298 to 321 MiB on B and from 90 to 94 MiB on A (8 MiB: 321 and
 # 96).
 WINOGRAD_BUDGET = 16 << 20
+# Channel rows that the Winograd bands' transformed tiles and products have beyond the
+# layer's channels, unused. Without them the alpha^2 runs that a transform writes or
+# reads together lie C * span floats apart, a multiple of 4 KiB whenever C * span is a
+# multiple of 1024, as it is on the U-Nets' power-of-two layers: all in the same few
+# cache sets. One spare row spreads them.
+WINOGRAD_SPARE_ROWS = 1
 # The weight gradients' GEMMs a @ b^T (a: output channels by tiles or pixels; b: input
 # channels, or channels times taps, by the same) run in fast_ops.stacked_gram when one
 # operand has at most GRAM_MAX_ROWS rows, the other at most GRAM_MAX_OTHER_ROWS, both a
@@ -387,9 +393,11 @@ class NumbaBackend(Backend):
     def _winograd_bands(self, x, tile, padding, output_hw, c_out):
         """Yield (first_row, v, m) per band of tile rows of a Winograd conv of x.
 
-        v (alpha^2, C, span) holds the band's transformed input tiles; m is a scratch
-        (alpha^2, c_out, span) array for the band's other GEMM operand or product. Both
-        live in reused buffers, so each band must be consumed before the next. Bands
+        v (alpha^2, C + WINOGRAD_SPARE_ROWS, span) holds the band's transformed input
+        tiles in its first C channel rows; m is a scratch (alpha^2, c_out +
+        WINOGRAD_SPARE_ROWS, span) array for the band's other GEMM operand or product,
+        likewise. The spare rows are never read. Both live in reused buffers, so each
+        band must be consumed before the next. Bands
         keep v and m within WINOGRAD_BUDGET. F(4x4)'s input transform pads x as it
         reads it; F(2x2)'s reads a padded copy (in "columns"; v is in "gradient", m in
         "product").
@@ -409,25 +417,26 @@ class NumbaBackend(Backend):
                 _run(fast_ops.winograd2_input_tiles, v.size, padded, first, v)
         per_row = values * max(c, c_out) * tw * x.itemsize
         rows = max(1, min(n * th, WINOGRAD_BUDGET // per_row))
-        tiles = self._buffer(x.dtype, values * c * rows * tw, "gradient")
-        product = self._buffer(x.dtype, values * c_out * rows * tw, "product")
+        c_rows, o_rows = c + WINOGRAD_SPARE_ROWS, c_out + WINOGRAD_SPARE_ROWS
+        tiles = self._buffer(x.dtype, values * c_rows * rows * tw, "gradient")
+        product = self._buffer(x.dtype, values * o_rows * rows * tw, "product")
         for first in range(0, n * th, rows):
             span = min(rows, n * th - first) * tw
-            v = tiles[: values * c * span].reshape(values, c, span)
+            v = tiles[: values * c_rows * span].reshape(values, c_rows, span)
             transform(first, v)
-            yield first, v, product[: values * c_out * span].reshape(values, c_out, span)
+            yield first, v, product[: values * o_rows * span].reshape(values, o_rows, span)
 
     def _conv2d_winograd(self, x, filters, tile, padding, relu_bias, y):
         """y = a 3x3 stride-1 conv of x as Winograd F(tile x tile, 3x3), band by band of
         tile rows: input transform, alpha^2 GEMMs with the transformed filters
         (alpha^2, O, C), output transform with relu(y + relu_bias[o]) unless relu_bias
         is None (see fast_ops)."""
-        o = y.shape[1]
+        c, o = x.shape[1], y.shape[1]
         output_tiles = getattr(fast_ops, f"winograd{tile}_output_tiles")
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
         for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
-            stacked_gemm.matmul(filters, v, m)
+            stacked_gemm.matmul(filters, v[:, :c], m[:, :o])
             _run(output_tiles, m.size, m, first, bias, relu, y)
 
     def _grad_weight_winograd(self, dy, x, tile, padding):
@@ -445,6 +454,7 @@ class NumbaBackend(Backend):
             if _gram_wins(o, c, dm.shape[2]):
                 _run(fast_ops.stacked_gram, dm.size + v.size, dm, v, first > 0, total_du)
                 continue
+            dm, v = dm[:, :o], v[:, :c]
             if first == 0:
                 stacked_gemm.matmul(dm, v.transpose(0, 2, 1), total_du)
                 continue

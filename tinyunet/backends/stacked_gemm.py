@@ -120,7 +120,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def matmul(a, b, out):
-    """out = a @ b for a (S, M, K), b (S, K, N) and a C-contiguous out (S, M, N)."""
+    """out = a @ b for a (S, M, K), b (S, K, N) and out (S, M, N), each of whose
+    matrices is C-contiguous."""
     threads = _splitter.blas_threads()
     flops = 2 * out.size * a.shape[-1]
     if threads < 2 or len(out) < 2 or flops < MIN_SPLIT_FLOPS:
