@@ -79,15 +79,19 @@ PATHS = {
                                "ROW_SHIFT_MIN_PIXELS": 1, "COLUMN_BUDGET": 64},
     "direct 3x3 kernels": {"DIRECT_RULES": ((1, 10**6),),
                            "GRAD_WEIGHT_DIRECT_RULES": ((1, 10**6),)},
-    # Bands of one tile row each (a tiny budget), so the band loop is exercised.
+    # Bands of one tile row each (tiny budgets), so the band loop is exercised; F(2x2)'s
+    # under WINOGRAD_BUDGET, F(4x4)'s under WINOGRAD_FEW_CHANNELS_BUDGET.
     "Winograd F(2x2, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
-                             "WINOGRAD_4X4_MIN_WIDTH": 10**9, "WINOGRAD_BUDGET": 64},
+                             "WINOGRAD_4X4_MIN_WIDTH": 10**9, "WINOGRAD_BUDGET": 64,
+                             "WINOGRAD_FEW_CHANNELS": 1,
+                             "WINOGRAD_FEW_CHANNELS_BUDGET": 1 << 30},
     # F(4x4) wherever the sides allow, F(2x2) where they are only even.
     "Winograd F(4x4, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
                              "WINOGRAD_4X4_MIN_WIDTH": 1, "WINOGRAD_4X4_MIN_TILES": 0,
                              "WINOGRAD_4X4_MIN_CHANNELS": 1,
                              "WINOGRAD_4X4_NARROW_MIN_CHANNELS": 1,
-                             "DIRECT_RULES": (), "WINOGRAD_BUDGET": 64},
+                             "DIRECT_RULES": (), "WINOGRAD_BUDGET": 1 << 30,
+                             "WINOGRAD_FEW_CHANNELS_BUDGET": 64},
 }
 
 
@@ -240,7 +244,7 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
     weight = rng.standard_normal(w_shape).astype(dtype)
     settings_ = dict(PATHS[f"Winograd F({tile}x{tile}, 3x3)"])
     if budget == "one band":
-        settings_["WINOGRAD_BUDGET"] = 1 << 30
+        settings_["WINOGRAD_BUDGET"] = settings_["WINOGRAD_FEW_CHANNELS_BUDGET"] = 1 << 30
     calls = {name: [] for name in WINOGRAD_KERNELS}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in settings_.items():
@@ -268,10 +272,10 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
 
 
 @pytest.mark.parametrize("width, channels, winograd_calls",
-                         [(64, 16, 0), (64, 32, 1), (32, 4, 0), (32, 8, 1)])
+                         [(64, 8, 0), (64, 16, 1), (32, 4, 0), (32, 8, 1)])
 def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     """The weight gradient takes F(4x4) from WINOGRAD_4X4_MIN_CHANNELS on, even on
-    layers that the direct kernel's rules admit too (64-wide maps: 16 channels go
+    layers that the direct kernel's rules admit too (64-wide maps: 8 channels go
     direct); on maps narrower than WINOGRAD_4X4_NARROW_BELOW_WIDTH from
     WINOGRAD_4X4_NARROW_MIN_CHANNELS on."""
     rng = np.random.default_rng(0)
@@ -304,6 +308,24 @@ def test_winograd_variant_rules(batch, side, channels, tile):
     chosen = numba_backend._winograd_tile(channels, channels, (3, 3), geometry, batch,
                                           (side, side))
     assert chosen == tile
+
+
+@pytest.mark.parametrize("batch, side, c_in, c_out, route", [
+    (4, 128, 16, 16, "direct"),    # A's level 0
+    (4, 128, 32, 16, "F(4x4)"),    # A's level-0 up layer
+    (4, 64, 16, 32, "F(4x4)"),     # A's level 1
+    (4, 128, 1, 16, "direct"),     # A's first layer
+    (8, 64, 16, 8, "direct"),      # C's level-0 up layer
+    (8, 64, 1, 8, "direct"),       # C's first layer
+    (2, 256, 32, 32, "F(4x4)"),    # B's level 0
+])
+def test_forward_routes(batch, side, c_in, c_out, route):
+    """Which path a 3x3 'same' conv's forward takes on the benchmark U-Nets' outer
+    levels (DIRECT_RULES, then Winograd)."""
+    geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
+    direct, tile = numba_backend._forward_route(c_in, c_out, (3, 3), geometry, batch,
+                                                (side, side))
+    assert ("direct" if direct else f"F({tile}x{tile})" if tile else "GEMMs") == route
 
 
 @pytest.mark.parametrize("tile", [2, 4])

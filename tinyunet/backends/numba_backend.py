@@ -94,8 +94,15 @@ COLUMN_BUDGET = 4 << 20
 # kernel took two rows of two channels a step (1.3-1.9x faster alone), wider rules were
 # measured again and lost or tied: up to 32x32 channels on 64-wide maps (A's step 2%
 # slower, C's the same), up to 16x32 on 32-wide maps (A and C the same), up to 32x32 on
-# 128-wide maps (B's step 2% slower).
-DIRECT_RULES = ((64, 16 * 32),)
+# 128-wide maps (B's step 2% slower). Once the Winograd bands got a spare row and the
+# filter transforms a kernel of their own, F(4x4) beat the direct kernels on A's 16 <->
+# 32-channel layers (three passes, alone: 1.45-1.55x on 64-wide maps, 1.13x for 32 ->
+# 16 at 128x128; 0.87x for 16 -> 16 at 128x128), so the rules shrank from
+# ((64, 16 * 32),) to the layers of 16x16 channels on 128-wide maps and 16x8 on 64-wide
+# ones (C's outer level, which no F(4x4) rule takes): with WINOGRAD_4X4_MIN_CHANNELS at
+# 16, A's step 1.4% and 1.6% faster (25 and 30 alternated pairs), its inference 1.6%
+# (40 pairs), its step's peak 95 MiB against 98.
+DIRECT_RULES = ((128, 16 * 16), (64, 16 * 8))
 # The same for the weight gradient alone, whose direct kernel beats its GEMMs on more
 # channels than the forward's. Measured on the benchmark U-Nets' layers, the two paths
 # alternating: direct 1.25x for 32->32 and 1.5x for 64->32 on 64-wide maps, 0.97x for
@@ -143,12 +150,11 @@ WINOGRAD_MIN_WORK = 1 << 21
 # 4.6% (30), A's inference 2% (30). From 8 wide (A's 16 tiles), A's step was 1% slower.
 WINOGRAD_4X4_MIN_WIDTH = 16
 WINOGRAD_4X4_MIN_TILES = 64
-# From 16 channels, F(4x4) would take the weight gradients of A's 16-channel layers at
-# 64x64 and 128x128 (their forwards stay direct): 1.15-1.8x faster alone, A's step 1.4%
-# and 7.5% faster (two runs of 25-30 alternated pairs), but its transformed input then
-# fills whole 16 MiB bands and the step's peak rose from 95-101 to 120 MiB, above
-# PyTorch's 88-113. So 32.
-WINOGRAD_4X4_MIN_CHANNELS = 32
+# F(4x4) needs 16 channels on each side (and the map width and tiles above). At 32,
+# A's 16-channel weight gradients went direct: from 16 they were 1.15-1.8x faster alone
+# and A's step 1.4-7.5% faster, but with 16 MiB bands the step's peak rose from 95-101
+# to 120 MiB, above PyTorch's 88-113, until WINOGRAD_FEW_CHANNELS_BUDGET (below).
+WINOGRAD_4X4_MIN_CHANNELS = 16
 # On maps narrower than this, where no direct kernel competes (DIRECT_RULES), F(4x4)
 # takes layers from WINOGRAD_4X4_NARROW_MIN_CHANNELS on: config C's 32-wide layers of
 # 8-32 channels, whose im2col GEMMs are skinny. C's step 5% and 7% faster (medians of
@@ -168,8 +174,17 @@ WINOGRAD_BUDGET = 16 << 20
 # layer's channels, unused. Without them the alpha^2 runs that a transform writes or
 # reads together lie C * span floats apart, a multiple of 4 KiB whenever C * span is a
 # multiple of 1024, as it is on the U-Nets' power-of-two layers: all in the same few
-# cache sets. One spare row spreads them.
+# cache sets. One spare row spreads them: A's F(4x4) transforms took 18.8 rather than
+# 22.2 ms of its step (20 alternated steps). Alone, the input transform ran 1.2-1.5x
+# faster on 16- and 32-wide maps of 64, 256 and 512 channels, 0.86-1.03x on others.
 WINOGRAD_SPARE_ROWS = 1
+# Layers with fewer than WINOGRAD_FEW_CHANNELS channels on a side keep their bands within
+# WINOGRAD_FEW_CHANNELS_BUDGET instead, so they fit the scratch buffers that A's 64-
+# channel layers need anyway (9 MiB each): its step's peak stayed at 95 MiB with F(4x4)
+# on its 16-channel layers. 16 MiB bands there were no faster (A's step 0.9% slower, 30
+# alternated pairs).
+WINOGRAD_FEW_CHANNELS = 32
+WINOGRAD_FEW_CHANNELS_BUDGET = 8 << 20
 # The weight gradients' GEMMs a @ b^T (a: output channels by tiles or pixels; b: input
 # channels, or channels times taps, by the same) run in fast_ops.stacked_gram when one
 # operand has at most GRAM_MAX_ROWS rows, the other at most GRAM_MAX_OTHER_ROWS, both a
@@ -397,10 +412,10 @@ class NumbaBackend(Backend):
         tiles in its first C channel rows; m is a scratch (alpha^2, c_out +
         WINOGRAD_SPARE_ROWS, span) array for the band's other GEMM operand or product,
         likewise. The spare rows are never read. Both live in reused buffers, so each
-        band must be consumed before the next. Bands
-        keep v and m within WINOGRAD_BUDGET. F(4x4)'s input transform pads x as it
-        reads it; F(2x2)'s reads a padded copy (in "columns"; v is in "gradient", m in
-        "product").
+        band must be consumed before the next. Bands keep v and m within WINOGRAD_BUDGET
+        (WINOGRAD_FEW_CHANNELS_BUDGET on layers of few channels). F(4x4)'s input
+        transform pads x as it reads it; F(2x2)'s reads a padded copy (in "columns"; v
+        is in "gradient", m in "product").
         """
         n, c = x.shape[:2]
         th, tw = output_hw[0] // tile, output_hw[1] // tile
@@ -415,8 +430,10 @@ class NumbaBackend(Backend):
 
             def transform(first, v):
                 _run(fast_ops.winograd2_input_tiles, v.size, padded, first, v)
+        budget = (WINOGRAD_BUDGET if min(c, c_out) >= WINOGRAD_FEW_CHANNELS
+                  else WINOGRAD_FEW_CHANNELS_BUDGET)
         per_row = values * max(c, c_out) * tw * x.itemsize
-        rows = max(1, min(n * th, WINOGRAD_BUDGET // per_row))
+        rows = max(1, min(n * th, budget // per_row))
         c_rows, o_rows = c + WINOGRAD_SPARE_ROWS, c_out + WINOGRAD_SPARE_ROWS
         tiles = self._buffer(x.dtype, values * c_rows * rows * tw, "gradient")
         product = self._buffer(x.dtype, values * o_rows * rows * tw, "product")
