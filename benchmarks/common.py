@@ -139,8 +139,11 @@ def _threading_layer() -> str:
     import numba
     from tinyunet.kernels import fast_ops
 
-    passive = fast_ops.OPENMP_WAITS_PASSIVELY
-    return numba.threading_layer() + (", GNU OpenMP waiting passively" if passive else "")
+    if not fast_ops.OPENMP_WAITS_PASSIVELY:
+        return numba.threading_layer()
+    spins = fast_ops.OPENMP_SPINCOUNT_IN_EFFECT
+    return numba.threading_layer() + ", GNU OpenMP waiting passively" + (
+        f" after {spins} spins (GOMP_SPINCOUNT)" if spins else "")
 
 
 def _module_name() -> str:

@@ -63,8 +63,14 @@ def _openmp_loaded():
         return True  # cannot tell: assume so
 
 
-# Whether this module started numba's pool on GNU OpenMP told to wait passively.
+# Whether this module started numba's pool on GNU OpenMP told to wait passively, and
+# the GOMP_SPINCOUNT that libgomp then read (None: libgomp's default for the policy).
 OPENMP_WAITS_PASSIVELY = False
+OPENMP_SPINCOUNT_IN_EFFECT = None
+# How long GNU OpenMP's idle workers spin before they sleep, in libgomp's units
+# (GOMP_SPINCOUNT: iterations of a pause loop; 1000 spun for 20-30 us here). See
+# _start_thread_pool.
+OPENMP_SPIN_COUNT = 1000
 
 
 def _start_thread_pool():
@@ -76,14 +82,22 @@ def _start_thread_pool():
     once (OMP_WAIT_POLICY=passive), they wake faster than numba's own workqueue pool
     (a tiny parallel kernel: 45 vs 62-82 us a call): training steps in fresh processes,
     alternating, C 32-34 vs 43-48 ms, A 130-172 vs 142-190 ms, B 522-590 vs 587-737 ms.
+    Waking a sleeping worker still costs those 45 us, and a step makes about 180
+    parallel calls (config A), many straight after another. So the workers first spin
+    briefly (GOMP_SPINCOUNT=OPENMP_SPIN_COUNT): a tiny parallel call right after
+    another then took 1.5 us instead of 45, while a GEMM of 0.2 ms in between still
+    finds them asleep. Training steps in fresh processes, alternating (medians): A 99-100
+    vs 109-111 ms, C 22.0-23.1 vs 25.8-26.3 ms, B 491 vs 495-501 ms; 300 spins helped
+    A less (106-113), 4000 no more (102-151), 10^4 not at all, 10^5 made A 20% slower.
     So on Linux, where we measured it, numba gets the OpenMP layer, falling back to
-    workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive set only while the
-    pool starts: libgomp reads it once, when it loads. That policy then holds for the process's
-    libgomp, which a library loaded later may share (PyTorch's CPU build does: its
-    steps ran 15-50% slower passive). Where an OpenMP runtime is already loaded, its
-    wait policy is set, so workqueue again; a layer or a wait policy the user set
-    (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY other than passive) is left alone. If
-    numba's pool was started before this module is first imported, its layer stays.
+    workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive and GOMP_SPINCOUNT
+    set only while the pool starts: libgomp reads them once, when it loads. They then
+    hold for the process's libgomp, which a library loaded later may share (PyTorch's
+    CPU build does: its steps ran 15-50% slower passive). Where an OpenMP runtime is
+    already loaded, its wait policy is set, so workqueue again; a layer, wait policy or
+    spin count the user set (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY, GOMP_SPINCOUNT)
+    is left alone, and a passive policy the user set gets no spinning. If numba's pool
+    was started before this module is first imported, its layer stays.
     """
     if "NUMBA_THREADING_LAYER" in os.environ:
         return
@@ -94,16 +108,23 @@ def _start_thread_pool():
         return
     numba.config.THREADING_LAYER = "default"
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
-    os.environ["OMP_WAIT_POLICY"] = "passive"
+    settings = {"OMP_WAIT_POLICY": "passive"}
+    if policy is None and "GOMP_SPINCOUNT" not in os.environ:
+        settings["GOMP_SPINCOUNT"] = str(OPENMP_SPIN_COUNT)
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    spincount = os.environ.get("GOMP_SPINCOUNT")
     try:
         numba.get_num_threads()  # starts the pool, loading libgomp now
     finally:
-        if policy is None:
-            del os.environ["OMP_WAIT_POLICY"]
-        else:
-            os.environ["OMP_WAIT_POLICY"] = policy
-    global OPENMP_WAITS_PASSIVELY
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+    global OPENMP_WAITS_PASSIVELY, OPENMP_SPINCOUNT_IN_EFFECT
     OPENMP_WAITS_PASSIVELY = numba.threading_layer() == "omp"
+    OPENMP_SPINCOUNT_IN_EFFECT = spincount if OPENMP_WAITS_PASSIVELY else None
 
 
 _start_thread_pool()
@@ -112,10 +133,11 @@ _start_thread_pool()
 def kernel(fastmath=False):
     """Compile a kernel twice: parallel (the dispatcher returned) and serial (``.serial``).
 
-    Handing a call to numba's thread pool cost 45-100 us on the 2-core VM of
-    benchmarks/RESULTS.md: the workers sleep between calls (spinning would steal the
-    cores BLAS needs), and waking them takes that long. A small call is done sooner by
-    the calling thread alone, so the backend sends calls under
+    Handing a call to numba's thread pool cost 20-100 us on the 2-core VM of
+    benchmarks/RESULTS.md when its workers had gone to sleep (spinning for long would
+    steal the cores BLAS needs; see _start_thread_pool), and 1.5 us right after another
+    call. A small call is done sooner by the calling thread alone, so the backend sends
+    calls under
     ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the function
     with its own name and so its own cache file.
     """

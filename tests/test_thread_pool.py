@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("numba")
 
+from tinyunet.kernels import fast_ops  # noqa: E402
+
 PROBE = """
 import json, os, sys
 if sys.argv[1] == "torch-first":
@@ -18,7 +20,8 @@ import tinyunet
 tinyunet.get_backend("numba")
 import numba
 numba.get_num_threads()  # starts the pool if the import did not
-print(json.dumps([numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY")]))
+print(json.dumps([numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"),
+                  os.environ.get("GOMP_SPINCOUNT")]))
 """
 
 
@@ -41,27 +44,37 @@ def omp_layer_loads():
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY"):
+    for name in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP choice is Linux's")
 def test_openmp_layer_with_passive_wait_and_the_environment_left_as_found(clean_env):
     if not omp_layer_loads():
-        assert probe() == ["workqueue", None]
+        assert probe() == ["workqueue", None, None]
         return
-    # libgomp prints the policy it read when it loaded (OMP_DISPLAY_ENV).
-    layer_and_policy, stderr = probe_with_stderr(OMP_DISPLAY_ENV="true")
-    assert layer_and_policy == ["omp", None]
+    # libgomp prints the settings it read when it loaded (OMP_DISPLAY_ENV).
+    layer_and_settings, stderr = probe_with_stderr(OMP_DISPLAY_ENV="verbose")
+    assert layer_and_settings == ["omp", None, None]
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in stderr
+    assert f"GOMP_SPINCOUNT = '{fast_ops.OPENMP_SPIN_COUNT}'" in stderr
 
 
-def test_a_passive_policy_the_user_set_is_restored_as_written(clean_env):
-    assert probe(OMP_WAIT_POLICY="PASSIVE")[1] == "PASSIVE"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP choice is Linux's")
+def test_a_passive_policy_or_spin_count_the_user_set_is_kept(clean_env):
+    if not omp_layer_loads():
+        pytest.skip("no OpenMP layer here")
+    # A passive policy of the user's own means no spinning: libgomp's spin count 0.
+    settings, stderr = probe_with_stderr(OMP_WAIT_POLICY="PASSIVE", OMP_DISPLAY_ENV="verbose")
+    assert settings == ["omp", "PASSIVE", None]
+    assert "GOMP_SPINCOUNT = '0'" in stderr
+    settings, stderr = probe_with_stderr(GOMP_SPINCOUNT="7", OMP_DISPLAY_ENV="verbose")
+    assert settings == ["omp", None, "7"]
+    assert "GOMP_SPINCOUNT = '7'" in stderr
 
 
 def test_a_wait_policy_the_user_set_is_kept_and_means_workqueue(clean_env):
-    assert probe(OMP_WAIT_POLICY="active") == ["workqueue", "active"]
+    assert probe(OMP_WAIT_POLICY="active")[:2] == ["workqueue", "active"]
 
 
 def test_a_threading_layer_the_user_picked_is_kept(clean_env):
@@ -70,4 +83,4 @@ def test_a_threading_layer_the_user_picked_is_kept(clean_env):
 
 def test_openmp_loaded_before_means_workqueue(clean_env):
     pytest.importorskip("torch")
-    assert probe("torch-first") == ["workqueue", None]
+    assert probe("torch-first") == ["workqueue", None, None]

@@ -199,12 +199,16 @@ GRAM_MAX_ROWS = 64
 GRAM_MAX_OTHER_ROWS = 2304
 GRAM_MIN_LENGTH = 512
 # Kernels on fewer elements than this run serially on the calling thread: waking
-# numba's pool (about 0.1 ms on workqueue when GEMMs run in between, 45 us on passive
-# OpenMP) costs more than they take. Measured with GEMMs in between, on workqueue: a
-# ReLU of 300k float32 values ran faster serially (72 vs 103 us), im2col of 130k inputs
-# too, im2col of 260k faster in parallel; on OpenMP, 2^16 instead of 2^18 changed
-# nothing on C's step (40 alternated pairs) and 2^20 made it 13% slower.
-PARALLEL_MIN_ELEMENTS = 1 << 18
+# numba's pool (about 0.1 ms on workqueue when GEMMs run in between, 20-45 us on
+# passive OpenMP once its workers sleep) costs more than they take. Measured with GEMMs
+# in between, on workqueue: a ReLU of 300k float32 values ran faster serially (72 vs 103
+# us), im2col of 130k inputs too, im2col of 260k faster in parallel; on OpenMP with no
+# spinning, 2^16 instead of 2^18 changed nothing on C's step (40 alternated pairs) and
+# 2^20 made it 13% slower. Since OpenMP's workers spin briefly (fast_ops.
+# OPENMP_SPIN_COUNT), a call right after another finds them awake: against 2^18, 2^16
+# made C's step 5.6% and A's 3.8% faster (40 and 20 alternated pairs); against 2^16,
+# 2^14 C's 2.4% (A's the same), 2^12 C's 2-2.4%, A's and B's within 1%, 0 C's 2%.
+PARALLEL_MIN_ELEMENTS = 1 << 14
 # The row-shift paths (forward and weight gradient) need maps of this many output pixels:
 # on 16x16 and smaller, the weight gradient's GEMMs over one image each ran up to 5x
 # slower than one GEMM over the batch's columns, and the forward's kH - 1 extra rows
