@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,66 @@ def import_torch(threads: int | None = None):
     if threads is not None:
         torch.set_num_threads(threads)
     return torch
+
+
+class PeerProcess:
+    """A competitor (PyTorch) run in a child process: ``python -m`` with ``module_args``,
+    whose side is ``serve_peer``.
+
+    tinyunet's numba kernels run on GNU OpenMP told to wait passively after a short
+    spin, and a PyTorch imported into the same process would share that runtime and
+    its settings (its steps ran 15-50% slower so), or, imported first, would leave our
+    kernels on numba's slower workqueue pool. Here each framework keeps its own. The
+    child runs one call per request and reports its own time, so the pipe is not timed;
+    while one process runs, the other waits on the pipe, so turns still alternate, as
+    in one process.
+    """
+
+    REPLY = "tinyunet-peer-reply "  # marks the child's answers among anything it prints
+
+    def __init__(self, module_args: list[str]):
+        self.child = subprocess.Popen([sys.executable, "-m", *module_args],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, bufsize=1)
+        self.label = self._ask("label")
+
+    def _ask(self, request: str) -> str:
+        self.child.stdin.write(request + "\n")
+        for line in self.child.stdout:
+            if line.startswith(self.REPLY):
+                return line[len(self.REPLY):].strip()
+            print(f"PyTorch peer: {line.rstrip()}", file=sys.stderr)
+        raise RuntimeError(f"PyTorch peer process ended (exit code {self.child.wait()})")
+
+    def run(self, request: str):
+        """A zero-argument callable for ``interleaved``: one call of ``request`` in the
+        child, its seconds left in ``last_seconds``."""
+
+        def call():
+            call.last_seconds = float(self._ask(request))
+
+        return call
+
+    def close(self):
+        self.child.stdin.close()
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+
+
+def serve_peer(calls: dict, label: str):
+    """The child's side of PeerProcess: answer "label", or time one call of
+    ``calls[request]``, per line of stdin until it closes."""
+    for request in sys.stdin:
+        request = request.strip()
+        if request == "label":
+            print(PeerProcess.REPLY + label, flush=True)
+            continue
+        start = time.perf_counter()
+        calls[request]()
+        print(PeerProcess.REPLY + repr(time.perf_counter() - start), flush=True)
 
 
 def torch_label(torch, where: str) -> str:

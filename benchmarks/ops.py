@@ -3,8 +3,8 @@
     python -m benchmarks.ops [--repeats 7] [--no-write]
 
 For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends, PyTorch when
-installed (same thread count), and, for the 3x3 convs, their im2col GEMMs alone,
-round-robin. Conv rows report GFLOP/s of
+installed (same thread count, in a child process of its own, as in train_step), and,
+for the 3x3 convs, their im2col GEMMs alone, round-robin. Conv rows report GFLOP/s of
 the conv arithmetic (2*N*O*C*kH*kW*Ho*Wo per pass; backward = input + weight
 gradients = 2 passes) and the percentage of a float32 GEMM measured in the same run.
 The table goes into the "ops" section of benchmarks/RESULTS.md.
@@ -13,6 +13,7 @@ The table goes into the "ops" section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import numpy as np
 
@@ -20,11 +21,13 @@ import tinyunet as tu
 from tinyunet.backends import ConvGeometry, PoolGeometry
 
 from .common import (
+    PeerProcess,
     compute_threads,
     import_torch,
     interleaved,
     machine_lines,
     median,
+    serve_peer,
     sgemm_gflops,
     table,
     torch_label,
@@ -178,27 +181,63 @@ def other_cases(torch, rng):
         yield f"ReLU, {label}", 0, c, relu_runs(torch, rng, n, c, h, w)
 
 
+def all_cases(torch):
+    """Every case, its data drawn from one seeded generator: the parent and PyTorch's
+    child process (peer_server) build the same inputs."""
+    rng = np.random.default_rng(0)
+    return list(conv_cases(torch, rng)) + list(other_cases(torch, rng))
+
+
+def peer_server(threads: int):
+    """PyTorch's side, in its own process: requests "<case index> fwd" or "... bwd"."""
+    torch = import_torch(threads)
+    calls = {}
+    for index, (_, _, _, runs) in enumerate(all_cases(torch)):
+        calls[f"{index} fwd"], calls[f"{index} bwd"] = runs["torch"]
+    serve_peer(calls, torch_label(torch, "in a process of its own"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    # PyTorch first, as both frameworks share this process: its GNU OpenMP keeps its
-    # default wait policy, and numba's kernels then run on the workqueue layer (see
-    # fast_ops._start_thread_pool; train_step runs PyTorch in a process of its own).
-    torch = import_torch()
+    if args.peer_server:
+        peer_server(args.threads)
+        return
+    # PyTorch runs in a child process: in this one it would share the GNU OpenMP runtime
+    # of our kernels and its settings, or, imported first, leave them on numba's
+    # workqueue pool (see fast_ops._start_thread_pool).
     threads = compute_threads()
-    if torch:
-        torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
+    peer = None
+    if not args.no_torch and importlib.util.find_spec("torch") is not None:
+        peer = PeerProcess(["benchmarks.ops", "--peer-server", "--threads", str(threads)])
+    try:
+        body = _measure(args, threads, peer)
+    finally:
+        if peer:
+            peer.close()
+    print(body)
+    if not args.no_write:
+        write_section("ops", body)
+        print("wrote benchmarks/RESULTS.md (section 'ops')")
+
+
+def _measure(args, threads, peer):
+    """Time every case and return the RESULTS.md section."""
     first_peak = sgemm_gflops()
     print(f"sgemm 1024^3 in numpy: {first_peak:.1f} GFLOP/s; threads {threads}; "
-          f"torch {torch.__version__ if torch else 'not installed'}")
-    backends = ["numpy", "numba"] + (["torch"] if torch else [])
+          f"torch {peer.label if peer else 'not used'}")
+    backends = ["numpy", "numba"] + (["torch"] if peer else [])
     measured = []
-    cases = list(conv_cases(torch, rng)) + list(other_cases(torch, rng))
-    for label, flops, channels, runs in cases:
+    cases = all_cases(None)
+    for index, (label, flops, channels, runs) in enumerate(cases):
+        if peer:
+            runs["torch"] = (peer.run(f"{index} fwd"), peer.run(f"{index} bwd"))
         for phase, index in (("fwd", 0), ("bwd", 1)):
             names = [name for name in [*backends, GEMMS_ALONE] if name in runs]
             times = interleaved({name: runs[name][index] for name in names}, args.repeats)
@@ -224,15 +263,15 @@ def main(argv=None):
                 if name == "numba" and channels >= 64:
                     wide_conv_shares.append((f"{label} {phase}", gflops / peak))
             cells.append(cell)
-        if torch:
+        if peer:
             cells.append(f"{seconds['torch'] / seconds['numba']:.2f}x")
         rows.append(cells)
     header = (["layer", "pass"] + backends + [GEMMS_ALONE]
-              + (["numba speed-up vs torch"] if torch else []))
+              + (["numba speed-up vs torch"] if peer else []))
     body = "\n".join([
         "## Per-op benchmark (`python -m benchmarks.ops`)",
         "",
-        *machine_lines(threads, torch and torch_label(torch, "in this process")),
+        *machine_lines(threads, peer and peer.label),
         f"- float32 sgemm 1024^3 in numpy, measured in this run before and after the layers: "
         f"{peak:.1f} GFLOP/s, the higher of the two (the % in the table is of this)",
         f"- Medians of {args.repeats} round-robin repeats, each turn a rest, one untimed call "
@@ -250,10 +289,7 @@ def main(argv=None):
         *[f"- {label}: {share:.0%}: {'met' if share >= WIDE_CONV_TARGET else 'NOT met'}"
           for label, share in wide_conv_shares],
     ])
-    print(body)
-    if not args.no_write:
-        write_section("ops", body)
-        print("wrote benchmarks/RESULTS.md (section 'ops')")
+    return body
 
 
 if __name__ == "__main__":

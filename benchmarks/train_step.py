@@ -14,7 +14,7 @@ A training step is zero_grad + forward + loss + backward + optimizer step, on fl
 Steps of the two frameworks alternate (round-robin; each turn rests, runs one untimed
 step and times the next, back to back as in a training loop),
 and the medians, min/max and their ratio come from that one run. PyTorch runs in a
-child process of its own, one step per request (``PeerProcess``), so that each
+child process of its own, one step per request (``peer_process``), so that each
 framework keeps its own OpenMP settings. Inference (forward
 only, no graph) is timed the same way. Peak memory is measured in a fresh child
 process per framework and config (see ``memory_probe``): the peak resident set
@@ -30,18 +30,19 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
 from .common import (
+    PeerProcess,
     compute_threads,
     import_torch,
     interleaved,
     machine_lines,
     median,
+    serve_peer,
     table,
     torch_label,
     write_section,
@@ -175,64 +176,18 @@ def torch_runs(config: Config, torch, device: str = "cpu"):
 
 # ---- PyTorch in a process of its own ----------------------------------------------
 
-class PeerProcess:
-    """PyTorch's train step and inference of one config, run in a child process.
-
-    tinyunet's numba kernels run on GNU OpenMP told to wait passively, and a PyTorch
-    imported into the same process would share that runtime and its policy (its steps
-    ran 15-50% slower so). Here PyTorch keeps its own defaults. The child runs one call
-    per request and reports its own time, so the pipe is not timed; while one process
-    runs, the other waits on the pipe, so turns still alternate, as in one process.
-    """
-
-    REPLY = "tinyunet-peer-reply "  # marks the child's answers among anything it prints
-
-    def __init__(self, config_name: str, threads: int):
-        self.child = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.train_step", "--peer-server",
-             "--configs", config_name, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.label = self._ask("label")
-
-    def _ask(self, request: str) -> str:
-        self.child.stdin.write(request + "\n")
-        for line in self.child.stdout:
-            if line.startswith(self.REPLY):
-                return line[len(self.REPLY):].strip()
-            print(f"PyTorch peer: {line.rstrip()}", file=sys.stderr)
-        raise RuntimeError(f"PyTorch peer process ended (exit code {self.child.wait()})")
-
-    def run(self, kind: str):
-        """A zero-argument callable for ``interleaved``: one call of ``kind``
-        ("train" or "infer") in the child, its seconds left in ``last_seconds``."""
-
-        def call():
-            call.last_seconds = float(self._ask(kind))
-
-        return call
-
-    def close(self):
-        self.child.stdin.close()
-        try:
-            self.child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait()
+def peer_process(config_name: str, threads: int) -> PeerProcess:
+    """PyTorch's train step and inference of one config, in a child process: requests
+    "train" and "infer"."""
+    return PeerProcess(["benchmarks.train_step", "--peer-server", "--configs", config_name,
+                        "--threads", str(threads)])
 
 
 def peer_server(config_name: str, threads: int):
-    """The child's side of PeerProcess: answer requests on stdin until it closes."""
+    """The child's side of peer_process."""
     torch = import_torch(threads)
     train, infer = torch_runs(CONFIGS[config_name], torch)
-    calls = {"train": train, "infer": infer}
-    for request in sys.stdin:
-        request = request.strip()
-        if request == "label":
-            print(PeerProcess.REPLY + torch_label(torch, "in a process of its own"), flush=True)
-            continue
-        start = time.perf_counter()
-        calls[request]()
-        print(PeerProcess.REPLY + repr(time.perf_counter() - start), flush=True)
+    serve_peer({"train": train, "infer": infer}, torch_label(torch, "in a process of its own"))
 
 
 # ---- peak memory, in a fresh process ------------------------------------------------
@@ -310,7 +265,7 @@ def _time_all(args, threads, torch, peers):
         ours_step, ours_infer = tinyunet_runs(CONFIGS[name], args.backend)
         runs_train, runs_infer = {"tinyunet": ours_step}, {"tinyunet": ours_infer}
         if torch:
-            peer = PeerProcess(name, threads)
+            peer = peer_process(name, threads)
             peers.append(peer)
             runs_train["torch"], runs_infer["torch"] = peer.run("train"), peer.run("infer")
         competitors[name] = runs_train, runs_infer
@@ -361,7 +316,7 @@ def main(argv=None):
     if args.memory_probe:
         memory_probe(args.memory_probe, args.configs[0], args.backend, threads)
         return
-    # PyTorch is imported only in its own processes (PeerProcess, the memory probes).
+    # PyTorch is imported only in its own processes (peer_process, the memory probes).
     torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     peers = []
     try:

@@ -1,6 +1,8 @@
-"""The CPU training-step benchmark runs end to end on its smallest config (timings
-meaningless: one step per run), tables, run list and memory probe included."""
+"""The CPU benchmarks run end to end on small settings (timings meaningless): the
+training step on its smallest config, tables, run list and memory probe included, and
+the per-op benchmark."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -40,3 +42,18 @@ def test_train_step_benchmark_runs_pytorch_in_its_own_process():
     assert "in a process of its own" in out
     row = next(line for line in out.splitlines() if line.startswith("| C |"))
     assert "x** | 1.5x |" in row  # PyTorch's columns and the speed-up are filled in
+
+
+def test_ops_benchmark_smoke_run():
+    """The per-op benchmark end to end, one repeat; PyTorch, when installed, in a child
+    process of its own (its column and the speed-ups filled in)."""
+    have_torch = importlib.util.find_spec("torch") is not None
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--repeats", "1",
+                          "--no-write", *([] if have_torch else ["--no-torch"])],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line for line in run.stdout.splitlines()
+               if line.startswith("| conv 3x3, A bottom, 256->256 | fwd |"))
+    assert row.count("GF/s") == (4 if have_torch else 3)
+    assert ("in a process of its own" in run.stdout) == have_torch
+    assert "Issue 4's bar" in run.stdout
