@@ -657,6 +657,17 @@ def winograd_filters(w, g, flip, u):
                     target[c] = h0[c] * g0 + h1[c] * g1 + h2[c] * g2
 
 
+@njit(cache=True, inline="always")
+def _add_two_terms(t0, t1, t2, s0, s1, g, k):
+    """t_j += g[k, j] * s0 + g[k + 1, j] * s1, elementwise, for j = 0, 1, 2."""
+    p0, p1, p2 = g[k, 0], g[k, 1], g[k, 2]
+    q0, q1, q2 = g[k + 1, 0], g[k + 1, 1], g[k + 1, 2]
+    for c in range(len(t0)):
+        t0[c] += p0 * s0[c] + q0 * s1[c]
+        t1[c] += p1 * s0[c] + q1 * s1[c]
+        t2[c] += p2 * s0[c] + q2 * s1[c]
+
+
 @kernel(fastmath={"contract"})
 def winograd_filter_gradient(du, g, dw):
     """dw[o, c] = G^T dU G, flattened, for dU[a, b] = du[alpha*a + b, o, c]: the adjoint of
@@ -672,26 +683,14 @@ def winograd_filter_gradient(du, g, dw):
     for o in prange(o_ch):
         half = np.zeros((alpha, 3, c_in), dtype=du.dtype)  # dU G: alpha rows of 3
         for a in range(alpha):
-            h0, h1, h2 = half[a, 0], half[a, 1], half[a, 2]
             for b in range(0, alpha, 2):
-                d0, d1 = du[alpha * a + b, o], du[alpha * a + b + 1, o]
-                p0, p1, p2 = g[b, 0], g[b, 1], g[b, 2]
-                q0, q1, q2 = g[b + 1, 0], g[b + 1, 1], g[b + 1, 2]
-                for c in range(c_in):
-                    h0[c] += p0 * d0[c] + q0 * d1[c]
-                    h1[c] += p1 * d0[c] + q1 * d1[c]
-                    h2[c] += p2 * d0[c] + q2 * d1[c]
+                _add_two_terms(half[a, 0], half[a, 1], half[a, 2], du[alpha * a + b, o],
+                               du[alpha * a + b + 1, o], g, b)
         taps = np.zeros((9, c_in), dtype=du.dtype)  # G^T (dU G)
         for j in range(3):
-            t0, t1, t2 = taps[j], taps[3 + j], taps[6 + j]
             for a in range(0, alpha, 2):
-                e0, e1 = half[a, j], half[a + 1, j]
-                p0, p1, p2 = g[a, 0], g[a, 1], g[a, 2]
-                q0, q1, q2 = g[a + 1, 0], g[a + 1, 1], g[a + 1, 2]
-                for c in range(c_in):
-                    t0[c] += p0 * e0[c] + q0 * e1[c]
-                    t1[c] += p1 * e0[c] + q1 * e1[c]
-                    t2[c] += p2 * e0[c] + q2 * e1[c]
+                _add_two_terms(taps[j], taps[3 + j], taps[6 + j], half[a, j], half[a + 1, j],
+                               g, a)
         for c in range(c_in):
             for k in range(9):
                 dw[o, c, k] = taps[k, c]
