@@ -13,6 +13,6 @@ import tinyunet  # noqa: E402, F401
 from tinyunet.memory import keep_freed_memory
 
 # As the tinyunet command does. It is a setting of the process; every benchmark process
-# makes it (PyTorch's, whether timed in this process or in its own), and RESULTS.md
+# makes it (PyTorch's child processes too), and RESULTS.md
 # says whether it was made.
 MALLOC_KEEPS_FREED_MEMORY = keep_freed_memory()

@@ -204,7 +204,7 @@ def _threading_layer() -> str:
         return numba.threading_layer()
     spins = fast_ops.OPENMP_SPINCOUNT_IN_EFFECT
     return numba.threading_layer() + ", GNU OpenMP waiting passively" + (
-        f" after {spins} spins (GOMP_SPINCOUNT)" if spins else "")
+        f" after {spins} spins (GOMP_SPINCOUNT)" if spins and spins != "0" else "")
 
 
 def _module_name() -> str:

@@ -1,6 +1,6 @@
 """Per-op benchmark: forward and backward of U-Net-typical layers on every CPU backend.
 
-    python -m benchmarks.ops [--repeats 7] [--no-write]
+    python -m benchmarks.ops [--repeats 7] [--no-torch] [--no-write]
 
 For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends, PyTorch when
 installed (same thread count, in a child process of its own, as in train_step), and,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from functools import partial
 
 import numpy as np
 
@@ -60,13 +61,18 @@ POOL = [("A level 0, 16 ch", 4, 16, 128, 128)]
 GEMMS_ALONE = "numpy GEMMs alone"
 
 
-def conv3x3_runs(torch, rng, n, c, o, h, w):
-    """{backend: (forward, backward)} of a 3x3 'same' conv with bias."""
+def conv3x3_runs(torch, ours, rng, n, c, o, h, w):
+    """{competitor: (forward, backward)} of a 3x3 'same' conv with bias: PyTorch's if
+    ``torch``, tinyunet's backends and the GEMMs alone if ``ours``."""
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
     weight = rng.standard_normal((o, c, 3, 3), dtype=np.float32) * 0.1
     dy = rng.standard_normal((n, o, h, w), dtype=np.float32)
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     runs = {}
+    if torch:
+        runs["torch"] = torch_conv(torch, x, weight, dy, stride=1, padding=1, transposed=False)
+    if not ours:
+        return runs
     for name in ("numpy", "numba"):
         b = tu.get_backend(name)
         runs[name] = (
@@ -74,8 +80,6 @@ def conv3x3_runs(torch, rng, n, c, o, h, w):
             lambda b=b: (b.conv2d_grad_input(dy, weight, geometry, (h, w)),
                          b.conv2d_grad_weight(dy, x, geometry, (3, 3)), b.bias_grad(dy)),
         )
-    if torch:
-        runs["torch"] = torch_conv(torch, x, weight, dy, stride=1, padding=1, transposed=False)
     runs[GEMMS_ALONE] = im2col_gemms(rng, n, c, o, h, w)
     return runs
 
@@ -91,33 +95,23 @@ def im2col_gemms(rng, n, c, o, h, w):
     return (lambda: weight @ columns, lambda: (weight.T @ dy, dy @ columns.T))
 
 
-def upconv_runs(torch, rng, n, c, o, h, w):
-    """{backend: (forward, backward)} of a 2x2 stride-2 transposed conv with bias."""
+def upconv_runs(torch, ours, rng, n, c, o, h, w):
+    """The same for a 2x2 stride-2 transposed conv with bias."""
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
     weight = rng.standard_normal((c, o, 2, 2), dtype=np.float32) * 0.1
     dy = rng.standard_normal((n, o, 2 * h, 2 * w), dtype=np.float32)
     geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
     runs = {}
-    for name in ("numpy", "numba"):
+    if torch:
+        runs["torch"] = torch_conv(torch, x, weight, dy, stride=2, padding=0, transposed=True)
+    for name in ("numpy", "numba") if ours else ():
         b = tu.get_backend(name)
         runs[name] = (
             lambda b=b: b.conv2d_grad_input(x, weight, geometry, (2 * h, 2 * w)),
             lambda b=b: (b.conv2d(dy, weight, geometry),
                          b.conv2d_grad_weight(x, dy, geometry, (2, 2)), b.bias_grad(dy)),
         )
-    if torch:
-        runs["torch"] = torch_conv(torch, x, weight, dy, stride=2, padding=0, transposed=True)
     return runs
-
-
-def conv_cases(torch, rng):
-    """Yield (label, flops_per_pass, fewest channels, {backend: (forward, backward)})."""
-    for label, n, c, o, h, w in CONV3:
-        yield (f"conv 3x3, {label}", 2 * n * o * c * 9 * h * w, min(c, o),
-               conv3x3_runs(torch, rng, n, c, o, h, w))
-    for label, n, c, o, h, w in UPCONV:
-        yield (f"convT 2x2/2, {label}", 2 * n * o * c * 4 * h * w, min(c, o),
-               upconv_runs(torch, rng, n, c, o, h, w))
 
 
 def torch_conv(torch, x, weight, dy, stride, padding, transposed):
@@ -139,12 +133,12 @@ def torch_conv(torch, x, weight, dy, stride, padding, transposed):
     return forward, backward
 
 
-def pool_runs(torch, rng, n, c, h, w):
+def pool_runs(torch, ours, rng, n, c, h, w):
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
     dy = rng.standard_normal((n, c, h // 2, w // 2), dtype=np.float32)
     geometry = PoolGeometry((2, 2), (2, 2))
     runs = {}
-    for name in ("numpy", "numba"):
+    for name in ("numpy", "numba") if ours else ():
         b = tu.get_backend(name)
         _, argmax = b.max_pool2d(x, geometry)
         runs[name] = (lambda b=b: b.max_pool2d(x, geometry),
@@ -160,12 +154,12 @@ def pool_runs(torch, rng, n, c, h, w):
     return runs
 
 
-def relu_runs(torch, rng, n, c, h, w):
+def relu_runs(torch, ours, rng, n, c, h, w):
     x = rng.standard_normal((n, c, h, w), dtype=np.float32)
     y = np.maximum(x, 0)
     dy = rng.standard_normal(x.shape, dtype=np.float32)
     runs = {}
-    for name in ("numpy", "numba"):
+    for name in ("numpy", "numba") if ours else ():
         b = tu.get_backend(name)
         runs[name] = (lambda b=b: b.relu(x), lambda b=b: b.relu_backward(dy, y))
     if torch:
@@ -175,25 +169,37 @@ def relu_runs(torch, rng, n, c, h, w):
     return runs
 
 
-def other_cases(torch, rng):
+def case_specs():
+    """(label, FLOPs a pass, fewest channels, build(torch, ours, rng)) of every case."""
+    specs = [(f"conv 3x3, {label}", 2 * n * o * c * 9 * h * w, min(c, o),
+              partial(conv3x3_runs, n=n, c=c, o=o, h=h, w=w))
+             for label, n, c, o, h, w in CONV3]
+    specs += [(f"convT 2x2/2, {label}", 2 * n * o * c * 4 * h * w, min(c, o),
+               partial(upconv_runs, n=n, c=c, o=o, h=h, w=w))
+              for label, n, c, o, h, w in UPCONV]
     for label, n, c, h, w in POOL:
-        yield f"max-pool 2x2, {label}", 0, c, pool_runs(torch, rng, n, c, h, w)
-        yield f"ReLU, {label}", 0, c, relu_runs(torch, rng, n, c, h, w)
+        specs.append((f"max-pool 2x2, {label}", 0, c, partial(pool_runs, n=n, c=c, h=h, w=w)))
+        specs.append((f"ReLU, {label}", 0, c, partial(relu_runs, n=n, c=c, h=h, w=w)))
+    return specs
 
 
-def all_cases(torch):
-    """Every case, its data drawn from one seeded generator: the parent and PyTorch's
-    child process (peer_server) build the same inputs."""
-    rng = np.random.default_rng(0)
-    return list(conv_cases(torch, rng)) + list(other_cases(torch, rng))
+def built_cases(torch, ours, only):
+    """(case number, label, FLOPs a pass, fewest channels, runs) of the cases whose label
+    contains ``only``. Each case draws its data from its own generator, seeded with its
+    number, so PyTorch's child process (peer_server) builds the same inputs, and only
+    its own runs."""
+    return [(number, label, flops, channels,
+             build(torch, ours, np.random.default_rng(number)))
+            for number, (label, flops, channels, build) in enumerate(case_specs())
+            if only in label]
 
 
-def peer_server(threads: int):
-    """PyTorch's side, in its own process: requests "<case index> fwd" or "... bwd"."""
+def peer_server(threads: int, only: str):
+    """PyTorch's side, in its own process: requests "<case number> fwd" or "... bwd"."""
     torch = import_torch(threads)
     calls = {}
-    for index, (_, _, _, runs) in enumerate(all_cases(torch)):
-        calls[f"{index} fwd"], calls[f"{index} bwd"] = runs["torch"]
+    for number, _, _, _, runs in built_cases(torch, False, only):
+        calls[f"{number} fwd"], calls[f"{number} bwd"] = runs["torch"]
     serve_peer(calls, torch_label(torch, "in a process of its own"))
 
 
@@ -202,12 +208,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    # Only the cases whose label contains this (a quick check; the tests use it).
+    parser.add_argument("--only", default="", help=argparse.SUPPRESS)
     parser.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.peer_server:
-        peer_server(args.threads)
+        peer_server(args.threads, args.only)
         return
     # PyTorch runs in a child process: in this one it would share the GNU OpenMP runtime
     # of our kernels and its settings, or, imported first, leave them on numba's
@@ -215,7 +223,8 @@ def main(argv=None):
     threads = compute_threads()
     peer = None
     if not args.no_torch and importlib.util.find_spec("torch") is not None:
-        peer = PeerProcess(["benchmarks.ops", "--peer-server", "--threads", str(threads)])
+        peer = PeerProcess(["benchmarks.ops", "--peer-server", "--threads", str(threads),
+                            "--only", args.only])
     try:
         body = _measure(args, threads, peer)
     finally:
@@ -234,10 +243,9 @@ def _measure(args, threads, peer):
           f"torch {peer.label if peer else 'not used'}")
     backends = ["numpy", "numba"] + (["torch"] if peer else [])
     measured = []
-    cases = all_cases(None)
-    for index, (label, flops, channels, runs) in enumerate(cases):
+    for number, label, flops, channels, runs in built_cases(None, True, args.only):
         if peer:
-            runs["torch"] = (peer.run(f"{index} fwd"), peer.run(f"{index} bwd"))
+            runs["torch"] = (peer.run(f"{number} fwd"), peer.run(f"{number} bwd"))
         for phase, index in (("fwd", 0), ("bwd", 1)):
             names = [name for name in [*backends, GEMMS_ALONE] if name in runs]
             times = interleaved({name: runs[name][index] for name in names}, args.repeats)

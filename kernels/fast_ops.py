@@ -350,7 +350,8 @@ def row_shift_sum(z, count, rows_in, dh, y, n0, r0):
 # vectors (4 input rows) and feeds them to 2 output channels (36 FMAs per 16 loads and 4
 # stores), with the 18 taps held in registers. Measured 1.5-3x faster than im2col + GEMM
 # on maps 128 or more pixels wide with up to 32x32 channels, slower on narrow maps and
-# with many channels, where the backend keeps the GEMMs (its DIRECT_RULES).
+# with many channels, where the backend takes the GEMMs or Winograd (its DIRECT_RULES
+# and DIRECT_OVER_WINOGRAD_RULES).
 # The padded copy pays for itself: a forward kernel that read the unpadded input (zero
 # rows for the border, edge columns summed one by one) ran 1.4-1.7x slower than copy plus
 # kernel on the U-Net's 64- and 128-wide maps (40 alternated calls each), most likely
@@ -617,7 +618,9 @@ def stacked_gram(a, b, accumulate, out):
 #   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
 #   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
 # The filter transforms G g G^T, and the adjoint G^T dU G, are winograd_filters and
-# winograd_filter_gradient below, for F(4x4)'s G as well.
+# winograd_filter_gradient below, for F(4x4)'s G as well. The tile arrays (v, m, dm
+# here and in F(4x4)'s kernels) may have more channel rows than C or O: the kernels
+# take C and O from the images (x, y, dy) and leave the rows past them untouched.
 
 
 @kernel(fastmath={"contract"})

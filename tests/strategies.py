@@ -187,9 +187,9 @@ def gram_stacks(draw, block: int, max_stack: int = 3, max_blocks: int = 3, max_l
 
 @st.composite
 def filter_banks(draw, max_channels: int = 40):
-    """(w, du): a 3x3 weight (O, C, 3, 3) and a transformed weight gradient
-    (alpha^2, O, C), alpha = tile + 2, for Winograd F(tile x tile, 3x3)'s filter
-    transforms; C crosses a few vector widths, float32 or float64."""
+    """(tile, w, du): a Winograd tile (2 or 4), a 3x3 weight (O, C, 3, 3) and a
+    transformed weight gradient (alpha^2, O, C), alpha = tile + 2, for F(tile x tile,
+    3x3)'s filter transforms; C crosses a few vector widths, float32 or float64."""
     tile = draw(st.sampled_from([2, 4]))
     o, c = draw(st.integers(1, 5)), draw(st.integers(1, max_channels))
     dtype = draw(st.sampled_from([np.float32, np.float64]))

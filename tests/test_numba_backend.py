@@ -90,7 +90,8 @@ PATHS = {
                              "WINOGRAD_4X4_MIN_WIDTH": 1, "WINOGRAD_4X4_MIN_TILES": 0,
                              "WINOGRAD_4X4_MIN_CHANNELS": 1,
                              "WINOGRAD_4X4_NARROW_MIN_CHANNELS": 1,
-                             "DIRECT_RULES": (), "WINOGRAD_BUDGET": 1 << 30,
+                             "DIRECT_OVER_WINOGRAD_RULES": (), "WINOGRAD_BUDGET": 1 << 30,
+                             "WINOGRAD_FEW_CHANNELS": 10**9,
                              "WINOGRAD_FEW_CHANNELS_BUDGET": 64},
 }
 
@@ -318,10 +319,15 @@ def test_winograd_variant_rules(batch, side, channels, tile):
     (8, 64, 16, 8, "direct"),      # C's level-0 up layer
     (8, 64, 1, 8, "direct"),       # C's first layer
     (2, 256, 32, 32, "F(4x4)"),    # B's level 0
+    (4, 64, 16, 16, "F(4x4)"),
+    (4, 64, 8, 32, "direct"),      # F(4x4) needs 16 channels a side: the direct rules
+    (1, 64, 3, 64, "direct"),
+    (1, 64, 3, 256, "GEMMs"),
 ])
 def test_forward_routes(batch, side, c_in, c_out, route):
     """Which path a 3x3 'same' conv's forward takes on the benchmark U-Nets' outer
-    levels (DIRECT_RULES, then Winograd)."""
+    levels and a few others (DIRECT_OVER_WINOGRAD_RULES where Winograd applies, else
+    DIRECT_RULES)."""
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     direct, tile = numba_backend._forward_route(c_in, c_out, (3, 3), geometry, batch,
                                                 (side, side))

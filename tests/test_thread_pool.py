@@ -10,8 +10,6 @@ import pytest
 
 pytest.importorskip("numba")
 
-from tinyunet.kernels import fast_ops  # noqa: E402
-
 PROBE = """
 import json, os, sys
 if sys.argv[1] == "torch-first":
@@ -57,20 +55,21 @@ def test_openmp_layer_with_passive_wait_and_the_environment_left_as_found(clean_
     layer_and_settings, stderr = probe_with_stderr(OMP_DISPLAY_ENV="verbose")
     assert layer_and_settings == ["omp", None, None]
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in stderr
+    from tinyunet.kernels import fast_ops
+
     assert f"GOMP_SPINCOUNT = '{fast_ops.OPENMP_SPIN_COUNT}'" in stderr
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP choice is Linux's")
 def test_a_passive_policy_or_spin_count_the_user_set_is_kept(clean_env):
-    if not omp_layer_loads():
-        pytest.skip("no OpenMP layer here")
     # A passive policy of the user's own means no spinning: libgomp's spin count 0.
     settings, stderr = probe_with_stderr(OMP_WAIT_POLICY="PASSIVE", OMP_DISPLAY_ENV="verbose")
-    assert settings == ["omp", "PASSIVE", None]
-    assert "GOMP_SPINCOUNT = '0'" in stderr
+    assert settings[1:] == ["PASSIVE", None]
+    if settings[0] == "omp":
+        assert "GOMP_SPINCOUNT = '0'" in stderr
     settings, stderr = probe_with_stderr(GOMP_SPINCOUNT="7", OMP_DISPLAY_ENV="verbose")
-    assert settings == ["omp", None, "7"]
-    assert "GOMP_SPINCOUNT = '7'" in stderr
+    assert settings[1:] == [None, "7"]
+    if settings[0] == "omp":
+        assert "GOMP_SPINCOUNT = '7'" in stderr
 
 
 def test_a_wait_policy_the_user_set_is_kept_and_means_workqueue(clean_env):

@@ -26,8 +26,9 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   cancel only in exact arithmetic, so an Inf input can give NaN where the other paths
   give Inf, and under F(4x4) a NaN input reaches outputs of its 4x4 tiles beyond its
   3x3 neighbourhood (outputs outside those tiles are unaffected).
-* 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``: the U-Net's
-  outer levels) skip im2col and BLAS: a padded copy of the input and the direct
+* 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``, and
+  ``DIRECT_OVER_WINOGRAD_RULES`` where Winograd competes: the U-Net's outer levels)
+  skip im2col and BLAS: a padded copy of the input and the direct
   kernels of fast_ops, for the forward, the input gradient (again a conv, with the
   flipped weight) and the weight gradient. Their GEMMs would be skinny (16 rows over
   65536 pixels) and run far below BLAS's peak. The weight gradient's direct kernel
@@ -94,23 +95,24 @@ COLUMN_BUDGET = 4 << 20
 # kernel took two rows of two channels a step (1.3-1.9x faster alone), wider rules were
 # measured again and lost or tied: up to 32x32 channels on 64-wide maps (A's step 2%
 # slower, C's the same), up to 16x32 on 32-wide maps (A and C the same), up to 32x32 on
-# 128-wide maps (B's step 2% slower). Once the Winograd bands got a spare row and the
-# filter transforms a kernel of their own, F(4x4) beat the direct kernels on A's 16 <->
-# 32-channel layers (three passes, alone: 1.45-1.55x on 64-wide maps, 1.13x for 32 ->
-# 16 at 128x128; 0.87x for 16 -> 16 at 128x128), so the rules shrank from
-# ((64, 16 * 32),) to the layers of 16x16 channels on 128-wide maps and 16x8 on 64-wide
-# ones (C's outer level, which no F(4x4) rule takes): with WINOGRAD_4X4_MIN_CHANNELS at
-# 16, A's step 1.4% and 1.6% faster (25 and 30 alternated pairs), its inference 1.6%
-# (40 pairs), its step's peak 95 MiB against 98.
-DIRECT_RULES = ((128, 16 * 16), (64, 16 * 8))
+# 128-wide maps (B's step 2% slower).
+DIRECT_RULES = ((64, 16 * 32),)
+# The same rules for the layers that Winograd takes too (_winograd_tile), tried first.
+# Once the Winograd bands got a spare row and the filter transforms a kernel of their
+# own, F(4x4) beat the direct kernels on A's 16 <-> 32-channel layers (three passes,
+# alone: 1.45-1.55x on 64-wide maps, 1.13x for 32 -> 16 at 128x128; 0.87x for 16 -> 16
+# at 128x128), so among them only 16x16 channels on 128-wide maps stay direct: with
+# WINOGRAD_4X4_MIN_CHANNELS at 16, A's step 1.4% and 1.6% faster (25 and 30 alternated
+# pairs), its inference 1.6% (40 pairs), its step's peak 95 MiB against 98.
+DIRECT_OVER_WINOGRAD_RULES = ((128, 16 * 16),)
 # The same for the weight gradient alone, whose direct kernel beats its GEMMs on more
 # channels than the forward's. Measured on the benchmark U-Nets' layers, the two paths
 # alternating: direct 1.25x for 32->32 and 1.5x for 64->32 on 64-wide maps, 0.97x for
 # 32->64 (which the rule, counting C_in * C_out, admits: within this machine's noise);
 # on 128-wide maps 1.1x up to 64->64, 0.97x for 128->64; on 256-wide 1.3x for 32->32,
 # 1.02x for 64->32; on 32-wide maps GEMMs 1.2-2x faster. Measured before Winograd, which
-# the weight gradient tries first: the direct kernel now keeps the layers under 32
-# channels.
+# the weight gradient tries first: the direct kernel now keeps the layers that F(4x4)
+# does not take (under 16 channels on a side, see WINOGRAD_4X4_MIN_CHANNELS).
 GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # Which 3x3 stride-1 convs with even output sides run as Winograd F(2x2, 3x3): 2.25x
 # fewer multiplies, in 16 GEMMs of (C_out, C_in) @ (C_in, tiles), plus transforms that
@@ -137,7 +139,8 @@ WINOGRAD_MIN_WORK = 1 << 21
 # took before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128
 # channels, 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide
 # maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient);
-# slower than the direct kernels on their layers (0.76-0.97x). With its GEMM stacks
+# slower than the direct kernels on their layers then (0.76-0.97x; but see
+# DIRECT_OVER_WINOGRAD_RULES). With its GEMM stacks
 # split (stacked_gemm), its weight gradient also beats the direct one on B's 256-wide
 # 64 -> 32 layer (36.9 -> 23.3 ms alone), which a rule had kept from it while the direct
 # one was 1.5x faster. On 16-wide maps it lost to F(2x2) (0.57-0.88x per pass) until the
@@ -174,9 +177,11 @@ WINOGRAD_BUDGET = 16 << 20
 # layer's channels, unused. Without them the alpha^2 runs that a transform writes or
 # reads together lie C * span floats apart, a multiple of 4 KiB whenever C * span is a
 # multiple of 1024, as it is on the U-Nets' power-of-two layers: all in the same few
-# cache sets. One spare row spreads them: A's F(4x4) transforms took 18.8 rather than
-# 22.2 ms of its step (20 alternated steps). Alone, the input transform ran 1.2-1.5x
-# faster on 16- and 32-wide maps of 64, 256 and 512 channels, 0.86-1.03x on others.
+# cache sets. One spare row spreads them, unless span * itemsize is itself a multiple
+# of 4 KiB (A's 64-wide F(4x4) layers, one band of 1024 tiles, gain nothing): A's
+# F(4x4) transforms took 18.8 rather than 22.2 ms of its step (20 alternated steps).
+# Alone, the input transform ran 1.2-1.5x faster on 16- and 32-wide maps of 64, 256
+# and 512 channels, 0.86-1.03x on others.
 WINOGRAD_SPARE_ROWS = 1
 # Layers with fewer than WINOGRAD_FEW_CHANNELS channels on a side keep their bands within
 # WINOGRAD_FEW_CHANNELS_BUDGET instead, so they fit the scratch buffers that A's 64-
@@ -282,11 +287,11 @@ def _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw):
 def _forward_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     """(direct, tile) for a conv's forward: whether the direct 3x3 kernel takes it,
     else the output tile of the Winograd variant that does (0 for none)."""
-    direct = (_direct_3x3(c_in, c_out, kernel_hw, geometry, output_hw[1], DIRECT_RULES)
+    tile = _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
+    rules = DIRECT_OVER_WINOGRAD_RULES if tile else DIRECT_RULES
+    direct = (_direct_3x3(c_in, c_out, kernel_hw, geometry, output_hw[1], rules)
               and c_out % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
-    if direct:
-        return True, 0
-    return False, _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
+    return (True, 0) if direct else (False, tile)
 
 
 # G of F(2x2, 3x3) and of F(4x4, 3x3) (Lavin & Gray 2016), by output tile and dtype.
@@ -417,7 +422,7 @@ class NumbaBackend(Backend):
         WINOGRAD_SPARE_ROWS, span) array for the band's other GEMM operand or product,
         likewise. The spare rows are never read. Both live in reused buffers, so each
         band must be consumed before the next. Bands keep v and m within WINOGRAD_BUDGET
-        (WINOGRAD_FEW_CHANNELS_BUDGET on layers of few channels). F(4x4)'s input
+        (WINOGRAD_FEW_CHANNELS_BUDGET on layers of few channels), spare rows aside. F(4x4)'s input
         transform pads x as it reads it; F(2x2)'s reads a padded copy (in "columns"; v
         is in "gradient", m in "product").
         """
