@@ -137,9 +137,8 @@ def kernel(fastmath=False):
     benchmarks/RESULTS.md when its workers had gone to sleep (spinning for long would
     steal the cores BLAS needs; see _start_thread_pool), and 1.5 us right after another
     call. A small call is done sooner by the calling thread alone, so the backend sends
-    calls under
-    ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the function
-    with its own name and so its own cache file.
+    calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the
+    function with its own name and so its own cache file.
     """
 
     def compile_both(function):
@@ -623,6 +622,14 @@ def stacked_gram(a, b, accumulate, out):
 # take C and O from the images (x, y, dy) and leave the rows past them untouched.
 
 
+@njit(cache=True, inline="always")
+def _set_three_terms(target, s0, s1, s2, g, k):
+    """target = g[k, 0] * s0 + g[k, 1] * s1 + g[k, 2] * s2, elementwise."""
+    g0, g1, g2 = g[k, 0], g[k, 1], g[k, 2]
+    for c in range(len(target)):
+        target[c] = g0 * s0[c] + g1 * s1[c] + g2 * s2[c]
+
+
 @kernel(fastmath={"contract"})
 def winograd_filters(w, g, flip, u):
     """u[alpha*a + b, o, c] = (G f G^T)[a, b] for the filter f = w[o, c] as a 3x3 matrix,
@@ -646,18 +653,11 @@ def winograd_filters(w, g, flip, u):
                 target[c] = source[c]
         half = np.empty((alpha, 3, c_in), dtype=w.dtype)  # G f: alpha rows of 3 taps
         for a in range(alpha):
-            g0, g1, g2 = g[a, 0], g[a, 1], g[a, 2]
             for j in range(3):
-                t0, t1, t2, target = taps[j], taps[3 + j], taps[6 + j], half[a, j]
-                for c in range(c_in):
-                    target[c] = g0 * t0[c] + g1 * t1[c] + g2 * t2[c]
+                _set_three_terms(half[a, j], taps[j], taps[3 + j], taps[6 + j], g, a)
         for a in range(alpha):
-            h0, h1, h2 = half[a, 0], half[a, 1], half[a, 2]
             for b in range(alpha):
-                g0, g1, g2 = g[b, 0], g[b, 1], g[b, 2]
-                target = u[alpha * a + b, o]
-                for c in range(c_in):
-                    target[c] = h0[c] * g0 + h1[c] * g1 + h2[c] * g2
+                _set_three_terms(u[alpha * a + b, o], half[a, 0], half[a, 1], half[a, 2], g, b)
 
 
 @njit(cache=True, inline="always")

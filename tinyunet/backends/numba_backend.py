@@ -19,18 +19,18 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   ``WINOGRAD_MIN_WORK``). The forward, the input gradient (the adjoint conv, whose
   filter transforms are the forward's with the taps reversed) and the weight gradient
   (the adjoint of the forward's steps) all take them, band by band of tile rows
-  (``WINOGRAD_BUDGET``). Rounding: each output sums other
-  products than im2col's, within float32 rounding of the GEMM paths (F(4x4)'s
-  transforms lose a few more bits: about 5e-6 of the largest output on 64 channels).
+  (``WINOGRAD_BUDGET``). Rounding: each output sums other products than im2col's,
+  within float32 rounding of the GEMM paths (F(4x4)'s transforms lose a few more bits:
+  about 5e-6 of the largest output on 64 channels).
   Inf and NaN: the transforms add and subtract neighbouring values whose coefficients
   cancel only in exact arithmetic, so an Inf input can give NaN where the other paths
   give Inf, and under F(4x4) a NaN input reaches outputs of its 4x4 tiles beyond its
   3x3 neighbourhood (outputs outside those tiles are unaffected).
 * 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``, and
   ``DIRECT_OVER_WINOGRAD_RULES`` where Winograd competes: the U-Net's outer levels)
-  skip im2col and BLAS: a padded copy of the input and the direct
-  kernels of fast_ops, for the forward, the input gradient (again a conv, with the
-  flipped weight) and the weight gradient. Their GEMMs would be skinny (16 rows over
+  skip im2col and BLAS: a padded copy of the input and the direct kernels of fast_ops,
+  for the forward, the input gradient (again a conv, with the flipped weight) and the
+  weight gradient. Their GEMMs would be skinny (16 rows over
   65536 pixels) and run far below BLAS's peak. The weight gradient's direct kernel
   also wins on somewhat more channels (``GRAD_WEIGHT_DIRECT_RULES``).
 * Row stride 1 on maps of ROW_SHIFT_MIN_PIXELS or more, with no more output channels
@@ -135,22 +135,22 @@ WINOGRAD_MIN_WORK = 1 << 21
 # sides that are multiples of 4 on maps at least WINOGRAD_4X4_MIN_WIDTH wide, where its
 # transforms' loops are long enough, with both channel counts at least
 # WINOGRAD_4X4_MIN_CHANNELS and (but for the weight gradient) outside the direct
-# kernels' rules. Measured per pass, alternating, against the path each layer
-# took before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128
-# channels, 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide
-# maps, 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient);
-# slower than the direct kernels on their layers then (0.76-0.97x; but see
-# DIRECT_OVER_WINOGRAD_RULES). With its GEMM stacks
-# split (stacked_gemm), its weight gradient also beats the direct one on B's 256-wide
-# 64 -> 32 layer (36.9 -> 23.3 ms alone), which a rule had kept from it while the direct
-# one was 1.5x faster. On 16-wide maps it lost to F(2x2) (0.57-0.88x per pass) until the
-# GEMM stacks were split and the weight gradient's GEMMs went to stacked_gram; then, per
-# layer (three passes, alone), F(4x4) was 1.15-1.2x faster on A's 64- to 256-channel
-# layers at 16x16 (64 tiles of 4x4 in its batch of 4) but 0.73-0.9x on B's 256- to
-# 1024-channel ones (32 tiles in its batch of 2): GEMMs over 32 tiles run far below
-# BLAS's peak. So it takes maps from 16 wide with at least WINOGRAD_4X4_MIN_TILES tiles
-# in the batch: A's step 2.2-2.6% faster (medians of 20 and 30 alternated pairs), C's
-# 4.6% (30), A's inference 2% (30). From 8 wide (A's 16 tiles), A's step was 1% slower.
+# kernels' rules. Measured per pass, alternating, against the path each layer took
+# before: 1.13-1.34x faster than F(2x2) on 64- and 128-wide maps of 64-128 channels,
+# 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide maps,
+# 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient); slower
+# than the direct kernels on their layers then (0.76-0.97x; but see
+# DIRECT_OVER_WINOGRAD_RULES). With its GEMM stacks split (stacked_gemm), its weight
+# gradient also beats the direct one on B's 256-wide 64 -> 32 layer (36.9 -> 23.3 ms
+# alone), which a rule had kept from it while the direct one was 1.5x faster. On 16-wide
+# maps it lost to F(2x2) (0.57-0.88x per pass) until the GEMM stacks were split and the
+# weight gradient's GEMMs went to stacked_gram; then, per layer (three passes, alone),
+# F(4x4) was 1.15-1.2x faster on A's 64- to 256-channel layers at 16x16 (64 tiles of 4x4
+# in its batch of 4) but 0.73-0.9x on B's 256- to 1024-channel ones (32 tiles in its
+# batch of 2): GEMMs over 32 tiles run far below BLAS's peak. So it takes maps from 16
+# wide with at least WINOGRAD_4X4_MIN_TILES tiles in the batch: A's step 2.2-2.6% faster
+# (medians of 20 and 30 alternated pairs), C's 4.6% (30), A's inference 2% (30). From 8
+# wide (A's 16 tiles), A's step was 1% slower.
 WINOGRAD_4X4_MIN_WIDTH = 16
 WINOGRAD_4X4_MIN_TILES = 64
 # F(4x4) needs 16 channels on each side (and the map width and tiles above). At 32,
@@ -422,9 +422,9 @@ class NumbaBackend(Backend):
         WINOGRAD_SPARE_ROWS, span) array for the band's other GEMM operand or product,
         likewise. The spare rows are never read. Both live in reused buffers, so each
         band must be consumed before the next. Bands keep v and m within WINOGRAD_BUDGET
-        (WINOGRAD_FEW_CHANNELS_BUDGET on layers of few channels), spare rows aside. F(4x4)'s input
-        transform pads x as it reads it; F(2x2)'s reads a padded copy (in "columns"; v
-        is in "gradient", m in "product").
+        (WINOGRAD_FEW_CHANNELS_BUDGET on layers of few channels), spare rows aside.
+        F(4x4)'s input transform pads x as it reads it; F(2x2)'s reads a padded copy (in
+        "columns"; v is in "gradient", m in "product").
         """
         n, c = x.shape[:2]
         th, tw = output_hw[0] // tile, output_hw[1] // tile
