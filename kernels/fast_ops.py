@@ -2,8 +2,9 @@
 
 Shape convention: images are C-contiguous (N, C, H, W) arrays; conv weights are
 (C_out, C_in, kH, kW). The GEMMs themselves run in BLAS (numpy's matmul), but for
-the skinny ones of the weight gradients (``stacked_gram``); these kernels do
-everything else in one parallel pass each:
+the skinny ones of the weight gradients (``stacked_gram``), but they run on this
+module's thread pool (``gemm_parts``); these kernels do everything else in one
+parallel pass each:
 
 * ``im2col_rows``: a band of output rows (of one or more images) -> a column matrix in exactly
   the (C*kH*kW, rows*Wo) layout the GEMM wants, with the zero padding written in the
@@ -17,6 +18,8 @@ everything else in one parallel pass each:
 * ``conv3x3_forward`` / ``conv3x3_grad_weight``: direct 3x3 stride-1 convolution for
   few channels, where a skinny GEMM wastes BLAS; they read a padded copy
   (``pad_images``) and do the arithmetic themselves.
+* ``gemm_parts``: a stack of GEMMs shared out among the pool's threads, each calling
+  single-threaded BLAS on its part (see tinyunet/backends/blas.py).
 * ``stacked_gram``: the weight gradients' GEMMs a @ b^T when one has few rows, as
   4x4 blocks of dot products over their long shared dimension.
 * ``winograd2_input_tiles`` / ``winograd2_output_tiles`` / ``winograd2_gradient_tiles``
@@ -50,6 +53,7 @@ import types
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import types as nbtypes
 
 
 def _openmp_loaded():
@@ -68,30 +72,30 @@ def _openmp_loaded():
 OPENMP_WAITS_PASSIVELY = False
 OPENMP_SPINCOUNT_IN_EFFECT = None
 # How long GNU OpenMP's idle workers spin before they sleep, in libgomp's units
-# (GOMP_SPINCOUNT: iterations of a pause loop; 1000 spun for 20-30 us here). See
-# _start_thread_pool.
-OPENMP_SPIN_COUNT = 1000
+# (GOMP_SPINCOUNT: iterations of a pause loop; 1000 spun for 20-30 us here, so 10^5
+# for 2-3 ms). See _start_thread_pool.
+OPENMP_SPIN_COUNT = 100_000
 
 
 def _start_thread_pool():
     """Pick numba's threading layer and start its threads.
 
-    These kernels alternate with BLAS GEMMs many times a step, so how the pool's idle
-    workers wait matters. OpenMP's spin after each parallel region and steal the cores
-    BLAS needs (measured: a conv forward 5-10x slower on 2 cores). Told to sleep at
-    once (OMP_WAIT_POLICY=passive), they wake faster than numba's own workqueue pool
-    (a tiny parallel kernel: 45 vs 62-82 us a call): training steps in fresh processes,
-    alternating, C 32-34 vs 43-48 ms, A 130-172 vs 142-190 ms, B 522-590 vs 587-737 ms.
-    Waking a sleeping worker still costs those 45 us, and a step makes about 180
-    parallel calls (config A), many straight after another. So the workers first spin
-    briefly (GOMP_SPINCOUNT=OPENMP_SPIN_COUNT): a tiny parallel call right after
-    another then took 1.5 us instead of 45, while a GEMM of 0.2 ms in between still
-    finds them asleep. Training steps in fresh processes, alternating (medians): A 99-100
-    vs 109-111 ms, C 22.0-23.1 vs 25.8-26.3 ms, B 491 vs 495-501 ms; 300 spins helped
-    A less (106-113), 4000 no more (102-151), 10^4 not at all, 10^5 made A 20% slower.
-    So on Linux, where we measured it, numba gets the OpenMP layer, falling back to
-    workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive and GOMP_SPINCOUNT
-    set only while the pool starts: libgomp reads them once, when it loads. They then
+    A training step makes about 150-180 parallel calls (configs C and A), many
+    straight after another, so how the pool's idle workers wait matters. Waking a
+    sleeping worker cost 45 us a call on the 2-core VM of benchmarks/RESULTS.md (numba's
+    own workqueue pool: 62-82 us). The GEMMs run on this pool too
+    (tinyunet/backends/blas.py), so no other pool of threads needs the cores while
+    these workers wait, and they spin for 2-3 ms (GOMP_SPINCOUNT=OPENMP_SPIN_COUNT)
+    before they sleep. While BLAS ran on threads of its own, spinning for long stole
+    its cores: 10^5 spins made A 20% slower, and 1000 (20-30 us) was the best; with the
+    GEMMs on this pool, one run of benchmarks/train_step.py each (A / C speed-up over
+    PyTorch): 1000 spins 1.15x / 1.08x, 10^4 1.31x / 1.35x, 3*10^4 1.23x / 1.22x, 10^5
+    1.35x / 1.35x, 3*10^5 1.27x / 1.31x. Without the spin, told to sleep at once
+    (OMP_WAIT_POLICY=passive), OpenMP's workers still woke faster than workqueue's
+    (training steps in fresh processes, alternating, C 32-34 vs 43-48 ms, A 130-172 vs
+    142-190 ms). So on Linux, where we measured it, numba gets the OpenMP layer, falling
+    back to workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive and
+    GOMP_SPINCOUNT set only while the pool starts: libgomp reads them once, when it loads. They then
     hold for the process's libgomp, which a library loaded later may share (PyTorch's
     CPU build does: its steps ran 15-50% slower passive). Where an OpenMP runtime is
     already loaded, its wait policy is set, so workqueue again; a layer, wait policy or
@@ -134,9 +138,9 @@ def kernel(fastmath=False):
     """Compile a kernel twice: parallel (the dispatcher returned) and serial (``.serial``).
 
     Handing a call to numba's thread pool cost 20-100 us on the 2-core VM of
-    benchmarks/RESULTS.md when its workers had gone to sleep (spinning for long would
-    steal the cores BLAS needs; see _start_thread_pool), and 1.5 us right after another
-    call. A small call is done sooner by the calling thread alone, so the backend sends
+    benchmarks/RESULTS.md when its workers had gone to sleep (see _start_thread_pool),
+    and 1.5 us while they spin. A small call is done sooner by the calling thread alone,
+    so the backend sends
     calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the
     function with its own name and so its own cache file.
     """
@@ -235,25 +239,22 @@ def im2col_2x2_stride2(x, n0, count, row0, rows, wo, cols):
     """im2col_rows for a 2x2 kernel at stride 2 with no padding (space to depth).
 
     cols[c*4 + i*2 + j, (k*rows + r)*wo + ow] = x[n0 + k, c, 2*(row0 + r) + i, 2*ow + j].
-    Each parallel step splits one pair of input rows into its four column rows, the
-    even and odd pixels in one loop, which LLVM vectorises as an interleaved load; the
-    general kernel's one strided copy per column row ran 1.5-1.7x slower (measured on
-    the U-Net's up-conv gradients).
+    Each parallel step splits one (image, channel) plane's rows, indexing the arrays
+    directly: a step per pair of rows, taking four row views each, ran 1.03-1.19x
+    slower on the U-Nets' up-conv gradients.
     """
     c_in = x.shape[1]
-    for task in prange(count * c_in * rows):
-        k = task // (c_in * rows)
-        c = (task // rows) % c_in
-        r = task % rows
-        top, bottom = x[n0 + k, c, 2 * (row0 + r)], x[n0 + k, c, 2 * (row0 + r) + 1]
-        base = (k * rows + r) * wo
-        top_even, top_odd = cols[4 * c], cols[4 * c + 1]
-        bottom_even, bottom_odd = cols[4 * c + 2], cols[4 * c + 3]
-        for ow in range(wo):
-            top_even[base + ow] = top[2 * ow]
-            top_odd[base + ow] = top[2 * ow + 1]
-            bottom_even[base + ow] = bottom[2 * ow]
-            bottom_odd[base + ow] = bottom[2 * ow + 1]
+    for task in prange(count * c_in):
+        k = task // c_in
+        c = task % c_in
+        for r in range(rows):
+            ih = 2 * (row0 + r)
+            base = (k * rows + r) * wo
+            for ow in range(wo):
+                cols[4 * c, base + ow] = x[n0 + k, c, ih, 2 * ow]
+                cols[4 * c + 1, base + ow] = x[n0 + k, c, ih, 2 * ow + 1]
+                cols[4 * c + 2, base + ow] = x[n0 + k, c, ih + 1, 2 * ow]
+                cols[4 * c + 3, base + ow] = x[n0 + k, c, ih + 1, 2 * ow + 1]
 
 
 @kernel()
@@ -264,26 +265,24 @@ def depth_to_space_2x2(cols, bias, out, first_channel):
     overlap (the U-Net's up-conv forward), with the bias added in the same pass. out:
     (N, C_out, 2H, 2W) with C_out >= first_channel + C; writing from ``first_channel``
     on lets the up-conv land straight in its channels of the U-Net's concatenation.
-    Each parallel step writes one pair of output rows from four column rows,
-    interleaving in one loop (measured 1.8-2.6x faster than the general gather on the
-    U-Net's up-convs).
+    Each parallel step fills one (image, channel) plane, indexing the arrays directly
+    (a step per pair of rows, taking four row views each, ran 1.5-4x slower on the
+    U-Nets' maps of 8 to 64 pixels a side).
     """
     n_img, c_up = cols.shape[0], cols.shape[1] // 4
     h, w = out.shape[2] // 2, out.shape[3] // 2
-    for task in prange(n_img * c_up * h):
-        n = task // (c_up * h)
-        c = (task // h) % c_up
-        r = task % h
-        top, bottom = out[n, first_channel + c, 2 * r], out[n, first_channel + c, 2 * r + 1]
-        top_even, top_odd = cols[n, 4 * c], cols[n, 4 * c + 1]
-        bottom_even, bottom_odd = cols[n, 4 * c + 2], cols[n, 4 * c + 3]
+    for task in prange(n_img * c_up):
+        n = task // c_up
+        c = task % c_up
         b = bias[c]
-        base = r * w
-        for q in range(w):
-            top[2 * q] = top_even[base + q] + b
-            top[2 * q + 1] = top_odd[base + q] + b
-            bottom[2 * q] = bottom_even[base + q] + b
-            bottom[2 * q + 1] = bottom_odd[base + q] + b
+        plane = first_channel + c
+        for r in range(h):
+            base = r * w
+            for q in range(w):
+                out[n, plane, 2 * r, 2 * q] = cols[n, 4 * c, base + q] + b
+                out[n, plane, 2 * r, 2 * q + 1] = cols[n, 4 * c + 1, base + q] + b
+                out[n, plane, 2 * r + 1, 2 * q] = cols[n, 4 * c + 2, base + q] + b
+                out[n, plane, 2 * r + 1, 2 * q + 1] = cols[n, 4 * c + 3, base + q] + b
 
 
 @kernel()
@@ -535,6 +534,66 @@ def conv3x3_grad_weight(dyp, xp, dw):
 # Rows of each operand per parallel step of ``stacked_gram``, whose body is written for
 # exactly four of each (its 16 sums); the backend needs both row counts to be multiples.
 GRAM_BLOCK = 4
+
+
+# BLAS's row-major cblas_sgemm and cblas_dgemm with 64-bit integers (an ILP64 build),
+# under the names tinyunet.backends.blas registers their addresses by before calling
+# gemm_parts. Declared by name, not address, so the compiled kernel can be cached.
+# Matrices are passed as addresses (int64): the C ABIs numba targets pass a pointer
+# and a 64-bit integer alike.
+CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
+_CBLAS_INT = nbtypes.int64
+_cblas_sgemm = nbtypes.ExternalFunction("tinyunet_cblas_sgemm", nbtypes.void(
+    nbtypes.int32, nbtypes.int32, nbtypes.int32, *[_CBLAS_INT] * 3, nbtypes.float32,
+    *[_CBLAS_INT] * 4, nbtypes.float32, *[_CBLAS_INT] * 2))
+_cblas_dgemm = nbtypes.ExternalFunction("tinyunet_cblas_dgemm", nbtypes.void(
+    nbtypes.int32, nbtypes.int32, nbtypes.int32, *[_CBLAS_INT] * 3, nbtypes.float64,
+    *[_CBLAS_INT] * 4, nbtypes.float64, *[_CBLAS_INT] * 2))
+
+
+@njit(cache=True, inline="always")
+def _gemm_call(double, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    if double:
+        _cblas_dgemm(CBLAS_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a, lda, b, ldb, beta,
+                     c, ldc)
+    else:
+        _cblas_sgemm(CBLAS_ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1.0), a, lda,
+                     b, ldb, np.float32(beta), c, ldc)
+
+
+@kernel()
+def gemm_parts(double, a, a_step, b, b_step, c, c_step, stack, m, n, k, trans_a, lda,
+               trans_b, ldb, ldc, beta, parts):
+    """c[s] = a[s] @ b[s] + beta * c[s] for s < stack, in ``parts`` parallel steps.
+
+    a, b and c are addresses of row-major matrices (float64 if ``double``, else
+    float32); matrix s of each starts ``s * step`` bytes on (a step of 0 shares one
+    matrix). a is (m, k) and b (k, n), stored transposed where trans_* is CBLAS_TRANS;
+    lda, ldb and ldc are their row strides in elements, as cblas takes them. When the
+    stack divides evenly, each step takes whole matrices; otherwise each matrix is cut
+    in ``parts`` along its longer side (rows of a and c, or columns of b and c).
+    """
+    size = 8 if double else 4
+    whole = stack % parts == 0
+    tasks = parts if whole else stack * parts
+    for task in prange(tasks):
+        if whole:
+            for matrix in range(stack * task // parts, stack * (task + 1) // parts):
+                _gemm_call(double, trans_a, trans_b, m, n, k, a + matrix * a_step, lda,
+                           b + matrix * b_step, ldb, beta, c + matrix * c_step, ldc)
+        else:
+            s, part = task // parts, task % parts
+            a_s, b_s, c_s = a + s * a_step, b + s * b_step, c + s * c_step
+            if m > n:
+                lo, hi = m * part // parts, m * (part + 1) // parts
+                a_lo = a_s + lo * size * (lda if trans_a == CBLAS_NO_TRANS else 1)
+                _gemm_call(double, trans_a, trans_b, hi - lo, n, k, a_lo, lda, b_s, ldb,
+                           beta, c_s + lo * ldc * size, ldc)
+            else:
+                lo, hi = n * part // parts, n * (part + 1) // parts
+                b_lo = b_s + lo * size * (1 if trans_b == CBLAS_NO_TRANS else ldb)
+                _gemm_call(double, trans_a, trans_b, m, hi - lo, k, a_s, lda, b_lo, ldb,
+                           beta, c_s + lo * size, ldc)
 
 
 @kernel(fastmath={"contract", "reassoc"})

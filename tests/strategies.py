@@ -143,19 +143,28 @@ def winograd_conv_geometries(draw, limit: Limit, tile: int):
 
 
 @st.composite
-def gemm_stacks(draw, max_stack: int = 7, max_side: int = 9):
-    """(a, b) stacks of GEMMs (S, M, K) @ (S, K, N), b sometimes a transposed view (as
-    the Winograd weight gradient passes it), float32 or float64."""
-    stack = draw(st.integers(1, max_stack))
+def gemm_operands(draw, max_stack: int = 7, max_side: int = 9):
+    """(a, b, out) for out = a @ b: a (S, M, K) or (M, K), b (S, K, N) or (K, N), out
+    (S, M, N), or all three 2-D. a and b each contiguous, a transposed view or some
+    columns of a wider array (as the backend passes them); out contiguous or such
+    columns, filled with random values; float32 or float64."""
+    stack = draw(st.integers(0, max_stack))  # 0: every operand 2-D
     m, k, n = (draw(st.integers(1, max_side)) for _ in range(3))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     rng = np.random.default_rng(draw(seeds))
-    a = rng.standard_normal((stack, m, k)).astype(dtype)
-    if draw(st.booleans()):
-        b = rng.standard_normal((stack, n, k)).astype(dtype).transpose(0, 2, 1)
-    else:
-        b = rng.standard_normal((stack, k, n)).astype(dtype)
-    return a, b
+    shared_a = stack == 0 or draw(st.booleans())
+    shared_b = stack == 0 or (not shared_a and draw(st.booleans()))
+
+    def operand(rows, cols, shared, kinds=("contiguous", "transposed", "columns")):
+        lead = () if shared else (stack,)
+        kind = draw(st.sampled_from(kinds))
+        if kind == "transposed":
+            return rng.standard_normal((*lead, cols, rows)).astype(dtype).swapaxes(-1, -2)
+        extra = draw(st.integers(1, 3)) if kind == "columns" else 0
+        return rng.standard_normal((*lead, rows, cols + extra)).astype(dtype)[..., :cols]
+
+    return (operand(m, k, shared_a), operand(k, n, shared_b),
+            operand(m, n, stack == 0, ("contiguous", "columns")))
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ import tinyunet.functional as F  # noqa: E402
 from tinyunet.backends import (  # noqa: E402
     ConvGeometry,
     PoolGeometry,
+    blas,
     get_backend,
     numba_backend,
-    stacked_gemm,
 )
 
 NUMPY = get_backend("numpy")
@@ -43,14 +43,12 @@ NUMBA = get_backend("numba")
 @pytest.fixture(autouse=True, params=["serial twins", "parallel kernels"])
 def kernel_mode(request, monkeypatch):
     """Every test twice: the small shapes here go to the kernels' serial twins by
-    default, so the parallel compiles (and split GEMM stacks) are forced for the
+    default, so the parallel compiles (and GEMMs on the pool) are forced for the
     second run."""
     if request.param == "parallel kernels":
         monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 0)
-        # The Winograd GEMM stacks split over threads too (stacked_gemm), two parts
-        # whatever BLAS's thread count here (the setting itself left alone).
-        monkeypatch.setattr(stacked_gemm, "MIN_SPLIT_FLOPS", 0)
-        monkeypatch.setattr(stacked_gemm._splitter, "threads", (lambda: 2, lambda n: None))
+        # The GEMMs run on the pool too (blas), however small.
+        monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)
     return request.param
 
 DTYPES = st.sampled_from([np.float32, np.float64])

@@ -11,7 +11,7 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   outputs from a 6x6 input tile with 36 multiplies instead of 144, F(2x2, 3x3) each 2x2
   block from a 4x4 tile with 16 instead of 36, so alpha^2 GEMMs (C_out, C_in) @ (C_in,
   tiles) (alpha = 6 or 4) do 4x or 2.25x less arithmetic than im2col's one. Those GEMMs
-  are shared out among BLAS's threads, one GEMM each (stacked_gemm). F(4x4) takes
+  are shared out among the threads, whole GEMMs each (blas.gemm). F(4x4) takes
   output sides that are multiples of 4 on maps 16 or more wide, with enough tiles
   (``WINOGRAD_4X4_MIN_WIDTH``, ``WINOGRAD_4X4_MIN_TILES``, ``WINOGRAD_4X4_MIN_CHANNELS``;
   fewer channels on maps narrower than ``WINOGRAD_4X4_NARROW_BELOW_WIDTH``), F(2x2) the
@@ -73,7 +73,7 @@ import numpy as np
 from numba import typed
 
 from ..kernels import fast_ops
-from . import stacked_gemm
+from . import blas
 from .interface import Backend, ConvGeometry, PoolGeometry
 
 # Bytes of im2col columns produced per GEMM. Big enough for GEMMs of a few thousand
@@ -88,7 +88,7 @@ COLUMN_BUDGET = 4 << 20
 # 32x32 channels, GEMMs on every map of 32 pixels or narrower. On 64-wide maps, timing
 # a layer's three passes with the two paths alternating: direct 1.7-2.3x faster for
 # 8->8 and 16->8, 1.18x for 16->32, even at 32->32, GEMMs 1.1x faster at 64->32.
-# Since Winograd's GEMM stacks are split among BLAS's threads (stacked_gemm), F(4x4)
+# Since Winograd's GEMM stacks are split among the threads (now blas.gemm), F(4x4)
 # beats direct on B's 32->32 layer at 256x256 (forward 16.4 -> 13.6 ms, input gradient
 # 15.9 -> 13.7 ms, alone) and its rule (32x32 channels on 128-wide maps) went: B's step
 # 763 -> 710 ms, with the next rule's change (12 alternated pairs). Once the forward
@@ -125,7 +125,7 @@ GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # F(4x4), which now takes the maps 32 or more wide); slower for 32 -> 64 channels (0.84x
 # forward) and for 64 -> 64 channels on 8x8 maps of 8 images (0.8x), which the two
 # limits leave out. The work limit was 2^23 until the GEMM stacks were split among
-# BLAS's threads (stacked_gemm); 2^21 then also admits A's 64- to 256-channel layers
+# threads (now blas.gemm); 2^21 then also admits A's 64- to 256-channel layers
 # on its 8- and 16-wide maps: A's step 5.7% faster (medians of 30 alternated pairs,
 # twice; 2^22: 2.5%).
 WINOGRAD_MIN_CHANNELS = 64
@@ -140,7 +140,7 @@ WINOGRAD_MIN_WORK = 1 << 21
 # 1.1-1.55x faster than the GEMMs for 32 -> 64 channels on 32- and 128-wide maps,
 # 2.5-2.75x for 64 -> 32 channels on 256-wide maps (forward and input gradient); slower
 # than the direct kernels on their layers then (0.76-0.97x; but see
-# DIRECT_OVER_WINOGRAD_RULES). With its GEMM stacks split (stacked_gemm), its weight
+# DIRECT_OVER_WINOGRAD_RULES). With its GEMM stacks split (now blas.gemm), its weight
 # gradient also beats the direct one on B's 256-wide 64 -> 32 layer (36.9 -> 23.3 ms
 # alone), which a rule had kept from it while the direct one was 1.5x faster. On 16-wide
 # maps it lost to F(2x2) (0.57-0.88x per pass) until the GEMM stacks were split and the
@@ -248,7 +248,7 @@ def _add_gram(a, b, out):
             and a.flags.c_contiguous and b.flags.c_contiguous):
         _run(fast_ops.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
     else:
-        out += a @ b.T
+        blas.gemm(a, b.T, out, accumulate=True)
 
 
 def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width, rules):
@@ -389,8 +389,10 @@ class NumbaBackend(Backend):
             # One input channel makes each image's GEMM an outer product, which BLAS ran
             # 10x slower than numpy's broadcast multiply (the input gradient of B's
             # one-class head: 4.7 vs 0.47 ms).
-            product = np.multiply if c == 1 else np.matmul
-            product(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
+            if c == 1:
+                np.multiply(w2, x.reshape(n, c, h * width), out=y.reshape(n, o, ho * wo))
+            else:
+                blas.gemm(w2, x.reshape(n, c, h * width), y.reshape(n, o, ho * wo))
         elif geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS and o <= c:
             self._conv2d_row_shifts(x, w, geometry, y)
         else:
@@ -462,7 +464,7 @@ class NumbaBackend(Backend):
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
         for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
-            stacked_gemm.matmul(filters, v[:, :c], m[:, :o])
+            blas.gemm(filters, v[:, :c], m[:, :o])
             _run(output_tiles, m.size, m, first, bias, relu, y)
 
     def _grad_weight_winograd(self, dy, x, tile, padding):
@@ -482,11 +484,11 @@ class NumbaBackend(Backend):
                 continue
             dm, v = dm[:, :o], v[:, :c]
             if first == 0:
-                stacked_gemm.matmul(dm, v.transpose(0, 2, 1), total_du)
+                blas.gemm(dm, v.transpose(0, 2, 1), total_du)
                 continue
             if band_du is None:
                 band_du = np.empty_like(total_du)
-            stacked_gemm.matmul(dm, v.transpose(0, 2, 1), band_du)
+            blas.gemm(dm, v.transpose(0, 2, 1), band_du)
             total_du += band_du
         dw = np.empty((o, c, 3, 3), dtype=dy.dtype)
         _run(fast_ops.winograd_filter_gradient, total_du.size, total_du,
@@ -500,11 +502,11 @@ class NumbaBackend(Backend):
             if images > 1:
                 # (O, images*pixels) -> (images, O, pixels): one wide GEMM, one small copy.
                 wide = self._buffer(x.dtype, o * cols.shape[1], "product").reshape(o, -1)
-                np.matmul(w2, cols, out=wide)
+                blas.gemm(w2, cols, wide)
                 y[n0 : n0 + images] = wide.reshape(o, images, ho, wo).transpose(1, 0, 2, 3)
             else:
                 band = y[n0].reshape(o, ho * wo)[:, r0 * wo : (r0 + rows) * wo]
-                np.matmul(w2, cols, out=band)
+                blas.gemm(w2, cols, band)
 
     def conv2d_grad_input(self, dy, w, geometry: ConvGeometry, input_hw):
         dy, w = _contiguous(dy), _contiguous(w)
@@ -546,7 +548,7 @@ class NumbaBackend(Backend):
         n, o, ho, wo = dy.shape
         depth = w[0].size
         cols = self._buffer(dy.dtype, n * depth * ho * wo).reshape(n, depth, ho * wo)
-        np.matmul(w.reshape(o, depth).T, dy.reshape(n, o, ho * wo), out=cols)
+        blas.gemm(w.reshape(o, depth).T, dy.reshape(n, o, ho * wo), cols)
         return cols
 
     def conv_transpose2d_concat(self, skip, x, w, b, geometry, output_hw):
@@ -613,7 +615,7 @@ class NumbaBackend(Backend):
             band = dy[image].reshape(o, ho * wo)[:, r0 * wo : (r0 + rows) * wo]
             for i in range(kh):
                 window = cols[:, i * dh * wo : i * dh * wo + rows * wo]
-                grad[i] += band @ window.T
+                blas.gemm(band, window.T, grad[i], accumulate=True)
         return np.ascontiguousarray(grad.reshape(kh, o, c, kw).transpose(1, 2, 0, 3))
 
     def _conv2d_row_shifts(self, x, w, geometry, y):
@@ -637,7 +639,7 @@ class NumbaBackend(Backend):
                                                                batch_images=True):
             shares = self._buffer(x.dtype, kh * o * cols.shape[1], "product")
             shares = shares.reshape(kh * o, cols.shape[1])
-            np.matmul(stacked, cols, out=shares)
+            blas.gemm(stacked, cols, shares)
             _run(fast_ops.row_shift_sum, count * o * rows * wo, shares, count,
                  rows + dh * (kh - 1), dh, y, n0, r0)
 

@@ -1,0 +1,203 @@
+"""GEMMs on numba's thread pool (tinyunet.backends.blas and fast_ops.gemm_parts) against
+np.matmul, and OpenBLAS's thread setting around a call."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import gemm_operands
+from tinyunet.kernels import fast_ops
+
+from tinyunet.backends import blas
+
+needs_openblas = pytest.mark.skipif(
+    not blas.available(),
+    reason="numpy's BLAS here is not a pthreads OpenBLAS with 64-bit-integer cblas GEMMs")
+
+
+def tolerance(dtype):
+    """BLAS may sum a part of a matrix in another order than the whole."""
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+
+
+def expected(a, b, out, accumulate):
+    return (out if accumulate else 0) + np.matmul(a, b)
+
+
+class RecordingBlasThreads:
+    """OpenBLAS's real get/set thread functions, recording what gemm sets."""
+
+    def __init__(self, functions):
+        self.get, self.real_set = functions
+        self.set_calls = []
+
+    def set(self, threads):
+        self.set_calls.append(threads)
+        self.real_set(threads)
+
+
+@pytest.fixture
+def recording_blas(monkeypatch):
+    recorder = RecordingBlasThreads(blas._blas.thread_functions())
+    monkeypatch.setattr(blas._blas, "threads", (recorder.get, recorder.set))
+    monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)
+    return recorder
+
+
+@needs_openblas
+@settings(max_examples=40)
+@given(operands=gemm_operands(), accumulate=st.booleans())
+def test_gemm_equals_numpy_matmul(operands, accumulate):
+    a, b, out = operands
+    want = expected(a, b, out.copy(), accumulate)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)  # every call on the pool
+        assert blas.gemm(a, b, out, accumulate) is out
+    np.testing.assert_allclose(out, want, **tolerance(out.dtype))
+
+
+@needs_openblas
+@settings(max_examples=40)
+@given(operands=gemm_operands(), parts=st.integers(1, 4), accumulate=st.booleans())
+def test_gemm_parts_split_any_way_equals_numpy_matmul(operands, parts, accumulate):
+    """Whole matrices per step, or each matrix cut along its rows or its columns."""
+    a, b, out = operands
+    want = expected(a, b, out.copy(), accumulate)
+    stack = out.shape[0] if out.ndim == 3 else 1
+    (trans_a, lda), (trans_b, ldb), (_, ldc) = (blas._layout(x) for x in (a, b, out))
+    steps = [blas._stack_step(x, stack) for x in (a, b, out)]
+    get_threads, set_threads = blas._blas.thread_functions()
+    saved = get_threads()
+    set_threads(1)
+    try:
+        run = fast_ops.gemm_parts if parts > 1 else fast_ops.gemm_parts.serial
+        run(out.dtype == np.float64, a.ctypes.data, steps[0], b.ctypes.data,
+            steps[1], out.ctypes.data, steps[2], stack, out.shape[-2], out.shape[-1],
+            a.shape[-1], trans_a, lda, trans_b, ldb, ldc, 1.0 if accumulate else 0.0, parts)
+    finally:
+        set_threads(saved)
+    np.testing.assert_allclose(out, want, **tolerance(out.dtype))
+
+
+@settings(max_examples=20)
+@given(operands=gemm_operands(max_stack=3), accumulate=st.booleans())
+def test_gemm_without_openblas_is_numpy_matmul(operands, accumulate):
+    a, b, out = operands
+    want = expected(a, b, out.copy(), accumulate)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blas._blas, "threads", ())
+        blas.gemm(a, b, out, accumulate)
+    np.testing.assert_array_equal(out, want)
+
+
+@needs_openblas
+@pytest.mark.parametrize("case", ["int dtype", "overlap", "reversed rows", "mixed dtypes",
+                                  "small"])
+def test_calls_blas_cannot_take_go_to_numpy(case, recording_blas, monkeypatch):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 5)), rng.standard_normal((5, 6))
+    out = np.empty((6, 6))
+    if case == "int dtype":
+        a, b, out = (x.astype(np.int64) for x in (a, b, out))
+    elif case == "overlap":
+        out = np.zeros((6, 6))
+        a = out[:, :5]
+    elif case == "reversed rows":
+        a = a[::-1]
+    elif case == "mixed dtypes":
+        b = b.astype(np.float32)
+    else:
+        monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 2 * 6 * 6 * 5 + 1)
+    want = np.matmul(a, b)
+    blas.gemm(a, b, out)
+    np.testing.assert_allclose(out, want)
+    assert recording_blas.set_calls == []
+
+
+def test_shape_errors_are_numpy_matmul_errors():
+    with pytest.raises(ValueError, match="matmul"):
+        blas.gemm(np.ones((3, 4)), np.ones((5, 2)), np.empty((3, 2)))
+
+
+@needs_openblas
+def test_a_call_while_another_runs_goes_to_numpy(recording_blas):
+    """Two calls at once would each save the other's setting of 1 thread."""
+    a, b = np.ones((4, 3, 5)), np.ones((4, 5, 2))
+    out = np.empty((4, 3, 2))
+    with blas._blas.lock:
+        blas.gemm(a, b, out)
+    assert recording_blas.set_calls == []
+    np.testing.assert_array_equal(out, np.matmul(a, b))
+
+
+@needs_openblas
+def test_openblas_thread_setting_is_restored_after_calls_from_several_threads(
+        recording_blas):
+    get_threads, set_threads = recording_blas.get, recording_blas.real_set
+    before = get_threads()
+    set_threads(2)
+    try:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((6, 16, 16), dtype=np.float32)
+        b = rng.standard_normal((6, 16, 16), dtype=np.float32)
+        results = []
+
+        def run():
+            for _ in range(20):
+                results.append(blas.gemm(a, b, np.empty((6, 16, 16), np.float32)))
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert get_threads() == 2
+        assert recording_blas.set_calls[:2] == [1, 2]  # at least one ran on the pool
+        assert len(results) == 80
+        for out in results:
+            np.testing.assert_allclose(out, np.matmul(a, b), rtol=1e-5, atol=1e-5)
+    finally:
+        set_threads(before)
+
+
+@needs_openblas
+def test_openblas_thread_setting_is_restored_when_the_kernel_raises(recording_blas,
+                                                                    monkeypatch):
+    before = recording_blas.get()
+
+    def failing(*args):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(fast_ops, "gemm_parts", failing)
+    failing.serial = failing
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        blas.gemm(np.ones((8, 8)), np.ones((8, 8)), np.empty((8, 8)))
+    assert recording_blas.get() == before
+    assert not blas._blas.lock.locked()
+
+
+@needs_openblas
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_gets_numpy_matmul_and_a_free_lock(recording_blas):
+    a, b = np.ones((4, 3, 5)), np.ones((4, 5, 2))
+    with blas._blas.lock:  # held by this thread when the child is made
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child, which reports by exit code
+            out = np.empty((4, 3, 2))
+            blas.gemm(a, b, out)
+            ok = (np.array_equal(out, np.matmul(a, b)) and not blas._blas.lock.locked()
+                  and not blas.available())
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("the forked child's call hung")
