@@ -145,9 +145,10 @@ def winograd_conv_geometries(draw, limit: Limit, tile: int):
 @st.composite
 def gemm_operands(draw, max_stack: int = 7, max_side: int = 9):
     """(a, b, out) for out = a @ b: a (S, M, K) or (M, K), b (S, K, N) or (K, N), out
-    (S, M, N), or all three 2-D. a and b each contiguous, a transposed view or some
-    columns of a wider array (as the backend passes them); out contiguous or such
-    columns, filled with random values; float32 or float64."""
+    (S, M, N), or all three 2-D; a shared operand sometimes (1, ., .). a and b each
+    contiguous, some columns of a wider array, or the transpose of either (as the
+    backend passes them); out contiguous or such columns, filled with random values;
+    float32 or float64."""
     stack = draw(st.integers(0, max_stack))  # 0: every operand 2-D
     m, k, n = (draw(st.integers(1, max_side)) for _ in range(3))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
@@ -155,12 +156,15 @@ def gemm_operands(draw, max_stack: int = 7, max_side: int = 9):
     shared_a = stack == 0 or draw(st.booleans())
     shared_b = stack == 0 or (not shared_a and draw(st.booleans()))
 
-    def operand(rows, cols, shared, kinds=("contiguous", "transposed", "columns")):
-        lead = () if shared else (stack,)
+    def operand(rows, cols, shared, kinds=("contiguous", "transposed", "columns",
+                                           "transposed columns")):
+        # A shared operand is sometimes a stack of one, which numpy broadcasts.
+        lead = (1,) if shared and stack and draw(st.booleans()) else () if shared else (stack,)
         kind = draw(st.sampled_from(kinds))
-        if kind == "transposed":
-            return rng.standard_normal((*lead, cols, rows)).astype(dtype).swapaxes(-1, -2)
-        extra = draw(st.integers(1, 3)) if kind == "columns" else 0
+        extra = draw(st.integers(1, 3)) if "columns" in kind else 0
+        if kind.startswith("transposed"):
+            stored = rng.standard_normal((*lead, cols, rows + extra)).astype(dtype)
+            return stored[..., :rows].swapaxes(-1, -2)
         return rng.standard_normal((*lead, rows, cols + extra)).astype(dtype)[..., :cols]
 
     return (operand(m, k, shared_a), operand(k, n, shared_b),

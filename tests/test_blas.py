@@ -54,10 +54,13 @@ def recording_blas(monkeypatch):
 def test_gemm_equals_numpy_matmul(operands, accumulate):
     a, b, out = operands
     want = expected(a, b, out.copy(), accumulate)
+    recorder = RecordingBlasThreads(blas._blas.thread_functions())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)  # every call on the pool
+        patch.setattr(blas._blas, "threads", (recorder.get, recorder.set))
         assert blas.gemm(a, b, out, accumulate) is out
     np.testing.assert_allclose(out, want, **tolerance(out.dtype))
+    assert recorder.set_calls[:1] == [1]  # it ran on the pool, not in numpy
 
 
 @needs_openblas
@@ -96,7 +99,8 @@ def test_gemm_without_openblas_is_numpy_matmul(operands, accumulate):
 
 @needs_openblas
 @pytest.mark.parametrize("case", ["int dtype", "overlap", "reversed rows", "mixed dtypes",
-                                  "small"])
+                                  "small", "read-only out", "overlapping out matrices",
+                                  "1-D operand"])
 def test_calls_blas_cannot_take_go_to_numpy(case, recording_blas, monkeypatch):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((6, 5)), rng.standard_normal((5, 6))
@@ -110,6 +114,25 @@ def test_calls_blas_cannot_take_go_to_numpy(case, recording_blas, monkeypatch):
         a = a[::-1]
     elif case == "mixed dtypes":
         b = b.astype(np.float32)
+    elif case == "read-only out":
+        out.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            blas.gemm(a, b, out)
+        assert recording_blas.set_calls == []
+        return
+    elif case == "overlapping out matrices":
+        # Matrix 1 starts on matrix 0's second row: numpy writes them in order.
+        a, b = np.stack([a, 2 * a]), np.stack([b, b])
+        overlapping = np.lib.stride_tricks.as_strided
+        out = overlapping(np.zeros(6 * 6 + 6), (2, 6, 6), (48, 48, 8))
+        want = overlapping(np.zeros(6 * 6 + 6), (2, 6, 6), (48, 48, 8))
+        np.matmul(a, b, out=want)
+        blas.gemm(a, b, out)
+        np.testing.assert_allclose(out, want)
+        assert recording_blas.set_calls == []
+        return
+    elif case == "1-D operand":
+        a, out = a[0], out[0]
     else:
         monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 2 * 6 * 6 * 5 + 1)
     want = np.matmul(a, b)

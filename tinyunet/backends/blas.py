@@ -43,9 +43,9 @@ import numpy as np
 
 from ..kernels import fast_ops
 
-# Calls doing less arithmetic than this are numpy's matmul, which costs less to call
-# (1 us against 10) and which OpenBLAS then runs on the calling thread alone (it
-# splits no GEMM under 2^18 multiply-adds).
+# Calls doing less arithmetic than this (2^17 multiply-adds) are numpy's matmul, which
+# costs less to call (1 us against 10) and which OpenBLAS then runs on the calling
+# thread alone (it splits no GEMM under 2^18 multiply-adds).
 MIN_PARALLEL_FLOPS = 1 << 18
 
 # Symbol name stems of OpenBLAS's functions with 64-bit integers, by build: numpy's
@@ -163,12 +163,21 @@ def _stack_step(operand, stack):
 
 
 def _shapes_match(a, b, out):
-    """Whether out = a @ b fits the shapes gemm takes (numpy's matmul judges the rest)."""
+    """Whether out = a @ b fits the arrays and shapes gemm takes (numpy's matmul judges
+    the rest)."""
+    if not all(isinstance(x, np.ndarray) for x in (a, b, out)):
+        return False
     if out.ndim not in (2, 3) or a.ndim not in (2, out.ndim) or b.ndim not in (2, out.ndim):
         return False
     stacks_fit = all(x.ndim == 2 or x.shape[0] in (1, out.shape[0]) for x in (a, b))
     return (stacks_fit and a.shape[-1] == b.shape[-2]
             and out.shape[-2:] == (a.shape[-2], b.shape[-1]))
+
+
+def _matrices_overlap(out, step, ldc):
+    """Whether out's matrices share memory (threads would then write the same values)."""
+    rows, cols = out.shape[-2:]
+    return 0 < step < ((rows - 1) * ldc + cols) * out.itemsize
 
 
 def _numpy_gemm(a, b, out, accumulate):
@@ -183,17 +192,19 @@ def gemm(a, b, out, accumulate=False):
     """out = a @ b, or out += a @ b if ``accumulate``; returns out. See the module
     docstring for shapes."""
     functions = _blas.thread_functions()
+    if not functions or not _shapes_match(a, b, out):
+        return _numpy_gemm(a, b, out, accumulate)
     stack = out.shape[0] if out.ndim == 3 else 1
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    if (not functions or not _shapes_match(a, b, out)
-            or 2 * stack * m * n * k < MIN_PARALLEL_FLOPS):
+    if 2 * stack * m * n * k < MIN_PARALLEL_FLOPS:
         return _numpy_gemm(a, b, out, accumulate)
     layouts = [_layout(x) for x in (a, b, out)]
     steps = [_stack_step(x, stack) for x in (a, b, out)]
     if (out.dtype not in (np.float32, np.float64)
             or a.dtype != out.dtype or b.dtype != out.dtype or 0 in (m, n, k, stack)
             or None in layouts or None in steps or layouts[2][0] != fast_ops.CBLAS_NO_TRANS
+            or not out.flags.writeable or _matrices_overlap(out, steps[2], layouts[2][1])
             or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         return _numpy_gemm(a, b, out, accumulate)
     if not _blas.lock.acquire(blocking=False):

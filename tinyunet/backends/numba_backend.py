@@ -209,10 +209,11 @@ GRAM_MIN_LENGTH = 512
 # in between, on workqueue: a ReLU of 300k float32 values ran faster serially (72 vs 103
 # us), im2col of 130k inputs too, im2col of 260k faster in parallel; on OpenMP with no
 # spinning, 2^16 instead of 2^18 changed nothing on C's step (40 alternated pairs) and
-# 2^20 made it 13% slower. Since OpenMP's workers spin briefly (fast_ops.
-# OPENMP_SPIN_COUNT), a call right after another finds them awake: against 2^18, 2^16
-# made C's step 5.6% and A's 3.8% faster (40 and 20 alternated pairs); against 2^16,
-# 2^14 C's 2.4% (A's the same), 2^12 C's 2-2.4%, A's and B's within 1%, 0 C's 2%.
+# 2^20 made it 13% slower. Once OpenMP's workers spun briefly (fast_ops.
+# OPENMP_SPIN_COUNT, then 1000 spins), a call right after another found them awake:
+# against 2^18, 2^16 made C's step 5.6% and A's 3.8% faster (40 and 20 alternated
+# pairs); against 2^16, 2^14 C's 2.4% (A's the same), 2^12 C's 2-2.4%, A's and B's
+# within 1%, 0 C's 2%. Not measured again since they spin for 2-3 ms.
 PARALLEL_MIN_ELEMENTS = 1 << 14
 # The row-shift paths (forward and weight gradient) need maps of this many output pixels:
 # on 16x16 and smaller, the weight gradient's GEMMs over one image each ran up to 5x
@@ -542,9 +543,10 @@ class NumbaBackend(Backend):
         return dx
 
     def _transposed_columns(self, dy, w):
-        """(N, C*kH*kW, Ho*Wo) = w^T @ dy per image: one batched GEMM (numpy loops BLAS
-        over the images) into the scratch buffer. For a 2x2 stride-2 transposed conv these
-        columns are exactly the output's values, before the pixel shuffle."""
+        """(N, C*kH*kW, Ho*Wo) = w^T @ dy per image: one batched GEMM (blas.gemm shares
+        the images among the threads) into the scratch buffer. For a 2x2 stride-2
+        transposed conv these columns are exactly the output's values, before the pixel
+        shuffle."""
         n, o, ho, wo = dy.shape
         depth = w[0].size
         cols = self._buffer(dy.dtype, n * depth * ho * wo).reshape(n, depth, ho * wo)
