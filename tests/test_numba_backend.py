@@ -300,6 +300,9 @@ def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     (4, 8, 256, 2),    # 8 wide: F(2x2) (A's bottom)
     (2, 32, 256, 4),   # 128 tiles (B's level 3)
     (8, 16, 16, 4),    # 128 tiles of few channels, on a map under 64 wide (C's level 2)
+    (8, 8, 64, 2),     # 128 tiles of 2x2 (C's bottom)
+    (8, 8, 16, 0),     # too few channels for F(2x2): GEMMs
+    (2, 8, 32, 0),     # too little work (32 tiles): GEMMs
 ])
 def test_winograd_variant_rules(batch, side, channels, tile):
     """Which Winograd variant a 3x3 'same' conv takes, by map width, tiles, channels."""
@@ -321,6 +324,8 @@ def test_winograd_variant_rules(batch, side, channels, tile):
     (4, 64, 8, 32, "direct"),      # F(4x4) needs 16 channels a side: the direct rules
     (1, 64, 3, 64, "direct"),
     (1, 64, 3, 256, "GEMMs"),
+    (8, 8, 32, 64, "F(2x2)"),      # C's bottom: 32 channels, 2^18 of work
+    (8, 8, 32, 32, "GEMMs"),       # 2^17 of work
 ])
 def test_forward_routes(batch, side, c_in, c_out, route):
     """Which path a 3x3 'same' conv's forward takes on the benchmark U-Nets' outer

@@ -127,9 +127,12 @@ GRAD_WEIGHT_DIRECT_RULES = ((128, 64 * 64), (64, 64 * 32))
 # limits leave out. The work limit was 2^23 until the GEMM stacks were split among
 # threads (now blas.gemm); 2^21 then also admits A's 64- to 256-channel layers
 # on its 8- and 16-wide maps: A's step 5.7% faster (medians of 30 alternated pairs,
-# twice; 2^22: 2.5%).
-WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_WORK = 1 << 21
+# twice; 2^22: 2.5%). Once the GEMMs ran on numba's pool, 32 channels and 2^18 also
+# admit config C's bottom (32 <-> 64 channels, 8x8 maps of 8 images), whose im2col
+# GEMMs they replace: C's step 4% faster (40 alternated pairs; 64 channels and 2^19,
+# its 64 -> 64 layers alone: 1-3%). No layer of A's or B's changes route.
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_WORK = 1 << 18
 # Winograd F(4x4, 3x3) (4x4 output tiles, 36 multiplies instead of 144: 1.78x fewer than
 # F(2x2, 3x3), and transformed inputs 2.25x the input's size instead of 4x) takes output
 # sides that are multiples of 4 on maps at least WINOGRAD_4X4_MIN_WIDTH wide, where its
