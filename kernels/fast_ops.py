@@ -95,13 +95,14 @@ def _start_thread_pool():
     (training steps in fresh processes, alternating, C 32-34 vs 43-48 ms, A 130-172 vs
     142-190 ms). So on Linux, where we measured it, numba gets the OpenMP layer, falling
     back to workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive and
-    GOMP_SPINCOUNT set only while the pool starts: libgomp reads them once, when it loads. They then
-    hold for the process's libgomp, which a library loaded later may share (PyTorch's
-    CPU build does: its steps ran 15-50% slower passive). Where an OpenMP runtime is
-    already loaded, its wait policy is set, so workqueue again; a layer, wait policy or
-    spin count the user set (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY, GOMP_SPINCOUNT)
-    is left alone, and a passive policy the user set gets no spinning. If numba's pool
-    was started before this module is first imported, its layer stays.
+    GOMP_SPINCOUNT set only while the pool starts: libgomp reads them once, when it
+    loads. They then hold for the process's libgomp, which a library loaded later may
+    share (PyTorch's CPU build does: its steps ran 15-50% slower passive). Where an
+    OpenMP runtime is already loaded, its wait policy is set, so workqueue again; a
+    layer, wait policy or spin count the user set (NUMBA_THREADING_LAYER,
+    OMP_WAIT_POLICY, GOMP_SPINCOUNT) is left alone, and a passive policy the user set
+    gets no spinning. If numba's pool was started before this module is first imported,
+    its layer stays.
     """
     if "NUMBA_THREADING_LAYER" in os.environ:
         return
@@ -140,9 +141,8 @@ def kernel(fastmath=False):
     Handing a call to numba's thread pool cost 20-100 us on the 2-core VM of
     benchmarks/RESULTS.md when its workers had gone to sleep (see _start_thread_pool),
     and 1.5 us while they spin. A small call is done sooner by the calling thread alone,
-    so the backend sends
-    calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the
-    function with its own name and so its own cache file.
+    so the backend sends calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the
+    serial twin, a copy of the function with its own name and so its own cache file.
     """
 
     def compile_both(function):

@@ -480,20 +480,13 @@ class NumbaBackend(Backend):
             return np.zeros((o, c, 3, 3), dtype=dy.dtype)  # no bands: nothing to sum
         gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
         total_du = np.empty(((tile + 2) ** 2, o, c), dtype=dy.dtype)
-        band_du = None
         for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
             _run(gradient_tiles, dm.size, dy, first, dm)
             if _gram_wins(o, c, dm.shape[2]):
                 _run(fast_ops.stacked_gram, dm.size + v.size, dm, v, first > 0, total_du)
-                continue
-            dm, v = dm[:, :o], v[:, :c]
-            if first == 0:
-                blas.gemm(dm, v.transpose(0, 2, 1), total_du)
-                continue
-            if band_du is None:
-                band_du = np.empty_like(total_du)
-            blas.gemm(dm, v.transpose(0, 2, 1), band_du)
-            total_du += band_du
+            else:
+                blas.gemm(dm[:, :o], v[:, :c].transpose(0, 2, 1), total_du,
+                          accumulate=first > 0)
         dw = np.empty((o, c, 3, 3), dtype=dy.dtype)
         _run(fast_ops.winograd_filter_gradient, total_du.size, total_du,
              _WINOGRAD_G[tile][dy.dtype], dw.reshape(o, c, 9))
