@@ -1,13 +1,15 @@
 """Hypothesis strategies and per-backend budgets, kept in one place.
 
 Every backend runs the same checks, but not at the same cost: the cuda backend runs
-under Numba's CUDA simulator here (about 1 ms per simulated thread), so it draws
-fewer examples of smaller shapes. Shapes still cross padding, strides and dilation.
+under Numba's CUDA simulator on machines without a GPU (about 1 ms per simulated
+thread), so there it draws fewer examples of smaller shapes. Shapes still cross
+padding, strides and dilation. On a real GPU (NUMBA_ENABLE_CUDASIM=0) it gets numba's
+budget.
 
 Budget per check (``EXAMPLES``, ``LIMITS``):
     numpy  20 examples, batch <= 2, channels <= 3, H and W <= 9
     numba  10 examples, the same sizes
-    cuda    3 examples, batch <= 2, channels <= 2, H and W <= 5
+    cuda    3 examples, batch <= 2, channels <= 2, H and W <= 5 (simulated)
 Examples are derandomized (the "ci" profile in conftest.py), so every run sees the same.
 
     def test_something(backend):
@@ -19,13 +21,16 @@ Examples are derandomized (the "ci" profile in conftest.py), so every run sees t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 
-EXAMPLES = {"numpy": 20, "numba": 10, "cuda": 3}
+# conftest.py turns the simulator on unless a real GPU was asked for.
+SIMULATED_GPU = os.environ.get("NUMBA_ENABLE_CUDASIM", "1") == "1"
+EXAMPLES = {"numpy": 20, "numba": 10, "cuda": 3 if SIMULATED_GPU else 10}
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ class Limit:
     side: int
 
 
-LIMITS = {"numpy": Limit(2, 3, 9), "numba": Limit(2, 3, 9), "cuda": Limit(2, 2, 5)}
+LIMITS = {"numpy": Limit(2, 3, 9), "numba": Limit(2, 3, 9),
+          "cuda": Limit(2, 2, 5) if SIMULATED_GPU else Limit(2, 3, 9)}
 
 
 def budget(backend: str):

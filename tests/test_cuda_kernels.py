@@ -1,24 +1,27 @@
 """The cuda backend's kernels equal the numpy reference backend.
 
-They run under Numba's CUDA simulator here (conftest.py turns it on), one simulated
-thread costing about a millisecond, so shapes stay small while still crossing the
-padding, the strides and several grid-stride rounds of the 32-thread launch.
+Without a GPU they run under Numba's CUDA simulator (conftest.py turns it on), one
+simulated thread costing about a millisecond, so shapes stay small while still
+crossing the padding, the strides and several grid-stride rounds of the 32-thread
+launch. On a real GPU (NUMBA_ENABLE_CUDASIM=0) they draw more and larger cases.
 Tolerances: gathers add the same terms as numpy in another order (1e-12 relative in
 float64); the Dice/IoU block reduction sums in float64 partials (1e-12 relative).
 """
+
+import warnings
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import conv_geometries, pool_cases, size_limit
+from strategies import SIMULATED_GPU, conv_geometries, pool_cases, size_limit
 
 import tinyunet as tu
 
 pytestmark = pytest.mark.skipif("cuda" not in tu.available_backends(),
                                 reason="the cuda backend (GPU or simulator) is not available")
 
-CUDA_EXAMPLES = settings(max_examples=6)
+CUDA_EXAMPLES = settings(max_examples=6 if SIMULATED_GPU else 20)
 
 
 def on_gpu(backend, *arrays):
@@ -110,3 +113,17 @@ def test_optimizer_kernels_match_numpy(dtype):
         rtol = 1e-6 if dtype == np.float32 else 1e-12
         for ours, ref in zip(*states, strict=True):
             np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol)
+
+
+def test_only_numbas_low_occupancy_warning_is_silenced():
+    from tinyunet.backends.cuda_backend import CudaBackend
+
+    # A fresh backend: pytest restores the warning filters after each test.
+    CudaBackend()
+    # The message as numba-cuda 0.68 words it, bold codes included.
+    occupancy = ("\x1b[1mGrid size 3 will likely result in GPU under-utilization due to low "
+                 "occupancy.\x1b[0m")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(occupancy, RuntimeWarning, stacklevel=1)
+        warnings.warn("some other performance warning", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["some other performance warning"]

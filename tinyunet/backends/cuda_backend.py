@@ -8,9 +8,14 @@ conv's forward. Max-pool, ReLU, bias, the Dice/IoU sums and the optimizer update
 custom kernels; the rest of the elementwise work is CuPy's.
 
 Streams and synchronisation: CuPy and Numba both launch on the CUDA default stream,
-so kernels and GEMMs run in the order they are issued and nothing waits on the host.
-A training step copies nothing to the host; the loss reaches it only when the caller
-asks for it (``Tensor.item()``/``numpy()``), and that copy is the one synchronisation.
+so kernels and GEMMs run in the order they are issued. A training step copies nothing
+to the host; the loss reaches it only when the caller asks for it
+(``Tensor.item()``/``numpy()``). numba does wait, at each kernel launch, for the stream
+that a CuPy argument's array interface names. Handing it views made without that wait
+(``numba.cuda.as_cuda_array(a, sync=False)``) was measured on an H200 and dropped: a
+step of these small U-Nets is bound by the host's launch overhead, not by the GPU,
+and the views cost more host time than the waits (steps against PyTorch's in the same
+run went from 0.19-0.22x to 0.17-0.18x; benchmarks/RESULTS.md, "GPU notes").
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) numpy arrays stand in for device
 arrays and numpy's matmul for cuBLAS; the kernel source is the same. That is how the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import numpy as np
 
@@ -49,11 +55,18 @@ def _require_gpu_stack():
     return cupy
 
 
+# numba warns at every launch of fewer blocks than the GPU has multiprocessors. A
+# U-Net's small layers, biases and optimizer steps are such launches by nature, and the
+# warning buried the training log, so it alone is silenced.
+LOW_OCCUPANCY_WARNING = r".*Grid size \d+ will likely result in GPU under-utilization"
+
+
 class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self):
         self.xp = _require_gpu_stack()
+        warnings.filterwarnings("ignore", message=LOW_OCCUPANCY_WARNING)
         from ..kernels import cuda_ops
 
         self.kernels = cuda_ops
