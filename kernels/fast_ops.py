@@ -561,6 +561,12 @@ def _gemm_call(double, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
                      b, ldb, np.float32(beta), c, ldc)
 
 
+@njit(cache=True)
+def address(a):
+    """The address of a's first element (a tenth of the cost of ``a.ctypes.data``)."""
+    return a.ctypes.data
+
+
 @kernel()
 def gemm_parts(double, a, a_step, b, b_step, c, c_step, stack, m, n, k, trans_a, lda,
                trans_b, ldb, ldc, beta, parts):

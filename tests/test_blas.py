@@ -141,6 +141,47 @@ def test_calls_blas_cannot_take_go_to_numpy(case, recording_blas, monkeypatch):
     assert recording_blas.set_calls == []
 
 
+@needs_openblas
+def test_a_plan_is_worked_out_once_per_layout_and_memory_is_checked_every_call(
+        recording_blas, monkeypatch):
+    """Plans are cached by shapes, strides and dtypes; what depends on the arrays
+    themselves (read-only, overlapping operands) is checked on every call."""
+    worked_out = []
+    plan = blas._plan
+    monkeypatch.setattr(blas, "_plan", lambda *arrays: worked_out.append(1) or plan(*arrays))
+    monkeypatch.setattr(blas, "_plans", {})
+    rng = np.random.default_rng(0)
+    shared, other = np.zeros((6, 11)), rng.standard_normal((6, 11))
+    b = rng.standard_normal((5, 6))
+    a, out = other[:, :5], shared[:, 5:]  # same shapes and strides as the next call's
+    blas.gemm(a, b, out)
+    np.testing.assert_allclose(out, a @ b)
+    assert recording_blas.set_calls == [1, recording_blas.get()]
+    shared[:, :5] = rng.standard_normal((6, 5))
+    want = shared[:, :5] @ b
+    blas.gemm(shared[:, :5], b, shared[:, 5:])  # a and out in one buffer: numpy's turn
+    np.testing.assert_allclose(shared[:, 5:], want)
+    assert len(recording_blas.set_calls) == 2
+    read_only = np.empty((6, 11))[:, 5:]
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        blas.gemm(a, b, read_only)
+    assert len(recording_blas.set_calls) == 2 and worked_out == [1]
+    monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 10**9)  # another threshold, another plan
+    blas.gemm(a, b, out)
+    assert len(recording_blas.set_calls) == 2 and worked_out == [1, 1]
+
+
+@needs_openblas
+def test_the_plan_cache_starts_again_when_full(recording_blas, monkeypatch):
+    monkeypatch.setattr(blas, "_plans", {})
+    monkeypatch.setattr(blas, "_MAX_PLANS", 2)
+    for n in range(2, 7):
+        a, b = np.ones((3, n)), np.ones((n, 4))
+        np.testing.assert_array_equal(blas.gemm(a, b, np.empty((3, 4))), np.full((3, 4), n))
+        assert 1 <= len(blas._plans) <= 2
+
+
 def test_shape_errors_are_numpy_matmul_errors():
     with pytest.raises(ValueError, match="matmul"):
         blas.gemm(np.ones((3, 4)), np.ones((5, 2)), np.empty((3, 2)))

@@ -44,7 +44,7 @@ import numpy as np
 from ..kernels import fast_ops
 
 # Calls doing less arithmetic than this (2^17 multiply-adds) are numpy's matmul, which
-# costs less to call (1 us against 10) and which OpenBLAS then runs on the calling
+# costs less to call (1 us against 6) and which OpenBLAS then runs on the calling
 # thread alone (it splits no GEMM under 2^18 multiply-adds).
 MIN_PARALLEL_FLOPS = 1 << 18
 
@@ -163,10 +163,7 @@ def _stack_step(operand, stack):
 
 
 def _shapes_match(a, b, out):
-    """Whether out = a @ b fits the arrays and shapes gemm takes (numpy's matmul judges
-    the rest)."""
-    if not all(isinstance(x, np.ndarray) for x in (a, b, out)):
-        return False
+    """Whether out = a @ b fits the shapes gemm takes (numpy's matmul judges the rest)."""
     if out.ndim not in (2, 3) or a.ndim not in (2, out.ndim) or b.ndim not in (2, out.ndim):
         return False
     stacks_fit = all(x.ndim == 2 or x.shape[0] in (1, out.shape[0]) for x in (a, b))
@@ -178,6 +175,37 @@ def _matrices_overlap(out, step, ldc):
     """Whether out's matrices share memory (threads would then write the same values)."""
     rows, cols = out.shape[-2:]
     return 0 < step < ((rows - 1) * ldc + cols) * out.itemsize
+
+
+def _plan(a, b, out):
+    """gemm_parts's arguments for out = a @ b other than the addresses, beta and the
+    parts: (double, a_step, b_step, c_step, stack, m, n, k, trans_a, lda, trans_b, ldb,
+    ldc); or None where the call goes to numpy's matmul. It depends only on the
+    operands' shapes, strides and dtypes."""
+    if not _shapes_match(a, b, out):
+        return None
+    stack = out.shape[0] if out.ndim == 3 else 1
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if 2 * stack * m * n * k < MIN_PARALLEL_FLOPS:
+        return None
+    layouts = [_layout(x) for x in (a, b, out)]
+    steps = [_stack_step(x, stack) for x in (a, b, out)]
+    if (out.dtype not in (np.float32, np.float64)
+            or a.dtype != out.dtype or b.dtype != out.dtype or 0 in (m, n, k, stack)
+            or None in layouts or None in steps or layouts[2][0] != fast_ops.CBLAS_NO_TRANS
+            or _matrices_overlap(out, steps[2], layouts[2][1])):
+        return None
+    (trans_a, lda), (trans_b, ldb), (_, ldc) = layouts
+    return (out.dtype == np.float64, *steps, stack, m, n, k, trans_a, lda, trans_b, ldb, ldc)
+
+
+# Plans by the operands' shapes, strides and dtypes, and MIN_PARALLEL_FLOPS. A U-Net
+# makes the same few dozen calls every step, and working a plan out each time cost
+# about 16 us a call inside a training step (config C: 33 calls a step), against 1 us
+# for the lookup.
+_plans: dict = {}
+_MAX_PLANS = 4096  # then start again: sizes that keep changing must not grow it forever
 
 
 def _numpy_gemm(a, b, out, accumulate):
@@ -192,20 +220,17 @@ def gemm(a, b, out, accumulate=False):
     """out = a @ b, or out += a @ b if ``accumulate``; returns out. See the module
     docstring for shapes."""
     functions = _blas.thread_functions()
-    if not functions or not _shapes_match(a, b, out):
+    if not functions or not all(isinstance(x, np.ndarray) for x in (a, b, out)):
         return _numpy_gemm(a, b, out, accumulate)
-    stack = out.shape[0] if out.ndim == 3 else 1
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    if 2 * stack * m * n * k < MIN_PARALLEL_FLOPS:
-        return _numpy_gemm(a, b, out, accumulate)
-    layouts = [_layout(x) for x in (a, b, out)]
-    steps = [_stack_step(x, stack) for x in (a, b, out)]
-    if (out.dtype not in (np.float32, np.float64)
-            or a.dtype != out.dtype or b.dtype != out.dtype or 0 in (m, n, k, stack)
-            or None in layouts or None in steps or layouts[2][0] != fast_ops.CBLAS_NO_TRANS
-            or not out.flags.writeable or _matrices_overlap(out, steps[2], layouts[2][1])
-            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+    key = (a.shape, a.strides, a.dtype, b.shape, b.strides, b.dtype, out.shape, out.strides,
+           out.dtype, MIN_PARALLEL_FLOPS)
+    plan = _plans.get(key, False)
+    if plan is False:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[key] = _plan(a, b, out)
+    if (plan is None or not out.flags.writeable or np.may_share_memory(out, a)
+            or np.may_share_memory(out, b)):
         return _numpy_gemm(a, b, out, accumulate)
     if not _blas.lock.acquire(blocking=False):
         return _numpy_gemm(a, b, out, accumulate)
@@ -217,9 +242,9 @@ def gemm(a, b, out, accumulate=False):
         _blas.saved_threads = saved
         set_threads(1)
         try:
-            (trans_a, lda), (trans_b, ldb), (_, ldc) = layouts
-            run(out.dtype == np.float64, a.ctypes.data, steps[0], b.ctypes.data, steps[1],
-                out.ctypes.data, steps[2], stack, m, n, k, trans_a, lda, trans_b, ldb, ldc,
+            double, a_step, b_step, c_step, *sizes_and_layouts = plan
+            run(double, fast_ops.address(a), a_step, fast_ops.address(b), b_step,
+                fast_ops.address(out), c_step, *sizes_and_layouts,
                 1.0 if accumulate else 0.0, parts)
         finally:
             set_threads(saved)
