@@ -13,6 +13,7 @@ unless the first was given ``retain_graph=True``.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -157,7 +158,7 @@ class Tensor:
         return self._node is None
 
     def numel(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     def numpy(self) -> np.ndarray:
         """A host numpy copy of the data."""

@@ -25,6 +25,7 @@ kernels are tested on machines without a GPU.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 
@@ -156,7 +157,7 @@ class CudaBackend(Backend):
         return y
 
     def overlap_sums(self, p, t, first_axis):
-        rows = int(np.prod(p.shape[:first_axis]))
+        rows = math.prod(p.shape[:first_axis])
         sums = self.xp.empty((rows, 3), dtype=np.float64)
         self.kernels.overlap_sums[rows, self.kernels.REDUCE_THREADS](
             self._contiguous(p).reshape(rows, -1), self._contiguous(t).reshape(rows, -1), sums)

@@ -69,6 +69,8 @@ Every fast_ops kernel but the direct convs goes through ``_run``: calls on fewer
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import typed
 
@@ -678,7 +680,7 @@ class NumbaBackend(Backend):
         n, c, h, w = x.shape
         top, bottom, left, right = padding
         shape = (n, c, h + top + bottom, w + left + right)
-        padded = self._buffer(x.dtype, int(np.prod(shape)), use).reshape(shape)
+        padded = self._buffer(x.dtype, math.prod(shape), use).reshape(shape)
         _run(fast_ops.pad_images, padded.size, x, top, left, padded)
         return padded
 

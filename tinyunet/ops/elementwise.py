@@ -6,6 +6,8 @@ back down to each input's own shape (``unbroadcast``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..autograd import Function, Tensor, _as_tensor
@@ -175,13 +177,13 @@ def sum(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001 - t
 
 def mean(a: Tensor, dim=None, keepdim: bool = False) -> Tensor:
     dims = _normalise_dim(dim, a.ndim)
-    count = a.numel() if dims is None else int(np.prod([a.shape[d] for d in dims]))
+    count = a.numel() if dims is None else math.prod(a.shape[d] for d in dims)
     return sum(a, dim=dims, keepdim=keepdim) * (1.0 / count)
 
 
 def reshape(a: Tensor, shape) -> Tensor:
     shape = tuple(int(s) for s in shape)
-    known = int(np.prod([s for s in shape if s != -1]))
+    known = math.prod(s for s in shape if s != -1)
     fits = (
         shape.count(-1) == 0 and known == a.numel()
         or shape.count(-1) == 1 and known > 0 and a.numel() % known == 0
