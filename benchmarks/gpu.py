@@ -186,9 +186,15 @@ def main(argv=None):
 
     if args.smoke or args.no_write:
         return
+    import importlib.metadata
+
     import cupy
     import numba
 
+    try:  # numba's CUDA target, a package of its own in newer installs
+        numba_cuda = f", numba-cuda {importlib.metadata.version('numba-cuda')}"
+    except importlib.metadata.PackageNotFoundError:
+        numba_cuda = ""
     device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     driver = cupy.cuda.runtime.driverGetVersion()
     peer = "PyTorch with CUDA not installed"
@@ -200,7 +206,8 @@ def main(argv=None):
         "## GPU (cuda backend)",
         "",
         f"- GPU: {device}, CUDA driver API {driver // 1000}.{driver % 1000 // 10}; "
-        f"CuPy {cupy.__version__}, numba {numba.__version__}, numpy {np.__version__}; "
+        f"CuPy {cupy.__version__}, numba {numba.__version__}{numba_cuda}, numpy "
+        f"{np.__version__}; "
         "tinyunet's GEMMs are CuPy's float32 cuBLAS calls (no TF32)",
         f"- Peer: {peer}",
         "- Command: `" + " ".join(["python -m benchmarks.gpu", *argv]) + "`",

@@ -5,7 +5,9 @@
 #   3. the GPU benchmark, which rewrites RESULTS.md's GPU section;
 #   4. a short training run of the CLI on the built-in data.
 # Each stage has its own time limit and log, and a failing stage does not stop the
-# next. Logs go to $OUT (default gpu-check-logs/), with a copy of RESULTS.md.
+# next; the script exits 1 if any stage failed. Logs go to $OUT (default
+# gpu-check-logs/), with a copy of RESULTS.md. The training run writes its checkpoints
+# and plots to /tmp, not $OUT: a lent GPU machine sends back only a few files.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository's root
 set -u
@@ -25,7 +27,10 @@ stage() {
     local rc=$?
     tail -n "${TAIL:-15}" "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" = 0 ] || failed=1
 }
+
+failed=0
 
 stage env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm \
     --format=csv; $PY -c '
@@ -45,3 +50,4 @@ stage bench "${BENCH_LIMIT:-240}" "$PY" -m benchmarks.gpu
 stage train "${TRAIN_LIMIT:-120}" "$PY" -m tinyunet train --backend cuda --epochs 4 \
     --out /tmp/tinyunet-gpu-run
 cp benchmarks/RESULTS.md "$OUT/"
+exit "$failed"

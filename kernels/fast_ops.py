@@ -563,7 +563,7 @@ def _gemm_call(double, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
 
 @njit(cache=True)
 def address(a):
-    """The address of a's first element (a tenth of the cost of ``a.ctypes.data``)."""
+    """The address of a's first element (about a sixth of the cost of ``a.ctypes.data``)."""
     return a.ctypes.data
 
 

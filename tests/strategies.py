@@ -21,15 +21,16 @@ Examples are derandomized (the "ci" profile in conftest.py), so every run sees t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from tinyunet.backends import cuda_backend
+
 # conftest.py turns the simulator on unless a real GPU was asked for.
-SIMULATED_GPU = os.environ.get("NUMBA_ENABLE_CUDASIM", "1") == "1"
+SIMULATED_GPU = cuda_backend.SIMULATED
 EXAMPLES = {"numpy": 20, "numba": 10, "cuda": 3 if SIMULATED_GPU else 10}
 
 

@@ -173,6 +173,37 @@ def test_a_plan_is_worked_out_once_per_layout_and_memory_is_checked_every_call(
 
 
 @needs_openblas
+def test_a_cached_plan_runs_on_the_pool_with_each_calls_own_arrays(recording_blas,
+                                                                    monkeypatch):
+    """Calls of one layout share a plan, but each must read and write its own arrays,
+    read-only operands included."""
+    monkeypatch.setattr(blas, "_plans", {})
+    rng = np.random.default_rng(1)
+    calls = []
+    for _ in range(3):
+        a = rng.standard_normal((3, 8, 6), dtype=np.float32).transpose(0, 2, 1)  # (3, 6, 8)
+        b = np.broadcast_to(rng.standard_normal((1, 8, 5), dtype=np.float32), (1, 8, 5))
+        a.flags.writeable = False
+        calls.append((a, b, np.full((3, 6, 5), np.nan, dtype=np.float32)))
+    for a, b, out in calls:
+        blas.gemm(a, b, out)
+    for a, b, out in calls:
+        np.testing.assert_allclose(out, np.matmul(a, b), **tolerance(out.dtype))
+    assert len(blas._plans) == 1
+    assert recording_blas.set_calls.count(1) == 3  # all three ran on the pool
+
+
+@pytest.mark.parametrize("view", ["contiguous", "transposed", "3-D slice", "read-only",
+                                  "broadcast", "reversed"])
+def test_address_is_the_first_elements(view):
+    base = np.arange(4 * 6 * 8, dtype=np.float64).reshape(4, 6, 8)
+    array = {"contiguous": base, "transposed": base[0].T, "3-D slice": base[1:, 2:, ::2],
+             "read-only": np.broadcast_to(base[0], (3, 6, 8)),
+             "broadcast": np.broadcast_to(base[:1], (4, 6, 8)), "reversed": base[::-1]}[view]
+    assert fast_ops.address(array) == array.ctypes.data
+
+
+@needs_openblas
 def test_the_plan_cache_starts_again_when_full(recording_blas, monkeypatch):
     monkeypatch.setattr(blas, "_plans", {})
     monkeypatch.setattr(blas, "_MAX_PLANS", 2)

@@ -120,7 +120,7 @@ def test_only_numbas_low_occupancy_warning_is_silenced():
 
     # A fresh backend: pytest restores the warning filters after each test.
     CudaBackend()
-    # The message as numba-cuda 0.68 words it, bold codes included.
+    # The message as numba's CUDA target words it, bold codes included.
     occupancy = ("\x1b[1mGrid size 3 will likely result in GPU under-utilization due to low "
                  "occupancy.\x1b[0m")
     with warnings.catch_warnings(record=True) as caught:

@@ -177,17 +177,17 @@ def _matrices_overlap(out, step, ldc):
     return 0 < step < ((rows - 1) * ldc + cols) * out.itemsize
 
 
-def _plan(a, b, out):
+def _plan(a, b, out, min_flops):
     """gemm_parts's arguments for out = a @ b other than the addresses, beta and the
     parts: (double, a_step, b_step, c_step, stack, m, n, k, trans_a, lda, trans_b, ldb,
-    ldc); or None where the call goes to numpy's matmul. It depends only on the
-    operands' shapes, strides and dtypes."""
+    ldc); or None where the call goes to numpy's matmul (also when it does fewer than
+    ``min_flops``). It depends only on the operands' shapes, strides and dtypes."""
     if not _shapes_match(a, b, out):
         return None
     stack = out.shape[0] if out.ndim == 3 else 1
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    if 2 * stack * m * n * k < MIN_PARALLEL_FLOPS:
+    if 2 * stack * m * n * k < min_flops:
         return None
     layouts = [_layout(x) for x in (a, b, out)]
     steps = [_stack_step(x, stack) for x in (a, b, out)]
@@ -201,9 +201,9 @@ def _plan(a, b, out):
 
 
 # Plans by the operands' shapes, strides and dtypes, and MIN_PARALLEL_FLOPS. A U-Net
-# makes the same few dozen calls every step, and working a plan out each time cost
-# about 16 us a call inside a training step (config C: 33 calls a step), against 1 us
-# for the lookup.
+# makes the same few dozen calls every step. Working a plan out costs about 4 us a call
+# when timed alone, but 16 us inside a training step (measured on config C, whose 41
+# calls a step include 33 on the pool), against under 1 us for the lookup.
 _plans: dict = {}
 _MAX_PLANS = 4096  # then start again: sizes that keep changing must not grow it forever
 
@@ -222,16 +222,19 @@ def gemm(a, b, out, accumulate=False):
     functions = _blas.thread_functions()
     if not functions or not all(isinstance(x, np.ndarray) for x in (a, b, out)):
         return _numpy_gemm(a, b, out, accumulate)
+    min_flops = MIN_PARALLEL_FLOPS
     key = (a.shape, a.strides, a.dtype, b.shape, b.strides, b.dtype, out.shape, out.strides,
-           out.dtype, MIN_PARALLEL_FLOPS)
+           out.dtype, min_flops)
     plan = _plans.get(key, False)
     if plan is False:
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
-        plan = _plans[key] = _plan(a, b, out)
+        plan = _plans[key] = _plan(a, b, out, min_flops)
     if (plan is None or not out.flags.writeable or np.may_share_memory(out, a)
             or np.may_share_memory(out, b)):
         return _numpy_gemm(a, b, out, accumulate)
+    # Outside the lock: a new kind of array compiles (or loads) fast_ops.address first.
+    addresses = fast_ops.address(a), fast_ops.address(b), fast_ops.address(out)
     if not _blas.lock.acquire(blocking=False):
         return _numpy_gemm(a, b, out, accumulate)
     get_threads, set_threads = functions
@@ -243,9 +246,8 @@ def gemm(a, b, out, accumulate=False):
         set_threads(1)
         try:
             double, a_step, b_step, c_step, *sizes_and_layouts = plan
-            run(double, fast_ops.address(a), a_step, fast_ops.address(b), b_step,
-                fast_ops.address(out), c_step, *sizes_and_layouts,
-                1.0 if accumulate else 0.0, parts)
+            run(double, addresses[0], a_step, addresses[1], b_step, addresses[2], c_step,
+                *sizes_and_layouts, 1.0 if accumulate else 0.0, parts)
         finally:
             set_threads(saved)
             _blas.saved_threads = None

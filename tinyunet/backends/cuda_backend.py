@@ -15,7 +15,8 @@ that a CuPy argument's array interface names. Handing it views made without that
 (``numba.cuda.as_cuda_array(a, sync=False)``) was measured on an H200 and dropped: a
 step of these small U-Nets is bound by the host's launch overhead, not by the GPU,
 and the views cost more host time than the waits (steps against PyTorch's in the same
-run went from 0.19-0.22x to 0.17-0.18x; benchmarks/RESULTS.md, "GPU notes").
+run went from 0.19-0.22x to 0.17-0.18x; benchmarks/RESULTS.md, "GPU notes"). Not yet
+tried: numba's own switch for that wait (``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``).
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) numpy arrays stand in for device
 arrays and numpy's matmul for cuBLAS; the kernel source is the same. That is how the
@@ -56,9 +57,9 @@ def _require_gpu_stack():
     return cupy
 
 
-# numba warns at every launch of fewer blocks than the GPU has multiprocessors. A
-# U-Net's small layers, biases and optimizer steps are such launches by nature, and the
-# warning buried the training log, so it alone is silenced.
+# numba warns at every launch of a grid under 128 blocks. A U-Net's small layers,
+# biases and optimizer steps are such launches by nature, and the warning buried the
+# training log, so it alone is silenced.
 LOW_OCCUPANCY_WARNING = r".*Grid size \d+ will likely result in GPU under-utilization"
 
 
