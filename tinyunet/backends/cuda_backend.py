@@ -15,8 +15,9 @@ that a CuPy argument's array interface names. Handing it views made without that
 (``numba.cuda.as_cuda_array(a, sync=False)``) was measured on an H200 and dropped: a
 step of these small U-Nets is bound by the host's launch overhead, not by the GPU,
 and the views cost more host time than the waits (steps against PyTorch's in the same
-run went from 0.19-0.22x to 0.17-0.18x; benchmarks/RESULTS.md, "GPU notes"). Not yet
-tried: numba's own switch for that wait (``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``).
+run went from 0.19-0.22x to 0.17-0.18x; benchmarks/RESULTS.md, "GPU notes"). Nor did
+numba's own switch for that wait (``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``) help: 0.17-0.20x
+without the wait against 0.19-0.21x with it, in alternating runs.
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) numpy arrays stand in for device
 arrays and numpy's matmul for cuBLAS; the kernel source is the same. That is how the
