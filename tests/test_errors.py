@@ -2,9 +2,12 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinyunet as tu
 import tinyunet.functional as F
+from tinyunet.autograd import Function
 
 
 def t(*shape, dtype=np.float32, requires_grad=False):
@@ -28,6 +31,13 @@ CASES = {
                                ["conv2d", "stride", "(1, -2)"]),
     "conv2d same with stride": (lambda: F.conv2d(t(1, 1, 4, 4), t(1, 1, 3, 3), stride=2,
                                                  padding="same"), ["conv2d", "'same'"]),
+    "conv2d negative padding": (lambda: F.conv2d(t(1, 1, 4, 4), t(1, 1, 3, 3), padding=(1, -1)),
+                                ["conv2d", "padding of 0 or more", "(1, -1)"]),
+    "conv2d stride not an int": (lambda: F.conv2d(t(1, 1, 4, 4), t(1, 1, 3, 3), stride=1.5),
+                                 ["conv2d", "stride as an int or a pair of ints", "1.5"]),
+    "conv_transpose2d negative padding": (
+        lambda: F.conv_transpose2d(t(1, 2, 4, 4), t(2, 3, 2, 2), padding=-1),
+        ["conv_transpose2d", "padding of 0 or more", "(-1, -1)"]),
     "conv2d dtype": (lambda: F.conv2d(t(1, 1, 4, 4), t(1, 1, 3, 3, dtype=np.float64)),
                      ["conv2d", "float32", "float64"]),
     "conv2d bias shape": (lambda: F.conv2d(t(1, 1, 4, 4), t(2, 1, 3, 3), t(3)),
@@ -113,6 +123,33 @@ def test_backward_through_a_released_graph():
                                                 "backpropagated.*Actual: .*released"):
             again()
     np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 2.0))  # nothing added
+
+
+def test_a_backward_that_returns_a_wrong_shape_is_named():
+    class Halve(Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x / 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad[:1]
+
+    with pytest.raises(tu.ShapeError, match=r"Halve.backward: Expect: an input gradient of "
+                                            r"shape \(2, 3\)\. Actual: shape \(1, 3\)"):
+        Halve.apply(t(2, 3, requires_grad=True)).sum().backward()
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 12), kernel=st.integers(1, 5), stride=st.integers(1, 4),
+       data=st.data())
+def test_no_pooling_window_of_dilation_one_sees_only_padding(size, kernel, stride, data):
+    # max_pool2d skips its window-by-window search for dilation 1 on this ground.
+    padding = data.draw(st.integers(0, kernel // 2))
+    outputs = (size + 2 * padding - kernel) // stride + 1
+    for o in range(max(outputs, 0)):
+        first = o * stride - padding
+        assert any(0 <= first + i < size for i in range(kernel)), (o, first)
 
 
 def test_mixed_backends_are_rejected():

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .backends import Backend, get_backend
-from .errors import check
+from .errors import check, fail
 
 _grad_enabled = True
 
@@ -99,12 +99,12 @@ class Function:
         tensors = [a for a in args if isinstance(a, Tensor)]
         backend = tensors[0].backend
         for t in tensors[1:]:
-            check(
-                t.backend is backend,
-                cls.__name__,
-                f"all tensors on backend '{backend.name}'",
-                f"a tensor on backend '{t.backend.name}'",
-            )
+            if t.backend is not backend:
+                fail(
+                    cls.__name__,
+                    f"all tensors on backend '{backend.name}'",
+                    f"a tensor on backend '{t.backend.name}'",
+                )
         ctx = Context(backend)
         raw = [a.data if isinstance(a, Tensor) else a for a in args]
         out = cls.forward(ctx, *raw, **kwargs)
@@ -243,25 +243,26 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
-            check(
-                node.ctx is not None,
-                "backward",
-                "a graph not yet backpropagated (use retain_graph=True to go through it twice)",
-                f"a path through a {node.function.__name__} whose saved values an earlier "
-                "backward released",
-            )
+            if node.ctx is None:
+                fail(
+                    "backward",
+                    "a graph not yet backpropagated (use retain_graph=True to go through it "
+                    "twice)",
+                    f"a path through a {node.function.__name__} whose saved values an earlier "
+                    "backward released",
+                )
             input_grads = node.function.backward(node.ctx, g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             for inp, ig in zip(node.inputs, input_grads, strict=True):
                 if ig is None or inp is None:
                     continue
-                check(
-                    tuple(ig.shape) == tuple(inp.shape),
-                    f"{node.function.__name__}.backward",
-                    f"an input gradient of shape {tuple(inp.shape)}",
-                    f"shape {tuple(ig.shape)}",
-                )
+                if tuple(ig.shape) != tuple(inp.shape):
+                    fail(
+                        f"{node.function.__name__}.backward",
+                        f"an input gradient of shape {tuple(inp.shape)}",
+                        f"shape {tuple(ig.shape)}",
+                    )
                 key = id(inp)
                 if isinstance(inp, Node):
                     grads[key] = ig if key not in grads else grads[key] + ig

@@ -7,7 +7,7 @@ of an (N, C, H, W) map).
 from __future__ import annotations
 
 from ..autograd import Function, Tensor
-from ..errors import check
+from ..errors import fail
 
 
 class ReLU(Function):
@@ -72,8 +72,8 @@ def sigmoid(input: Tensor) -> Tensor:
 
 
 def _check_dim(op, input, dim):
-    check(-input.ndim <= dim < input.ndim, op, f"dim in [-{input.ndim}, {input.ndim})",
-          f"dim {dim} for shape {input.shape}")
+    if not -input.ndim <= dim < input.ndim:
+        fail(op, f"dim in [-{input.ndim}, {input.ndim})", f"dim {dim} for shape {input.shape}")
     return dim % input.ndim
 
 

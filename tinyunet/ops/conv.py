@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..autograd import Function, Tensor
 from ..backends import ConvGeometry
-from ..errors import check
+from ..errors import check, fail
 
 
 def pair(value, name, op):
@@ -26,12 +26,8 @@ def pair(value, name, op):
     if isinstance(value, int):
         return (value, value)
     is_pair = isinstance(value, (tuple, list)) and len(value) == 2
-    check(
-        is_pair and all(isinstance(v, int) for v in value),
-        op,
-        f"{name} as an int or a pair of ints",
-        f"{value!r}",
-    )
+    if not (is_pair and all(isinstance(v, int) for v in value)):
+        fail(op, f"{name} as an int or a pair of ints", f"{value!r}")
     return tuple(value)
 
 
@@ -61,7 +57,8 @@ def _check_conv_inputs(op, x, w, b, weight_in_channels_axis):
 
 
 def _check_positive(op, name, values):
-    check(all(v >= 1 for v in values), op, f"{name} of 1 or more", f"{name} {values}")
+    if not all(v >= 1 for v in values):
+        fail(op, f"{name} of 1 or more", f"{name} {values}")
 
 
 def conv_geometry(op, input_hw, kernel_hw, stride, padding, dilation) -> ConvGeometry:
@@ -72,24 +69,22 @@ def conv_geometry(op, input_hw, kernel_hw, stride, padding, dilation) -> ConvGeo
     if padding == "valid":
         pads = (0, 0, 0, 0)
     elif padding == "same":
-        check(stride == (1, 1), op, "stride 1 with padding='same' (as in PyTorch)",
-              f"stride {stride}")
+        if stride != (1, 1):
+            fail(op, "stride 1 with padding='same' (as in PyTorch)", f"stride {stride}")
         # PyTorch puts the odd pixel of an even kernel's padding at the bottom/right.
         th, tw = (d * (k - 1) for d, k in zip(dilation, kernel_hw, strict=True))
         pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
     else:
         ph, pw = pair(padding, "padding", op)
-        check(ph >= 0 and pw >= 0, op, "padding of 0 or more", f"padding {(ph, pw)}")
+        if ph < 0 or pw < 0:
+            fail(op, "padding of 0 or more", f"padding {(ph, pw)}")
         pads = (ph, ph, pw, pw)
     geometry = ConvGeometry(stride, pads, dilation)
     padded = (input_hw[0] + pads[0] + pads[1], input_hw[1] + pads[2] + pads[3])
     reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_hw, strict=True))
-    check(
-        padded[0] >= reach[0] and padded[1] >= reach[1],
-        op,
-        f"a (dilated) kernel of {reach} that fits in the padded input",
-        f"padded input {padded} from input {tuple(input_hw)}",
-    )
+    if padded[0] < reach[0] or padded[1] < reach[1]:
+        fail(op, f"a (dilated) kernel of {reach} that fits in the padded input",
+             f"padded input {padded} from input {tuple(input_hw)}")
     return geometry
 
 
@@ -238,10 +233,11 @@ def conv_transpose2d_concat(skip: Tensor, input: Tensor, weight: Tensor,
     geometry, output_hw = _transposed_geometry(op, input, weight, bias, stride, padding,
                                                output_padding, groups, dilation)
     (n, (ho, wo)) = input.shape[0], output_hw
-    check(skip.ndim == 4 and (skip.shape[0], *skip.shape[2:]) == (n, ho, wo),
-          op, f"skip of shape ({n}, C_skip, {ho}, {wo}) (the transposed conv's output size)",
-          f"skip {skip.shape} with input {input.shape}")
-    check(skip.dtype == input.dtype, op, f"skip of dtype {input.dtype}", f"{skip.dtype}")
+    if skip.ndim != 4 or (skip.shape[0], *skip.shape[2:]) != (n, ho, wo):
+        fail(op, f"skip of shape ({n}, C_skip, {ho}, {wo}) (the transposed conv's output size)",
+             f"skip {skip.shape} with input {input.shape}")
+    if skip.dtype != input.dtype:
+        fail(op, f"skip of dtype {input.dtype}", f"{skip.dtype}")
     args = (skip, input, weight) if bias is None else (skip, input, weight, bias)
     return ConvTranspose2dConcat.apply(*args, geometry=geometry, output_hw=output_hw)
 
@@ -256,14 +252,16 @@ def _transposed_geometry(op, input, weight, bias, stride, padding, output_paddin
     _check_positive(op, "dilation", dilation)
     ph, pw = pair(padding, "padding", op)
     oph, opw = pair(output_padding, "output_padding", op)
-    check(ph >= 0 and pw >= 0, op, "padding of 0 or more", f"padding {(ph, pw)}")
-    check(0 <= oph < stride[0] and 0 <= opw < stride[1], op,
-          f"0 <= output_padding < stride {stride}", f"output_padding {(oph, opw)}")
+    if ph < 0 or pw < 0:
+        fail(op, "padding of 0 or more", f"padding {(ph, pw)}")
+    if not (0 <= oph < stride[0] and 0 <= opw < stride[1]):
+        fail(op, f"0 <= output_padding < stride {stride}", f"output_padding {(oph, opw)}")
     (h, w), (kh, kw) = input.shape[2:], weight.shape[2:]
     output_hw = (
         (h - 1) * stride[0] - 2 * ph + dilation[0] * (kh - 1) + oph + 1,
         (w - 1) * stride[1] - 2 * pw + dilation[1] * (kw - 1) + opw + 1,
     )
-    check(output_hw[0] >= 1 and output_hw[1] >= 1, op, "a positive output size",
-          f"output size {output_hw} from input {(h, w)}, kernel {(kh, kw)}, padding {(ph, pw)}")
+    if output_hw[0] < 1 or output_hw[1] < 1:
+        fail(op, "a positive output size",
+             f"output size {output_hw} from input {(h, w)}, kernel {(kh, kw)}, padding {(ph, pw)}")
     return ConvGeometry(stride, (ph, ph, pw, pw), dilation), output_hw

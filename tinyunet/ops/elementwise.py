@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..autograd import Function, Tensor, _as_tensor
-from ..errors import check
+from ..errors import fail
 
 
 def unbroadcast(grad, shape):
@@ -26,14 +26,15 @@ def unbroadcast(grad, shape):
 
 
 def _check_same_dtype(op, a, b):
-    check(a.dtype == b.dtype, op, f"operands of one dtype ({a.dtype})", f"{a.dtype} and {b.dtype}")
+    if a.dtype != b.dtype:
+        fail(op, f"operands of one dtype ({a.dtype})", f"{a.dtype} and {b.dtype}")
 
 
 def _check_broadcastable(op, a, b):
     try:
         np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
-        check(False, op, "shapes that broadcast together", f"{a.shape} and {b.shape}")
+        fail(op, "shapes that broadcast together", f"{a.shape} and {b.shape}")
 
 
 class Add(Function):
@@ -167,7 +168,8 @@ def _normalise_dim(dim, ndim):
         return None
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     for d in dims:
-        check(-ndim <= d < ndim, "sum", f"dims in [-{ndim}, {ndim})", f"dim {d}")
+        if not -ndim <= d < ndim:
+            fail("sum", f"dims in [-{ndim}, {ndim})", f"dim {d}")
     return tuple(sorted(d % ndim for d in dims))
 
 
@@ -188,5 +190,6 @@ def reshape(a: Tensor, shape) -> Tensor:
         shape.count(-1) == 0 and known == a.numel()
         or shape.count(-1) == 1 and known > 0 and a.numel() % known == 0
     )
-    check(fits, "reshape", f"a shape with {a.numel()} elements", f"shape {shape}")
+    if not fits:
+        fail("reshape", f"a shape with {a.numel()} elements", f"shape {shape}")
     return Reshape.apply(a, shape=shape)

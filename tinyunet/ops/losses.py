@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Function, Tensor
-from ..errors import check
+from ..errors import check, fail
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -160,30 +160,33 @@ class SoftOverlapLoss(Function):
 # ---- public functions -------------------------------------------------------------
 
 def _check_reduction(op, reduction):
-    check(reduction in REDUCTIONS, op, f"reduction in {REDUCTIONS}", f"'{reduction}'")
+    if reduction not in REDUCTIONS:
+        fail(op, f"reduction in {REDUCTIONS}", f"'{reduction}'")
 
 
 def _check_logits(op, logits):
-    check(logits.ndim >= 2, op, "logits of rank 2 or more (N, C, ...)", f"shape {logits.shape}")
-    check(logits.dtype.kind == "f", op, "floating logits", f"dtype {logits.dtype}")
+    if logits.ndim < 2:
+        fail(op, "logits of rank 2 or more (N, C, ...)", f"shape {logits.shape}")
+    if logits.dtype.kind != "f":
+        fail(op, "floating logits", f"dtype {logits.dtype}")
 
 
 def _float_target(op, logits, target):
     """A target of the logits' shape and dtype, as a raw backend array."""
-    check(target.shape == logits.shape, op, f"target of the logits' shape {logits.shape}",
-          f"target shape {target.shape}")
-    if target.dtype.kind == "f":
-        check(target.dtype == logits.dtype, op, f"target of dtype {logits.dtype}",
-              f"target dtype {target.dtype}")
+    if target.shape != logits.shape:
+        fail(op, f"target of the logits' shape {logits.shape}", f"target shape {target.shape}")
+    if target.dtype.kind == "f" and target.dtype != logits.dtype:
+        fail(op, f"target of dtype {logits.dtype}", f"target dtype {target.dtype}")
     return target.data.astype(logits.data.dtype, copy=False)
 
 
 def _label_target(op, logits, target):
     n, c, *spatial = logits.shape
-    check(target.shape == (n, *spatial), op,
-          f"integer class labels of shape {(n, *spatial)} for logits {logits.shape}",
-          f"target shape {target.shape}")
-    check(target.dtype.kind in "iu", op, "an integer label dtype", f"dtype {target.dtype}")
+    if target.shape != (n, *spatial):
+        fail(op, f"integer class labels of shape {(n, *spatial)} for logits {logits.shape}",
+             f"target shape {target.shape}")
+    if target.dtype.kind not in "iu":
+        fail(op, "an integer label dtype", f"dtype {target.dtype}")
     return target.data.astype(np.int64, copy=False)
 
 
@@ -193,8 +196,8 @@ def _const(value, like: Tensor, op, name, shape=None):
     array = value.data if isinstance(value, Tensor) else like.backend.asarray(np.asarray(value))
     array = array.astype(like.data.dtype, copy=False)
     if shape is not None:
-        check(tuple(array.shape) == shape, op, f"{name} of shape {shape}",
-              f"shape {tuple(array.shape)}")
+        if tuple(array.shape) != shape:
+            fail(op, f"{name} of shape {shape}", f"shape {tuple(array.shape)}")
     return array
 
 
@@ -258,8 +261,8 @@ def _overlap_loss(kind, logits, target, smooth, ignore_background, reduction):
     _check_logits(op, logits)
     _check_reduction(op, reduction)
     c = logits.shape[1]
-    check(not (ignore_background and c < 2), op,
-          "at least 2 channels (softmax) with ignore_background=True", f"{c} channel(s)")
+    if ignore_background and c < 2:
+        fail(op, "at least 2 channels (softmax) with ignore_background=True", f"{c} channel(s)")
     class_mask = np.ones(c, dtype=logits.dtype)
     if ignore_background:
         class_mask[0] = 0

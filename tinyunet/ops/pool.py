@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..autograd import Function, Tensor
 from ..backends import PoolGeometry
-from ..errors import check
+from ..errors import check, fail
 from .conv import pair
 
 
@@ -35,31 +35,30 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
                ceil_mode=False, return_indices=False) -> Tensor:
     """Max-pool, as ``torch.nn.functional.max_pool2d`` (``stride`` defaults to the kernel)."""
     op = "max_pool2d"
-    check(input.ndim == 4, op, "input of rank 4 (N, C, H, W)", f"shape {input.shape}")
+    if input.ndim != 4:
+        fail(op, "input of rank 4 (N, C, H, W)", f"shape {input.shape}")
     check(not ceil_mode, op, "ceil_mode=False (ceil_mode is not implemented)", "ceil_mode=True")
     check(not return_indices, op, "return_indices=False", "return_indices=True")
     kernel = pair(kernel_size, "kernel_size", op)
     stride = kernel if stride is None else pair(stride, "stride", op)
     padding, dilation = pair(padding, "padding", op), pair(dilation, "dilation", op)
     for name, values in (("kernel_size", kernel), ("stride", stride), ("dilation", dilation)):
-        check(all(v >= 1 for v in values), op, f"{name} of 1 or more", f"{name} {values}")
-    check(
-        all(0 <= p <= k // 2 for p, k in zip(padding, kernel, strict=True)),
-        op,
-        f"0 <= padding <= kernel_size // 2 for kernel {kernel}",
-        f"padding {padding}",
-    )
+        if not all(v >= 1 for v in values):
+            fail(op, f"{name} of 1 or more", f"{name} {values}")
+    if not all(0 <= p <= k // 2 for p, k in zip(padding, kernel, strict=True)):
+        fail(op, f"0 <= padding <= kernel_size // 2 for kernel {kernel}", f"padding {padding}")
     geometry = PoolGeometry(kernel, stride, padding, dilation)
     ho, wo = geometry.output_hw(input.shape[2:])
-    check(ho >= 1 and wo >= 1, op,
-          f"an input of at least the (dilated) window, kernel {kernel}",
-          f"input {input.shape} with padding {padding}")
+    if ho < 1 or wo < 1:
+        fail(op, f"an input of at least the (dilated) window, kernel {kernel}",
+             f"input {input.shape} with padding {padding}")
     for axis, axis_name in ((0, "row"), (1, "column")):
         blind = _blind_window(input.shape[2 + axis], (ho, wo)[axis], kernel[axis],
                               stride[axis], padding[axis], dilation[axis])
-        check(blind is None, op, "every window to hold at least one input pixel",
-              f"the window of output {axis_name} {blind} sees only padding (input "
-              f"{input.shape}, kernel {kernel}, padding {padding}, dilation {dilation})")
+        if blind is not None:
+            fail(op, "every window to hold at least one input pixel",
+                 f"the window of output {axis_name} {blind} sees only padding (input "
+                 f"{input.shape}, kernel {kernel}, padding {padding}, dilation {dilation})")
     return MaxPool2d.apply(input, geometry=geometry)
 
 
@@ -69,6 +68,11 @@ def _blind_window(size, out_size, kernel, stride, padding, dilation):
     Only a dilation larger than the input can do this. PyTorch then returns -inf and an
     index outside the input; tinyunet raises instead, so that every output has a winner.
     """
+    if dilation == 1:
+        # A window is then ``kernel`` consecutive taps: padding <= kernel // 2 puts its
+        # last tap at or after the first pixel, and the output size its first tap
+        # before the last pixel.
+        return None
     for o in range(out_size):
         taps = (o * stride - padding + i * dilation for i in range(kernel))
         if not any(0 <= t < size for t in taps):

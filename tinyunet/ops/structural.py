@@ -10,7 +10,7 @@ which is what the paper's unpadded U-Net does to its skips. pad zero-pads H and 
 from __future__ import annotations
 
 from ..autograd import Function, Tensor
-from ..errors import check
+from ..errors import check, fail
 
 
 class Concat(Function):
@@ -53,17 +53,19 @@ def concat(tensors, dim: int = 1) -> Tensor:
     op = "concat"
     check(len(tensors) >= 1, op, "at least one tensor", "none")
     first = tensors[0]
-    check(-first.ndim <= dim < first.ndim, op, f"dim in [-{first.ndim}, {first.ndim})",
-          f"dim {dim}")
+    if not -first.ndim <= dim < first.ndim:
+        fail(op, f"dim in [-{first.ndim}, {first.ndim})", f"dim {dim}")
     dim %= first.ndim
     for t in tensors[1:]:
         same_rest = t.ndim == first.ndim and all(
             a == b for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=True)) if i != dim
         )
-        check(same_rest, op, f"shapes equal to {first.shape} except in dim {dim}",
-              f"shapes {[x.shape for x in tensors]}")
-        check(t.dtype == first.dtype, op, f"tensors of one dtype ({first.dtype})",
-              f"dtypes {[str(x.dtype) for x in tensors]}")
+        if not same_rest:
+            fail(op, f"shapes equal to {first.shape} except in dim {dim}",
+                 f"shapes {[x.shape for x in tensors]}")
+        if t.dtype != first.dtype:
+            fail(op, f"tensors of one dtype ({first.dtype})",
+                 f"dtypes {[str(x.dtype) for x in tensors]}")
     return Concat.apply(*tensors, dim=dim)
 
 
@@ -73,14 +75,15 @@ cat = concat
 def center_crop(input: Tensor, size) -> Tensor:
     """Cut the central ``size`` = (h, w) (or an int, or a tensor whose H, W to match)."""
     op = "center_crop"
-    check(input.ndim == 4, op, "input of rank 4 (N, C, H, W)", f"shape {input.shape}")
+    if input.ndim != 4:
+        fail(op, "input of rank 4 (N, C, H, W)", f"shape {input.shape}")
     if isinstance(size, Tensor):
         size = size.shape[2:]
     elif isinstance(size, int):
         size = (size, size)
     h, w = (int(s) for s in size)
-    check(1 <= h <= input.shape[2] and 1 <= w <= input.shape[3], op,
-          f"a crop size between (1, 1) and {input.shape[2:]}", f"size {(h, w)}")
+    if not (1 <= h <= input.shape[2] and 1 <= w <= input.shape[3]):
+        fail(op, f"a crop size between (1, 1) and {input.shape[2:]}", f"size {(h, w)}")
     return CenterCrop.apply(input, size=(h, w))
 
 
