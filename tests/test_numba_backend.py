@@ -694,9 +694,10 @@ def test_training_on_numba_matches_numpy_step_by_step(optimizer, path):
 @st.composite
 def optimizer_state(draw):
     """Parameters, gradients and two state arrays per parameter, of a few shapes and
-    dtypes (float32 and float64 mixed: each dtype is one kernel call)."""
+    dtypes (float32 and float64 mixed: each dtype is one kernel call). Up to 18
+    parameters: the gradients' tuple is padded to a multiple of GRADIENT_TUPLE_STEP."""
     shapes = draw(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=4),
-                           min_size=1, max_size=4))
+                           min_size=1, max_size=numba_backend.GRADIENT_TUPLE_STEP + 2))
     kinds = [(shape, draw(DTYPES)) for shape in shapes]
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     arrays = [[rng.standard_normal(shape).astype(dtype) for shape, dtype in kinds]
