@@ -470,22 +470,23 @@ GRAD_WEIGHT_OUTPUT_BLOCK = 2
 def conv3x3_grad_weight(dyp, xp, dw):
     """dw (O, C, 3, 3) = sum over n, h, w < Wo of dy[n, o, h, w] * xp[n, c, h + i, w + j].
 
-    xp: the padded input (N, C, Ho+2, Wo+2); dyp: dy (N, O, Ho, Wo) with two zero
-    columns appended to each row, so both planes have rows of Wo+2; O even. Then tap
-    (i, j) pairs dyp's flat plane with xp's flat plane shifted by i*(Wo+2) + j, one long
-    contiguous run per image: the vectorised sums are reduced across lanes once per
-    plane instead of once per row (row by row, that reduction cost more than the row's
-    FMAs; measured 1.3-1.6x faster on the U-Net's 64- and 128-wide maps). The zero
-    columns add 0 * x, which changes nothing unless x holds Inf or NaN: an Inf or NaN
-    in the first or last columns of the padded input can then make any tap NaN where
-    numpy's is finite or Inf.
+    xp: the padded input (N, C, Ho+2, Wo+2); dyp: dy (N, O, Ho, Wo) in a zero border of
+    one pixel, so both planes have rows of Wo+2 (the input gradient's direct conv reads
+    the same array); O even. Read from its second row's second element on, dyp's flat
+    plane is dy's rows, each followed by two zeros. Tap (i, j) pairs that run with xp's
+    flat plane shifted by i*(Wo+2) + j, one long contiguous run per image: the
+    vectorised sums are reduced across lanes once per plane instead of once per row
+    (row by row, that reduction cost more than the row's FMAs; measured 1.3-1.6x faster
+    on the U-Net's 64- and 128-wide maps). The zeros add 0 * x, which changes nothing
+    unless x holds Inf or NaN: an Inf or NaN in the first or last columns of the padded
+    input can then make any tap NaN where numpy's is finite or Inf.
     A parallel step owns two output channels and one input channel and keeps their 18
     sums in registers: each input vector loaded feeds two FMAs (1.11-1.32x faster than
     one output channel a step, measured alone on six U-Net layers).
     """
-    n_img, o_ch, ho, wp = dyp.shape
+    n_img, o_ch, hp, wp = dyp.shape
     c_in = xp.shape[1]
-    span = ho * wp
+    span = (hp - 2) * wp
     zero = dyp.dtype.type(0)
     for task in prange((o_ch // GRAD_WEIGHT_OUTPUT_BLOCK) * c_in):
         o = GRAD_WEIGHT_OUTPUT_BLOCK * (task // c_in)
@@ -493,12 +494,13 @@ def conv3x3_grad_weight(dyp, xp, dw):
         s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = zero
         t00 = t01 = t02 = t10 = t11 = t12 = t20 = t21 = t22 = zero
         for n in range(n_img):
-            grad, grad_next = dyp[n, o].reshape(span), dyp[n, o + 1].reshape(span)
-            plane = xp[n, c].reshape((ho + 2) * wp)
+            grad = dyp[n, o].reshape(hp * wp)[wp + 1 : wp + 1 + span]
+            grad_next = dyp[n, o + 1].reshape(hp * wp)[wp + 1 : wp + 1 + span]
+            plane = xp[n, c].reshape(hp * wp)
             # Slices rather than index arithmetic: numba would wrap a possibly negative
             # index q + wp, and LLVM then gathers instead of loading contiguous runs.
             top, mid, bottom = plane[:span], plane[wp : wp + span], plane[2 * wp : 2 * wp + span]
-            # The last two positions are the last row's zero columns; reading them would
+            # The last two positions are zeros after dy's last row; reading them would
             # run past ``bottom``.
             for q in range(span - 2):
                 g, u = grad[q], grad_next[q]

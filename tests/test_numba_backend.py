@@ -131,6 +131,31 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     assert calls.count("conv3x3_grad_weight") == 1
 
 
+@given(case=direct_conv_geometries(NUMBA_CONV), dtype=DTYPES)
+def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype):
+    """conv2d_grads: where both gradients of a 'same' conv take the direct kernels, they
+    read one padded copy of dy; elsewhere each makes its own, as the two methods do."""
+    x_shape, w_shape, geometry, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
+    dy = rng.standard_normal((x_shape[0], w_shape[0], *geometry.output_hw(x_shape[2:], (3, 3))))
+    dy = dy.astype(dtype)
+    pads = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in PATHS["direct 3x3 kernels"].items():
+            patch.setattr(numba_backend, name, value)
+        patch.setattr(numba_backend.fast_ops, "pad_images",
+                      _Spy(numba_backend.fast_ops.pad_images, pads))
+        dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry)
+    assert_close(dx, NUMPY.conv2d_grad_input(dy, weight, geometry, x_shape[2:]), dtype)
+    assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), dtype)
+    # The input gradient is direct (and pads dy) when C_in is a multiple of the block.
+    input_direct = x_shape[1] % numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK == 0
+    shared = input_direct and geometry.padding == (1, 1, 1, 1)
+    assert sum(call[0] is dy for call in pads) == (1 if shared else 1 + input_direct)
+
+
 @given(stacks=gram_stacks(numba_backend.fast_ops.GRAM_BLOCK), accumulate=st.booleans())
 def test_stacked_gram_matches_numpy(stacks, accumulate):
     """The weight gradients' a @ b^T kernel, writing or adding to what out holds; a

@@ -90,6 +90,13 @@ class Backend:
         """dL/dw of conv2d given dL/dy and the conv's input x."""
         raise NotImplementedError
 
+    def conv2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True, need_weight=True):
+        """(dL/dx, dL/dw) of conv2d, each None unless needed: the two methods above, whose
+        work a backend may share (numba pads dy once for both of its direct kernels)."""
+        dx = self.conv2d_grad_input(dy, w, geometry, x.shape[2:]) if need_input else None
+        dw = self.conv2d_grad_weight(dy, x, geometry, w.shape[2:]) if need_weight else None
+        return dx, dw
+
     # ---- pooling ------------------------------------------------------------------
     def max_pool2d(self, x, geometry: PoolGeometry):
         """(y, argmax): argmax holds, per output, the flat index h*W + w of its winner."""

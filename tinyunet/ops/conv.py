@@ -90,9 +90,7 @@ def conv_geometry(op, input_hw, kernel_hw, stride, padding, dilation) -> ConvGeo
 
 def _conv_input_and_weight_grads(ctx, grad, x, w, geometry):
     need_x, need_w = ctx.needs_input_grad[:2]
-    dx = ctx.backend.conv2d_grad_input(grad, w, geometry, x.shape[2:]) if need_x else None
-    dw = ctx.backend.conv2d_grad_weight(grad, x, geometry, w.shape[2:]) if need_w else None
-    return dx, dw
+    return ctx.backend.conv2d_grads(grad, x, w, geometry, need_x, need_w)
 
 
 class Conv2d(Function):
