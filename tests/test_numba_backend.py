@@ -470,6 +470,35 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
     assert len(calls) == (1 if extra == (0, 0) else 0)
 
 
+@given(dtype=DTYPES, n=st.integers(1, 3), c_skip=st.integers(0, 3), c_in=st.integers(1, 5),
+       c_out=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6),
+       need=st.sampled_from([(True, True, True), (True, True, False), (False, True, True)]),
+       seed=st.integers(0, 2**16))
+def test_up_conv_gradients_share_the_columns_of_dy(dtype, n, c_skip, c_in, c_out, h, w, need,
+                                                   seed):
+    """conv_transpose2d_grads of a 2x2 stride-2 transposed conv: dy's columns once for
+    dx, dW and db (when dx and dW are both wanted), read from a channel slice of a
+    concat's gradient as the U-Net hands it over, not a contiguous copy."""
+    rng = np.random.default_rng(seed)
+    joined = rng.standard_normal((n, c_skip + c_out, 2 * h, 2 * w)).astype(dtype)
+    dy = joined[:, c_skip:]
+    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
+    weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
+    geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2",
+                      _Spy(numba_backend.fast_ops.im2col_2x2_stride2, calls))
+        got = NUMBA.conv_transpose2d_grads(dy, x, weight, geometry, *need)
+    expected = NUMPY.conv_transpose2d_grads(dy, x, weight, geometry, *need)
+    for wanted, a, b in zip(need, got, expected, strict=True):
+        assert (a is None) == (b is None) == (not wanted)
+        if wanted:
+            assert_close(a, b, dtype)
+    # These columns fit one band: the interface's way makes them twice when dx is wanted.
+    assert len(calls) == 1
+
+
 @given(dtype=DTYPES, n=st.integers(1, 3), c_skip=st.integers(1, 4), c_in=st.integers(1, 5),
        c_out=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6), bias=st.booleans(),
        seed=st.integers(0, 2**16))

@@ -97,6 +97,20 @@ class Backend:
         dw = self.conv2d_grad_weight(dy, x, geometry, w.shape[2:]) if need_weight else None
         return dx, dw
 
+    def conv_transpose2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True,
+                               need_weight=True, need_bias=False):
+        """(dL/dx, dL/dw, dL/db) of conv_transpose2d(x, w, b) given dL/dy, each None
+        unless needed. <conv_t(x, w), g> = <x, conv(g, w)>: dx is conv2d(dy, w), dw a
+        conv weight gradient with the roles of input and output gradient swapped, db
+        dy's channel sums. A backend may share dy's columns among the three."""
+        # In a U-Net dy is a channel slice of a concat's gradient (not contiguous): one
+        # copy here rather than in each of the three.
+        dy = self.xp.ascontiguousarray(dy)
+        dx = self.conv2d(dy, w, geometry) if need_input else None
+        dw = self.conv2d_grad_weight(x, dy, geometry, w.shape[2:]) if need_weight else None
+        db = self.bias_grad(dy) if need_bias else None
+        return dx, dw, db
+
     # ---- pooling ------------------------------------------------------------------
     def max_pool2d(self, x, geometry: PoolGeometry):
         """(y, argmax): argmax holds, per output, the flat index h*W + w of its winner."""

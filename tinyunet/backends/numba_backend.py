@@ -583,6 +583,38 @@ class NumbaBackend(Backend):
              self._transposed_columns(x, w), bias, joined, c_skip)
         return joined
 
+    def conv_transpose2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True,
+                               need_weight=True, need_bias=False):
+        n, c_up = dy.shape[:2]
+        c_in, h, width = x.shape[1:]
+        depth, pixels = 4 * c_up, n * h * width
+        # The U-Net's up-conv: dy's columns (space to depth, read straight from the
+        # concat's gradient) once for all three gradients, which the interface's way
+        # makes twice after a contiguous copy of dy.
+        if not (_is_2x2_stride2(w.shape[2:], geometry) and dy.shape[2:] == (2 * h, 2 * width)
+                and need_input and need_weight
+                and depth * pixels * dy.itemsize <= COLUMN_BUDGET):
+            return super().conv_transpose2d_grads(dy, x, w, geometry, need_input, need_weight,
+                                                  need_bias)
+        x, w = _contiguous(x), _contiguous(w)
+        cols = self._buffer(dy.dtype, depth * pixels).reshape(depth, pixels)
+        _run(fast_ops.im2col_2x2_stride2, cols.size, dy, 0, n, 0, h, width, cols)
+        # dx = conv2d(dy, w): w (C_in, C_up, 2, 2) is that conv's (O, C, kH, kW).
+        wide = self._buffer(dy.dtype, c_in * pixels, "product").reshape(c_in, pixels)
+        blas.gemm(w.reshape(c_in, depth), cols, wide)
+        dx = np.empty(x.shape, dtype=dy.dtype)  # not a view of the buffer, reused below
+        dx[...] = wide.reshape(c_in, n, h, width).transpose(1, 0, 2, 3)
+        # dW = x's pixels (the conv's output gradient) by channel, against the columns.
+        wide.reshape(c_in, n, h * width)[...] = x.reshape(n, c_in, h * width).transpose(1, 0, 2)
+        dw = np.zeros((c_in, depth), dtype=dy.dtype)
+        _add_gram(wide, cols, dw)
+        db = None
+        if need_bias:
+            # Rows 4c .. 4c+3 of the columns are channel c's pixels.
+            db = np.empty(c_up, dtype=dy.dtype)
+            _run(fast_ops.channel_sums, cols.size, cols.reshape(1, c_up, 4 * pixels), db)
+        return dx, dw.reshape(w.shape), db
+
     def conv2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True, need_weight=True):
         n, o, ho, wo = dy.shape
         c = x.shape[1]

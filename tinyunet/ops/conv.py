@@ -133,15 +133,7 @@ def _conv_transpose_grads(ctx, grad, x, w, geometry, need_x, need_w, need_b):
     """(dx, dw, db) of a transposed conv, None where not needed."""
     if not (need_x or need_w or need_b):
         return None, None, None
-    # In a U-Net this gradient is a channel slice of a concat's (not contiguous): copy
-    # it once here rather than in each of the three kernels below.
-    grad = ctx.backend.xp.ascontiguousarray(grad)
-    dx = ctx.backend.conv2d(grad, w, geometry) if need_x else None
-    # <conv_t(x, w), g> = <x, conv(g, w)>, so dL/dw is a conv weight-gradient with
-    # the roles of input and output gradient swapped.
-    dw = ctx.backend.conv2d_grad_weight(x, grad, geometry, w.shape[2:]) if need_w else None
-    db = ctx.backend.bias_grad(grad) if need_b else None
-    return dx, dw, db
+    return ctx.backend.conv_transpose2d_grads(grad, x, w, geometry, need_x, need_w, need_b)
 
 
 class ConvTranspose2d(Function):
