@@ -1084,13 +1084,18 @@ def max_pool2x2_forward(x, y, argmax):
     """max_pool2d_forward for the U-Net's 2x2 windows, stride 2, no padding.
 
     The same results, ties and NaN rule; with the window unrolled it needs no bounds
-    checks (measured 5-30x faster than the general kernel on the U-Net's maps).
+    checks (measured 5-30x faster than the general kernel on the U-Net's maps). Each
+    output row is worked out in two small arrays of the step's own and then copied out:
+    written straight into y and argmax, the loop ran 5-12x slower on 16- and 32-wide
+    maps (measured alone; level on 64- and 128-wide ones).
     """
     n_img, c_in, h, w = x.shape
     ho, wo = y.shape[2], y.shape[3]
     for plane in prange(n_img * c_in):
         n = plane // c_in
         c = plane % c_in
+        best_row = np.empty(wo, dtype=y.dtype)
+        where_row = np.empty(wo, dtype=argmax.dtype)
         for oh in range(ho):
             top, bottom = x[n, c, 2 * oh], x[n, c, 2 * oh + 1]
             for ow in range(wo):
@@ -1102,8 +1107,12 @@ def max_pool2x2_forward(x, y, argmax):
                     best, where = bottom[iw], (2 * oh + 1) * w + iw
                 if _wins(bottom[iw + 1], best):
                     best, where = bottom[iw + 1], (2 * oh + 1) * w + iw + 1
-                y[n, c, oh, ow] = best
-                argmax[n, c, oh, ow] = where
+                best_row[ow] = best
+                where_row[ow] = where
+            out, winners = y[n, c, oh], argmax[n, c, oh]
+            for ow in range(wo):
+                out[ow] = best_row[ow]
+                winners[ow] = where_row[ow]
 
 
 @kernel()
@@ -1111,19 +1120,21 @@ def max_pool2d_backward(dy, argmax, dx):
     """dx (N, C, H, W) = each output gradient added onto its window's winner.
 
     One (n, c) plane per parallel step, so overlapping windows add up without races.
+    The winner's flat index h*W + w addresses the plane's flat view directly (splitting
+    it into row and column, two integer divisions an output, made the kernel 1.8-3.3x
+    slower on the U-Nets' 2x2 pools, measured alone).
     """
     n_img, c_in, h, w = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
     for plane in prange(n_img * c_in):
         n = plane // c_in
         c = plane % c_in
-        for ih in range(h):
-            for iw in range(w):
-                dx[n, c, ih, iw] = 0
-        for oh in range(ho):
-            for ow in range(wo):
-                index = argmax[n, c, oh, ow]
-                dx[n, c, index // w, index % w] += dy[n, c, oh, ow]
+        target = dx[n, c].reshape(h * w)
+        for i in range(h * w):
+            target[i] = 0
+        grads, winners = dy[n, c].reshape(ho * wo), argmax[n, c].reshape(ho * wo)
+        for k in range(ho * wo):
+            target[winners[k]] += grads[k]
 
 
 @kernel()
