@@ -1256,17 +1256,24 @@ def sigmoid_overlap_sums(z, t, p, sums):
 
 
 @kernel()
-def sigmoid_overlap_backward(p, t, slope, offset, dz):
+def sigmoid_overlap_backward(p, t, slope, offset, piece, dz):
     """dz[n, k] = (slope[n] * t[n, k] + offset[n]) * p[n, k] * (1 - p[n, k]), rounded as
     numpy evaluates that expression: a one-channel Dice or IoU's gradient to the logits.
-    p, t, dz: (N, K); slope, offset: (N,). Parallel over elements, not samples, so a
-    batch of one or two still uses every thread."""
+    p, t, dz: (N, K); slope, offset: (N,). A parallel step owns ``piece`` elements of a
+    row, so a batch of one or two still uses every thread, and its loop runs along the
+    row (a
+    step per element, finding its row by division, ran 3x slower on the U-Nets' logits,
+    measured alone)."""
     one = p.dtype.type(1)
     row = p.shape[1]
-    for index in prange(p.size):
-        n, k = index // row, index % row
-        q = p[n, k]
-        dz[n, k] = (slope[n] * t[n, k] + offset[n]) * q * (one - q)
+    pieces = (row + piece - 1) // piece
+    for task in prange(p.shape[0] * pieces):
+        n = task // pieces
+        lo = (task % pieces) * piece
+        a, b = slope[n], offset[n]
+        for k in range(lo, min(row, lo + piece)):
+            q = p[n, k]
+            dz[n, k] = (a * t[n, k] + b) * q * (one - q)
 
 
 # ---- optimizer updates: every parameter in one call ------------------------------------

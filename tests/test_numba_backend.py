@@ -599,9 +599,10 @@ def test_elementwise_kernels_match_numpy(dtype, shape, seed):
 
 
 @given(dtype=DTYPES, shape=st.lists(st.integers(1, 6), min_size=2, max_size=4),
-       seed=st.integers(0, 2**16))
-def test_one_channel_overlap_loss_kernels_match_numpy(dtype, shape, seed):
-    """The Dice/IoU passes: sigmoid with the three sums per sample, and the gradient."""
+       seed=st.integers(0, 2**16), piece=st.integers(1, 40))
+def test_one_channel_overlap_loss_kernels_match_numpy(dtype, shape, seed, piece):
+    """The Dice/IoU passes: sigmoid with the three sums per sample, and the gradient
+    (its rows cut in pieces of a few elements, so a row spans several steps)."""
     shape[1] = 1
     n = shape[0]
     rng = np.random.default_rng(seed)
@@ -614,8 +615,10 @@ def test_one_channel_overlap_loss_kernels_match_numpy(dtype, shape, seed):
     slope, offset = (rng.standard_normal(kept).astype(dtype) for _ in range(2))
     p = reference[0]
     # Same expression, same order per element: bit-for-bit the same.
-    np.testing.assert_array_equal(NUMBA.sigmoid_overlap_backward(p, t, slope, offset),
-                                  NUMPY.sigmoid_overlap_backward(p, t, slope, offset))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "OVERLAP_BACKWARD_PIECE", piece)
+        ours = NUMBA.sigmoid_overlap_backward(p, t, slope, offset)
+    np.testing.assert_array_equal(ours, NUMPY.sigmoid_overlap_backward(p, t, slope, offset))
 
 
 @given(dtype=DTYPES, n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6),

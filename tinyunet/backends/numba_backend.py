@@ -228,6 +228,9 @@ ROW_SHIFT_MIN_PIXELS = 32 * 32
 # The optimizer updates take the gradients as a tuple (_gradient_tuple), whose length
 # numba compiles for: rounded up to a multiple of this, a few lengths cover every model.
 GRADIENT_TUPLE_STEP = 16
+# Elements of a sample's row per parallel step of the one-channel Dice/IoU gradient
+# (fast_ops.sigmoid_overlap_backward).
+OVERLAP_BACKWARD_PIECE = 2048
 # Elements per parallel step of the optimizer updates: big enough to stream, small
 # enough that the pieces of a model's parameters share the threads evenly.
 UPDATE_PIECE = 1 << 15
@@ -839,7 +842,7 @@ class NumbaBackend(Backend):
         coefficients = [np.ascontiguousarray(np.broadcast_to(c, (n,) + (1,) * (p.ndim - 1)),
                                              dtype=p.dtype).reshape(n) for c in (slope, offset)]
         _run(fast_ops.sigmoid_overlap_backward, p.size, p.reshape(n, -1), t.reshape(n, -1),
-             *coefficients, dz.reshape(n, -1))
+             *coefficients, OVERLAP_BACKWARD_PIECE, dz.reshape(n, -1))
         return dz
 
     def add_bias(self, y, bias):
