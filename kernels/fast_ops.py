@@ -1261,9 +1261,8 @@ def sigmoid_overlap_backward(p, t, slope, offset, piece, dz):
     numpy evaluates that expression: a one-channel Dice or IoU's gradient to the logits.
     p, t, dz: (N, K); slope, offset: (N,). A parallel step owns ``piece`` elements of a
     row, so a batch of one or two still uses every thread, and its loop runs along the
-    row (a
-    step per element, finding its row by division, ran 3x slower on the U-Nets' logits,
-    measured alone)."""
+    row (a step per element, finding its row by division, ran 3x slower on the U-Nets'
+    logits, measured alone)."""
     one = p.dtype.type(1)
     row = p.shape[1]
     pieces = (row + piece - 1) // piece
@@ -1277,10 +1276,12 @@ def sigmoid_overlap_backward(p, t, slope, offset, piece, dz):
 
 
 # ---- optimizer updates: every parameter in one call ------------------------------------
-# The lists are numba typed Lists, or tuples, of flat arrays (parameter i's values,
-# gradient and state); ``spans`` rows (i, start, stop) cut them into pieces of similar size, one
-# parallel step each, so one call updates a whole model (measured on 46 arrays of 2.75M
-# values in all, like a U-Net's: 1.05-1.24 ms against 1.26-1.53 ms for a call each).
+# Parameter i's values, gradient and state are entry i of flat arrays in numba typed
+# Lists (parameters, state) or tuples (gradients, new every step; and the buffers when
+# the kernel ignores them); ``spans`` rows (i, start, stop) cut them into pieces of
+# similar size, one parallel step each, so one call updates a whole model (measured on
+# 46 arrays of 2.75M values in all, like a U-Net's: 1.05-1.24 ms against 1.26-1.53 ms
+# for a call each).
 
 
 @njit(cache=True, inline="always")

@@ -35,6 +35,7 @@ from tinyunet.backends import (  # noqa: E402
     get_backend,
     numba_backend,
 )
+from tinyunet.backends.interface import Backend  # noqa: E402
 
 NUMPY = get_backend("numpy")
 NUMBA = get_backend("numba")
@@ -131,8 +132,9 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     assert calls.count("conv3x3_grad_weight") == 1
 
 
-@given(case=direct_conv_geometries(NUMBA_CONV), dtype=DTYPES)
-def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype):
+@given(case=direct_conv_geometries(NUMBA_CONV), dtype=DTYPES,
+       need=st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype, need):
     """conv2d_grads: where both gradients of a 'same' conv take the direct kernels, they
     read one padded copy of dy; elsewhere each makes its own, as the two methods do."""
     x_shape, w_shape, geometry, seed = case
@@ -147,13 +149,16 @@ def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype):
             patch.setattr(numba_backend, name, value)
         patch.setattr(numba_backend.fast_ops, "pad_images",
                       _Spy(numba_backend.fast_ops.pad_images, pads))
-        dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry)
-    assert_close(dx, NUMPY.conv2d_grad_input(dy, weight, geometry, x_shape[2:]), dtype)
-    assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), dtype)
+        dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry, *need)
+    assert (dx is None, dw is None) == (not need[0], not need[1])
+    if need[0]:
+        assert_close(dx, NUMPY.conv2d_grad_input(dy, weight, geometry, x_shape[2:]), dtype)
+    if need[1]:
+        assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), dtype)
     # The input gradient is direct (and pads dy) when C_in is a multiple of the block.
-    input_direct = x_shape[1] % numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK == 0
-    shared = input_direct and geometry.padding == (1, 1, 1, 1)
-    assert sum(call[0] is dy for call in pads) == (1 if shared else 1 + input_direct)
+    input_pads = need[0] and x_shape[1] % numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK == 0
+    shared = input_pads and need[1] and geometry.padding == (1, 1, 1, 1)
+    assert sum(call[0] is dy for call in pads) == (1 if shared else input_pads + need[1])
 
 
 @given(stacks=gram_stacks(numba_backend.fast_ops.GRAM_BLOCK), accumulate=st.booleans())
@@ -472,7 +477,8 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
 
 @given(dtype=DTYPES, n=st.integers(1, 3), c_skip=st.integers(0, 3), c_in=st.integers(1, 5),
        c_out=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6),
-       need=st.sampled_from([(True, True, True), (True, True, False), (False, True, True)]),
+       need=st.sampled_from([(True, True, True), (True, True, False), (False, True, True),
+                             (True, False, True)]),
        seed=st.integers(0, 2**16))
 def test_up_conv_gradients_share_the_columns_of_dy(dtype, n, c_skip, c_in, c_out, h, w, need,
                                                    seed):
@@ -485,18 +491,22 @@ def test_up_conv_gradients_share_the_columns_of_dy(dtype, n, c_skip, c_in, c_out
     x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
     weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
     geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
-    calls = []
+    calls, default_calls = [], []
+    kernel = numba_backend.fast_ops.im2col_2x2_stride2
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2",
-                      _Spy(numba_backend.fast_ops.im2col_2x2_stride2, calls))
+        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
         got = NUMBA.conv_transpose2d_grads(dy, x, weight, geometry, *need)
+        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, default_calls))
+        Backend.conv_transpose2d_grads(NUMBA, dy, x, weight, geometry, *need)
     expected = NUMPY.conv_transpose2d_grads(dy, x, weight, geometry, *need)
     for wanted, a, b in zip(need, got, expected, strict=True):
         assert (a is None) == (b is None) == (not wanted)
         if wanted:
             assert_close(a, b, dtype)
-    # These columns fit one band: the interface's way makes them twice when dx is wanted.
+    # These columns fit one band: made once, where the interface's way makes them for
+    # each of dx and dW.
     assert len(calls) == 1
+    assert len(default_calls) == need[0] + need[1]
 
 
 @given(dtype=DTYPES, n=st.integers(1, 3), c_skip=st.integers(1, 4), c_in=st.integers(1, 5),
@@ -847,9 +857,31 @@ def test_an_optimizer_step_is_one_kernel_call_and_follows_new_arrays(monkeypatch
     assert calls == [2, 2, 2]
 
 
+@pytest.mark.parametrize("update", ["sgd", "adam"])
+def test_a_read_only_gradient_is_taken(update):
+    """A gradient the user set from read-only memory (np.load with mmap_mode='r', say):
+    the gradients' tuple holds one array type, so such a gradient is copied first."""
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(shape).astype(np.float32) for shape in [(3,), (2, 2), (4,)]]
+    grads = [np.full(p.shape, 0.5, np.float32) for p in params]
+    grads[1].flags.writeable = False
+    results = []
+    for backend in (NUMBA, NUMPY):
+        ours = [p.copy() for p in params]
+        state = [np.zeros_like(p) for p in params]
+        if update == "sgd":
+            backend.sgd_update(ours, grads, state, 0.1, 0.9, 0.0, False, 0.0, True)
+        else:
+            backend.adam_update(ours, grads, state, [np.zeros_like(p) for p in params], 1, 0.1,
+                                0.9, 0.999, 1e-8, 0.0, False)
+        results.append(ours)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_a_gradient_of_another_dtype_is_cast_to_its_parameters():
-    """One typed List holds one array type: a float64 gradient of a float32 parameter is
-    cast first (numpy's in-place update casts its result the same way)."""
+    """One array type a call: a float64 gradient of a float32 parameter is cast first
+    (numpy's in-place update casts its result the same way)."""
     rng = np.random.default_rng(0)
     params = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2)]
     grads = [rng.standard_normal((3, 4)), rng.standard_normal((3, 4)).astype(np.float32)]

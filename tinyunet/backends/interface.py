@@ -98,7 +98,7 @@ class Backend:
         return dx, dw
 
     def conv_transpose2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True,
-                               need_weight=True, need_bias=False):
+                               need_weight=True, need_bias=True):
         """(dL/dx, dL/dw, dL/db) of conv_transpose2d(x, w, b) given dL/dy, each None
         unless needed. <conv_t(x, w), g> = <x, conv(g, w)>: dx is conv2d(dy, w), dw a
         conv weight gradient with the roles of input and output gradient swapped, db

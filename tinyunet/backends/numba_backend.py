@@ -271,9 +271,9 @@ def _direct_3x3(c_in, c_out, kernel_hw, geometry, output_width, rules):
 
 
 def _grad_weight_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
-    """(direct, tile) for a conv's weight gradient: the output tile of the Winograd
-    variant that takes it (tried first, see conv2d_grad_weight), else whether the direct
-    3x3 kernel does (tile 0)."""
+    """(direct, tile) for a conv's weight gradient: whether the direct 3x3 kernel takes
+    it, and the output tile of the Winograd variant that does (0 for none). Winograd is
+    tried first (see conv2d_grad_weight), so at most one of the two is set."""
     tile = _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
     direct = (not tile and c_out % fast_ops.GRAD_WEIGHT_OUTPUT_BLOCK == 0
               and _direct_3x3(c_in, c_out, kernel_hw, geometry, output_hw[1],
@@ -587,7 +587,7 @@ class NumbaBackend(Backend):
         return joined
 
     def conv_transpose2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True,
-                               need_weight=True, need_bias=False):
+                               need_weight=True, need_bias=True):
         n, c_up = dy.shape[:2]
         c_in, h, width = x.shape[1:]
         depth, pixels = 4 * c_up, n * h * width
@@ -940,9 +940,16 @@ def _gradient_tuple(params, grads, chosen):
     and building a typed List of config C's 36 took 68 us (alone; numba unboxes a tuple
     of them in 3 us): C's step 1.7% and 2.3% faster (medians of 250 alternated pairs).
     numba compiles a kernel for each tuple length, hence the padding."""
-    flat = [_flat(_contiguous(grads[i]).astype(params[i].dtype, copy=False)) for i in chosen]
+    flat = [_flat(_writeable(_contiguous(grads[i]).astype(params[i].dtype, copy=False)))
+            for i in chosen]
     padding = -len(flat) % GRADIENT_TUPLE_STEP
     return tuple(flat) + (np.empty(0, dtype=params[chosen[0]].dtype),) * padding
+
+
+def _writeable(a):
+    """a, or a copy of it if it is read-only: numba gives read-only arrays a type of their
+    own, and a tuple's entries must share one type to be indexed in a loop."""
+    return a if a.flags.writeable else a.copy()
 
 
 def _typed_list(arrays):

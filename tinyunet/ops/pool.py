@@ -69,9 +69,9 @@ def _blind_window(size, out_size, kernel, stride, padding, dilation):
     index outside the input; tinyunet raises instead, so that every output has a winner.
     """
     if dilation == 1:
-        # A window is then ``kernel`` consecutive taps: padding <= kernel // 2 puts its
-        # last tap at or after the first pixel, and the output size its first tap
-        # before the last pixel.
+        # A window is then ``kernel`` consecutive taps: padding <= kernel // 2 < kernel
+        # puts its last tap at or after the first pixel, and the output size its first
+        # tap at or before the last pixel.
         return None
     for o in range(out_size):
         taps = (o * stride - padding + i * dilation for i in range(kernel))
