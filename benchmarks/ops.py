@@ -77,8 +77,7 @@ def conv3x3_runs(torch, ours, rng, n, c, o, h, w):
         b = tu.get_backend(name)
         runs[name] = (
             lambda b=b: b.conv2d(x, weight, geometry),
-            lambda b=b: (b.conv2d_grad_input(dy, weight, geometry, (h, w)),
-                         b.conv2d_grad_weight(dy, x, geometry, (3, 3)), b.bias_grad(dy)),
+            lambda b=b: (b.conv2d_grads(dy, x, weight, geometry), b.bias_grad(dy)),
         )
     runs[GEMMS_ALONE] = im2col_gemms(rng, n, c, o, h, w)
     return runs
@@ -108,8 +107,7 @@ def upconv_runs(torch, ours, rng, n, c, o, h, w):
         b = tu.get_backend(name)
         runs[name] = (
             lambda b=b: b.conv2d_grad_input(x, weight, geometry, (2 * h, 2 * w)),
-            lambda b=b: (b.conv2d(dy, weight, geometry),
-                         b.conv2d_grad_weight(x, dy, geometry, (2, 2)), b.bias_grad(dy)),
+            lambda b=b: b.conv_transpose2d_grads(dy, x, weight, geometry),
         )
     return runs
 
@@ -284,7 +282,8 @@ def _measure(args, threads, peer):
         f"{peak:.1f} GFLOP/s, the higher of the two (the % in the table is of this)",
         f"- Medians of {args.repeats} round-robin repeats, each turn a rest, one untimed call "
         "and the timed one. Conv backward = input, weight and "
-        "bias gradients; GFLOP/s count conv arithmetic only.",
+        "bias gradients, as a training step asks for them (`conv2d_grads` and "
+        "`bias_grad`; `conv_transpose2d_grads`); GFLOP/s count conv arithmetic only.",
         f"- {GEMMS_ALONE}: the 3x3 layer's im2col GEMMs on ready columns (forward one, "
         "backward two), numpy's float32 matmul on the layer's own shapes: what any conv "
         "built on these GEMMs would spend on arithmetic alone.",
