@@ -192,9 +192,12 @@ WINOGRAD_SPARE_ROWS = 1
 # WINOGRAD_FEW_CHANNELS_BUDGET instead, so they fit the scratch buffers that A's 64-
 # channel layers need anyway (9 MiB each): its step's peak stayed at 95 MiB with F(4x4)
 # on its 16-channel layers. 16 MiB bands there were no faster (A's step 0.9% slower, 30
-# alternated pairs).
+# alternated pairs). 1 MiB rather than 8 cut config C's step peak from 39.5 to 36.0 MiB
+# (PyTorch's: 37.5-40.0 in the same probes), its 8- to 32-channel layers then taking
+# 2-3 bands, for a step 1.3% and 1.8% slower (1 and 2 MiB; 200 alternated pairs each);
+# A's step and peak stayed the same (0.5%, 92.8 against 92.3 MiB).
 WINOGRAD_FEW_CHANNELS = 32
-WINOGRAD_FEW_CHANNELS_BUDGET = 8 << 20
+WINOGRAD_FEW_CHANNELS_BUDGET = 1 << 20
 # The weight gradients' GEMMs a @ b^T (a: output channels by tiles or pixels; b: input
 # channels, or channels times taps, by the same) run in fast_ops.stacked_gram when one
 # operand has at most GRAM_MAX_ROWS rows, the other at most GRAM_MAX_OTHER_ROWS, both a
