@@ -48,7 +48,10 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
 * Input gradient, stride 1: a forward conv of dy with the weight flipped and
   transposed (the adjoint), so it takes one of the paths above and needs no col2im.
   Other strides (the U-Net's 2x2 stride-2 transposed conv): one batched GEMM and
-  one gather (``col2im_gather``), which for 2x2 stride 2 is a pixel shuffle.
+  one gather (``col2im_gather``), which for 2x2 stride 2 is a pixel shuffle. Where a
+  direct 3x3 'same' conv's input and weight gradients are both wanted
+  (``conv2d_grads``), they read one padded dy; the up-conv's three gradients
+  (``conv_transpose2d_grads``) one space-to-depth of dy.
 * Weight gradient (row stride 1, maps of ROW_SHIFT_MIN_PIXELS or more): columns of
   the kernel's width only, over the input rows of a band; each kernel row is a
   shifted window of that one matrix and one GEMM, so kH times fewer columns are
