@@ -57,7 +57,9 @@ def _check_ids(op: str, ids: np.ndarray) -> np.ndarray:
         fail(op, "integer instance ids (0 background, 1..N cells)", f"dtype {ids.dtype}")
     if ids.size and np.issubdtype(ids.dtype, np.signedinteger) and ids.min() < 0:
         fail(op, "instance ids >= 0", f"minimum {ids.min()}")
-    return ids.astype(np.int64)
+    # The smallest signed type that holds every id: 4 bytes a pixel, not 8, on large images.
+    wide = ids.size and ids.max() > np.iinfo(np.int32).max
+    return ids.astype(np.int64 if wide else np.int32)
 
 
 # ----------------------------------------------------------------------------------
@@ -180,8 +182,9 @@ def two_nearest_distances(ids: np.ndarray, max_distance: float) -> tuple[np.ndar
     if not max_distance >= 0:
         fail("two_nearest_distances", "max_distance >= 0", f"{max_distance}")
     h, w = ids.shape
-    nearest = np.full((h, w), np.inf)
-    second = np.full((h, w), np.inf)
+    # Squared distances: integers, exact in float32 up to 2**24 (distances up to 4096).
+    nearest = np.full((h, w), np.inf, np.float32)
+    second = np.full((h, w), np.inf, np.float32)
     reach = math.floor(min(max_distance, h + w))
     limit = float(max_distance) ** 2
     for label, r0, r1, c0, c1 in zip(*_object_boxes(ids), strict=True):
@@ -189,10 +192,11 @@ def two_nearest_distances(ids: np.ndarray, max_distance: float) -> tuple[np.ndar
                   slice(max(c0 - reach, 0), min(c1 + reach + 1, w)))
         squared = _squared_distance_to(ids[window] == label)
         squared[squared > limit] = np.inf
+        squared = squared.astype(np.float32)
         n, s = nearest[window], second[window]
         second[window] = np.minimum(s, np.maximum(n, squared))
         nearest[window] = np.minimum(n, squared)
-    return np.sqrt(nearest).astype(np.float32), np.sqrt(second).astype(np.float32)
+    return np.sqrt(nearest), np.sqrt(second)
 
 
 def weight_map_cutoff(w0: float, sigma: float) -> float:
@@ -243,7 +247,7 @@ def weight_map(ids: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
     if not sigma > 0 or not w0 >= 0:
         fail("weight_map", "sigma > 0 and w0 >= 0", f"sigma {sigma}, w0 {w0}")
     foreground = ids > 0
-    weights = np.ones(ids.shape, np.float64)
+    weights = np.ones(ids.shape, np.float32)
     if class_balance:
         cells = np.count_nonzero(foreground)
         if 0 < cells < ids.size:
@@ -256,7 +260,7 @@ def weight_map(ids: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
         d1, d2 = two_nearest_distances(ids, max_distance)
         total = d1[where].astype(np.float64) + d2[where]
         weights[where] += w0 * np.exp(-total**2 / (2.0 * sigma**2))
-    return weights.astype(np.float32)
+    return weights
 
 
 def instance_targets(ids: np.ndarray) -> np.ndarray:
