@@ -363,6 +363,7 @@ def test_paths_agree_on_a_crowded_image(monkeypatch):
     (lambda: instances.instance_targets(-np.ones((3, 3), int)), "ids >= 0"),
     (lambda: instances.label_components(np.ones((3, 3)), 3), "connectivity 1"),
     (lambda: instances.instances_from_labels(np.full((3, 3), 3)), "Actual: values 3..3"),
+    (lambda: instances.instances_from_labels(np.ones((3, 3))), "Actual: dtype float64"),
     (lambda: instances.instances_from_foreground(np.ones((3, 3)), -1), "min_size >= 0"),
 ])
 def test_bad_input_names_the_op(call, message):

@@ -391,6 +391,8 @@ def instances_from_labels(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
     """
     labels = _check_image("instances_from_labels", labels, "class labels")
     _check_min_size("instances_from_labels", min_size)
+    if not np.issubdtype(labels.dtype, np.integer):
+        fail("instances_from_labels", "integer class labels 0, 1, 2", f"dtype {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() > 2):
         fail("instances_from_labels", "labels 0 background, 1 interior, 2 border",
              f"values {labels.min()}..{labels.max()}")
