@@ -121,12 +121,14 @@ def test_folder_label_masks_give_a_multiclass_problem(tmp_path):
     root = _folder(tmp_path)
     for stem in ("x", "y"):
         image, mask = _pattern()
-        mask[14:18, 2:6] = 3
+        mask[14:18, 2:6] = 2
+        mask[14:18, 10:14] = 3
         Image.fromarray(image).save(root / "images" / f"{stem}.png")
         Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
     dataset = FolderDataset(root)
     assert dataset.num_classes == 4 and dataset.in_channels == 1
-    assert set(np.unique(dataset[1][1])) == {0, 1, 3}
+    assert dataset.mask_kind == "classes"
+    assert set(np.unique(dataset[1][1])) == {0, 1, 2, 3}
 
 
 def test_normalize_percentile_maps_percentiles_to_0_and_1():

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
-from .data.folder import EXTENSIONS, DataError, FolderDataset, read_image, require_pillow
+from .data.folder import FolderDataset
+from .data.images import EXTENSIONS, DataError, read_image, require_pillow
 from .memory import keep_freed_memory
 from .train import (
     LOSSES,

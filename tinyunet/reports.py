@@ -76,7 +76,7 @@ def save_sample_grid(path, rows, cell: int = 128):
 
     ``rows``: list of (image (C, H, W), truth (H, W), prediction (H, W)).
     """
-    from .data.folder import require_pillow
+    from .data.images import require_pillow
 
     Image = require_pillow("writing sample PNGs")
     from PIL import ImageDraw
@@ -152,7 +152,7 @@ def _draw_panel(draw, box, title, epochs, series):
 
 def save_curves(path, history: list[dict]):
     """A PNG with two charts: train/validation loss and validation Dice/IoU per epoch."""
-    from .data.folder import require_pillow
+    from .data.images import require_pillow
 
     Image = require_pillow("writing the training-curve PNG")
     from PIL import ImageDraw

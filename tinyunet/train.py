@@ -3,7 +3,7 @@
     from tinyunet.train import TrainConfig, Trainer
     result = Trainer(TrainConfig(epochs=5, out="runs/demo")).fit()
 
-Shapes: images (N, C, H, W) float32; masks (N, H, W) int64 class labels; logits
+Shapes: images (N, C, H, W) float32; masks (N, H, W) integer class labels; logits
 (N, K, h, w) with K = 1 (binary, sigmoid) or the number of classes (softmax).
 
 Determinism: the model is initialised after ``tinyunet.manual_seed(seed)``; the data
@@ -159,7 +159,7 @@ def one_class_warning(predictions, truths) -> str | None:
 
 
 def loss_function(name: str, num_classes: int):
-    """loss(logits (N, K, h, w), masks (N, h, w) int64) -> scalar Tensor."""
+    """loss(logits (N, K, h, w), masks (N, h, w) integer labels) -> scalar Tensor."""
     if name in ("bce",) and num_classes > 1:
         raise ValueError(f"--loss: 'bce' needs binary masks, but there are {num_classes} "
                          "classes; use 'ce', 'dice' or 'dice+bce'.")

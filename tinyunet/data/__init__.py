@@ -1,36 +1,43 @@
 """Datasets and augmentation: the built-in synthetic cells, image folders, tiling.
 
-Shapes: images (C, H, W) float32, masks (H, W) int64 class labels.
+Shapes: images (C, H, W) float32, masks (H, W) unsigned integer class labels.
 """
 
 from .augment import Augmenter, elastic_field, flip_rotate, intensity_jitter, random_crop, warp
-from .folder import (
+from .folder import FolderDataset, Subset, split_indices, train_val_split
+from .images import (
     DataError,
-    FolderDataset,
-    Subset,
     normalize_percentile,
+    parse_channels,
+    read_array,
     read_image,
-    read_mask,
-    split_indices,
-    train_val_split,
+    to_chw,
 )
+from .masks import MASK_KINDS, MaskSet, interpret_masks, read_mask, regions_per_label
 from .synthetic import SyntheticCells, make_sample
 
 __all__ = [
+    "MASK_KINDS",
     "Augmenter",
     "DataError",
     "FolderDataset",
+    "MaskSet",
     "Subset",
     "SyntheticCells",
     "elastic_field",
     "flip_rotate",
+    "interpret_masks",
     "intensity_jitter",
     "make_sample",
     "normalize_percentile",
+    "parse_channels",
     "random_crop",
+    "read_array",
     "read_image",
     "read_mask",
+    "regions_per_label",
     "split_indices",
+    "to_chw",
     "train_val_split",
     "warp",
 ]

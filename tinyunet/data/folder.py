@@ -4,126 +4,36 @@
       images/  cell01.png  cell02.tif  cell03.npy  ...
       masks/   cell01.png  cell02.tif  cell03.npy  ...
 
-Files may be PNG, TIFF or NPY (a 2-D (H, W) or channels-last (H, W, C) array), grey or
-RGB (an alpha channel is dropped). An image and its mask share a stem; their
+Files may be PNG, TIFF or NPY, read exactly as stored (``tinyunet.data.images``: every
+dtype kept, the channel rule for (H, W), (H, W, C) and (C, H, W), multi-page files
+refused unless ``page`` picks one). An image and its mask share a stem; their
 extensions may differ.
 
 Images are normalised per image by percentiles: (x - p1) / (p99.8 - p1), per channel,
-so that the bulk of the intensities fall in [0, 1] whatever the bit depth. If any image
-is RGB, grey images are repeated to 3 channels so that every sample has the same C.
+so that the bulk of the intensities fall in [0, 1] whatever the bit depth. Every image
+of a folder must have the same number of channels (after ``channels`` picks some),
+except that grey images are repeated to 3 channels beside RGB ones (said in ``notes``).
 
-Masks may be binary (0/255 or 0/1) or integer class labels 0..K-1. Binary masks give a
-one-channel (sigmoid) problem; labels with K > 2 a K-class (softmax) problem.
+Masks are read as ``masks`` says: 'binary', 'classes', 'instances', or 'auto', which
+decides once for the whole folder (``tinyunet.data.masks`` gives the rule) and says so
+in ``notes``. An all-empty mask set is a warning in ``warnings``, not an error.
 
 Every problem with a file (no partner, differing sizes, unreadable, odd mask values)
 raises ``DataError`` naming the file.
 
-Shapes: ``image`` (C, H, W) float32, ``mask`` (H, W) int64.
+Shapes: ``image`` (C, H, W) float32, ``mask`` (H, W) uint8 (uint16 or uint32 only for
+more than 255 classes); instance ids (H, W) uint16 or uint32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-EXTENSIONS = (".png", ".tif", ".tiff", ".npy")
-# More classes than this in a "label" mask almost certainly means a grey-level image
-# (or an instance mask) was given as a mask.
-MAX_CLASSES = 64
-
-
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or inconsistent; the message names it."""
-
-
-def require_pillow(purpose: str):
-    """The PIL.Image module, or an ImportError that says how to install it."""
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise ImportError(
-            f"{purpose} needs Pillow, which is not installed. "
-            "Install it with: pip install 'tinyunet[images]'"
-        ) from error
-    return Image
-
-
-def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Per-channel (x - p_low) / (p_high - p_low) of a (C, H, W) image, as float32.
-
-    Not clipped, so that bright structures keep their contrast. A flat channel maps to 0.
-    """
-    image = image.astype(np.float32, copy=False)
-    lo = np.percentile(image, low, axis=(1, 2), keepdims=True)
-    hi = np.percentile(image, high, axis=(1, 2), keepdims=True)
-    span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
-    return ((image - lo) / span).astype(np.float32)
-
-
-def read_array(path: Path) -> np.ndarray:
-    """The pixels of an image file: (H, W) or (H, W, C), dtype as stored."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in EXTENSIONS:
-        raise DataError(f"{path}: Expect: one of {EXTENSIONS}. Actual: '{suffix}'.")
-    try:
-        if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        else:
-            Image = require_pillow(f"reading {path.name}")
-            with Image.open(path) as opened:
-                if opened.mode == "P":
-                    opened = opened.convert("RGB")
-                array = np.asarray(opened)
-    except ImportError:
-        raise
-    except Exception as error:  # Pillow and numpy raise many types for a bad file
-        raise DataError(f"{path}: unreadable ({type(error).__name__}: {error})") from error
-    if array.ndim == 3 and array.shape[2] in (2, 4):
-        array = array[..., : array.shape[2] - 1]  # drop the alpha channel
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))):
-        raise DataError(
-            f"{path}: Expect: a grey (H, W) or RGB (H, W, 3) image. Actual: shape {array.shape}."
-        )
-    if array.dtype.kind not in "biuf":
-        raise DataError(f"{path}: Expect: numeric pixels. Actual: dtype {array.dtype}.")
-    return array
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A normalised (C, H, W) float32 image, C = 1 (grey) or 3 (RGB)."""
-    array = read_array(path).astype(np.float32)
-    if not np.isfinite(array).all():
-        raise DataError(f"{path}: the image holds NaN or infinite values")
-    chw = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    return normalize_percentile(chw)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """An (H, W) int64 class-label mask; binary 0/255 becomes 0/1."""
-    array = read_array(path)
-    if array.ndim == 3:
-        if not (array == array[..., :1]).all():
-            raise DataError(
-                f"{path}: Expect: a grey mask (an RGB mask must have equal channels). "
-                "Actual: channels differ."
-            )
-        array = array[..., 0]
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all() or (array != np.round(array)).any():
-            raise DataError(f"{path}: Expect: integer mask values. Actual: fractional values.")
-    values = np.unique(array)
-    if values.min() < 0:
-        raise DataError(f"{path}: Expect: mask values >= 0. Actual: minimum {values.min()}.")
-    if set(values.tolist()) <= {0, 255}:
-        return (array == 255).astype(np.int64)
-    if values.max() >= MAX_CLASSES:
-        raise DataError(
-            f"{path}: Expect: a binary mask (0/255 or 0/1) or class labels below {MAX_CLASSES}. "
-            f"Actual: values up to {values.max()} ({len(values)} distinct)."
-        )
-    return array.astype(np.int64)
+from .images import EXTENSIONS, DataError, is_palette, read_image
+from .masks import interpret_masks, read_mask
 
 
 def _index_folder(folder: Path) -> dict[str, Path]:
@@ -143,10 +53,21 @@ def _index_folder(folder: Path) -> dict[str, Path]:
 class FolderDataset:
     """The image/mask pairs of ``root``; ``dataset[i]`` -> (image (C, H, W), mask (H, W)).
 
+    ``masks``: 'auto', 'binary', 'classes' or 'instances' (see ``tinyunet.data.masks``).
+    ``channels``: None keeps every channel of the images; a sequence of indices keeps
+    those (``parse_channels`` reads the CLI's text). ``page`` picks one page of
+    multi-page files, images and masks alike.
+
+    Attributes: ``names``, ``images``, ``masks`` (training targets), ``mask_kind``,
+    ``num_classes`` (1 for binary and instances, K for K > 2 classes), ``instances``
+    (the ids, for 'instances'; else None), ``in_channels``, ``notes`` (what was decided,
+    one line each, for the caller to print) and ``warnings``.
+
     Everything is read and checked up front, so a bad file fails before training starts.
     """
 
-    def __init__(self, root):
+    def __init__(self, root, masks: str = "auto", channels: Sequence[int] | None = None,
+                 page: int | None = None):
         root = Path(root)
         images_dir, masks_dir = root / "images", root / "masks"
         for folder in (root, images_dir, masks_dir):
@@ -155,37 +76,60 @@ class FolderDataset:
                     f"{folder}: not a folder. A dataset folder holds images/ and masks/ "
                     "with matching file stems"
                 )
-        images, masks = _index_folder(images_dir), _index_folder(masks_dir)
-        if not images:
+        image_files, mask_files = _index_folder(images_dir), _index_folder(masks_dir)
+        if not image_files:
             raise DataError(f"{images_dir}: no images ({', '.join(EXTENSIONS)}) found")
-        for stem, path in images.items():
-            if stem not in masks:
+        for stem, path in image_files.items():
+            if stem not in mask_files:
                 raise DataError(f"{path}: no mask with the stem '{stem}' in {masks_dir}")
-        for stem, path in masks.items():
-            if stem not in images:
+        for stem, path in mask_files.items():
+            if stem not in image_files:
                 raise DataError(f"{path}: no image with the stem '{stem}' in {images_dir}")
 
         self.root = root
-        self.names = sorted(images)
-        self.images, self.masks = [], []
+        self.names = sorted(image_files)
+        self.images, labels = [], []
         for stem in self.names:
-            image, mask = read_image(images[stem]), read_mask(masks[stem])
+            image = read_image(image_files[stem], channels, page)
+            mask = read_mask(mask_files[stem], page)
             if image.shape[1:] != mask.shape:
                 raise DataError(
-                    f"{masks[stem]}: Expect: the size of {images[stem].name}, "
+                    f"{mask_files[stem]}: Expect: the size of {image_files[stem].name}, "
                     f"{image.shape[1]}x{image.shape[2]}. Actual: {mask.shape[0]}x{mask.shape[1]}."
                 )
             self.images.append(image)
-            self.masks.append(mask)
+            labels.append(mask)
 
-        self.in_channels = max(image.shape[0] for image in self.images)
-        self.images = [
-            np.repeat(image, self.in_channels, axis=0) if image.shape[0] == 1 else image
-            for image in self.images
-        ]
-        labels = max(int(mask.max()) for mask in self.masks) + 1
-        # Two classes are one sigmoid channel; more are a softmax over all of them.
-        self.num_classes = 1 if labels <= 2 else labels
+        self.notes: list[str] = []
+        self._match_channels([image_files[stem] for stem in self.names])
+        mask_paths = [mask_files[stem] for stem in self.names]
+        decided = interpret_masks(labels, mask_paths, masks,
+                                  palette=[is_palette(path) for path in mask_paths])
+        self.mask_kind = decided.kind
+        self.masks = decided.masks
+        self.instances = decided.instances
+        self.num_classes = decided.num_classes
+        self.notes += decided.notes
+        self.warnings = decided.warnings
+
+    def _match_channels(self, paths: list[Path]) -> None:
+        """One channel count for all images: grey is repeated beside RGB, else an error."""
+        first_of = {}
+        for path, image in zip(paths, self.images, strict=True):
+            first_of.setdefault(image.shape[0], path)
+        if set(first_of) == {1, 3}:
+            self.images = [np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
+                           for image in self.images]
+            self.notes.append(f"images: grey images (such as {first_of[1].name}) repeated to "
+                              f"3 channels to match the RGB ones (such as {first_of[3].name})")
+        elif len(first_of) > 1:
+            (few, few_path), (more, more_path) = sorted(first_of.items())[:2]
+            raise DataError(
+                f"{more_path}: Expect: {few} channel(s), like {few_path.name} (every image of "
+                f"a folder needs the same channels; pick some with --channels). "
+                f"Actual: {more} channels."
+            )
+        self.in_channels = self.images[0].shape[0]
 
     def __len__(self):
         return len(self.names)

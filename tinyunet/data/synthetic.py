@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .folder import normalize_percentile
+from .images import normalize_percentile
 
 KINDS = ("binary", "multiclass")
 
