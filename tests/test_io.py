@@ -22,6 +22,7 @@ from tinyunet.data import (
     read_mask,
     regions_per_label,
 )
+from tinyunet.data.instances import instance_targets
 
 Image = pytest.importorskip("PIL.Image")
 tifffile = pytest.importorskip("tifffile")
@@ -337,11 +338,14 @@ def test_instance_masks_with_touching_objects(tmp_path):
     masks[1] = np.pad(masks[1], ((0, 0), (0, masks[0].shape[1] - masks[1].shape[1])))
     for kind in ("auto", "instances"):
         dataset = _dataset(tmp_path, masks, "tif", name=kind, masks=kind)
-        assert dataset.mask_kind == "instances" and dataset.num_classes == 1
+        # Three classes: background, cell, and the border where cells touch.
+        assert dataset.mask_kind == "instances" and dataset.num_classes == 3
         for ids, target, mask in zip(dataset.instances, dataset.masks, masks, strict=True):
             assert ids.dtype == np.uint16 and target.dtype == np.uint8
             np.testing.assert_array_equal(ids, mask)
-            np.testing.assert_array_equal(target, mask > 0)
+            np.testing.assert_array_equal(target > 0, mask > 0)
+            np.testing.assert_array_equal(target, instance_targets(mask))
+            assert (target == 2).any()
         # 3 touching pairs per row of 4, 3 rows; 2 per row of 3.
         assert "ids up to 12 in 2 files; 15 pairs of touching objects" in dataset.notes[-1]
         reason = "100% of ids are one connected region" if kind == "auto" else "as the masks"

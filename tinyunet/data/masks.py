@@ -9,7 +9,9 @@ Kinds (``interpret_masks``'s ``kind``):
   channel; K > 2 a softmax over K channels.
 - ``'instances'``: ids 0..N, 0 background, one id per object (the Cell Tracking
   Challenge's, cellpose's and StarDist's format). The ids are kept in ``instances``;
-  the training target is the foreground, ids > 0, as 0/1.
+  the training target has 3 classes (``instances.instance_targets``): 0 background,
+  1 cell, 2 the border where a cell touches another, so that a model learns to keep
+  touching cells apart; classes 1 and 2 together are exactly the foreground ids > 0.
 - ``'auto'`` decides once for the whole folder and says why in one note:
 
   1. every file holds 0/1, 0/255 or bool -> binary;
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import DataError, read_array, to_chw
+from .instances import instance_targets
 
 MASK_KINDS = ("auto", "binary", "classes", "instances")
 # More classes than this in a "label" mask almost certainly means a grey-level image
@@ -249,11 +252,11 @@ def _as_instances(labels, values, reason: str) -> MaskSet:
     largest = max(int(vals[-1]) for vals in values)
     dtype = smallest_unsigned(largest, at_least=np.uint16)
     ids = [mask.astype(dtype, copy=False) for mask in labels]
-    masks = [np.not_equal(mask, 0).view(np.uint8) for mask in labels]
+    masks = [instance_targets(mask) for mask in labels]
     touching = sum(touching_pairs(mask) for mask in labels)
     note = (f"masks: instances (ids up to {largest} in {len(labels)} files; {touching} "
             f"pairs of touching objects have distinct ids; {reason})")
-    return MaskSet("instances", masks, 1, instances=ids, notes=[note])
+    return MaskSet("instances", masks, 3, instances=ids, notes=[note])
 
 
 def _check_not_mixed(paths, values) -> None:
