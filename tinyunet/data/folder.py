@@ -59,9 +59,9 @@ class FolderDataset:
     multi-page files, images and masks alike.
 
     Attributes: ``names``, ``images``, ``masks`` (training targets), ``mask_kind``,
-    ``num_classes`` (1 for binary, K for K > 2 classes, 3 for instances: background, cell, border), ``instances``
-    (the ids, for 'instances'; else None), ``in_channels``, ``notes`` (what was decided,
-    one line each, for the caller to print) and ``warnings``.
+    ``num_classes`` (1 for binary, K for K > 2 classes, 3 for instances: background,
+    cell, border), ``instances`` (the ids, for 'instances'; else None), ``in_channels``,
+    ``notes`` (what was decided, one line each, for the caller to print), ``warnings``.
 
     Everything is read and checked up front, so a bad file fails before training starts.
     """
