@@ -174,6 +174,8 @@ def main(argv=None):
                                 "speed-up (ORT time / ours)", "max abs difference / max abs logit"],
                                rows)]
     load_after = os.getloadavg()
+    shown = [a for i, a in enumerate(sys.argv[1:], 1)
+             if a != "--note" and sys.argv[i - 1] != "--note" and not a.startswith("--note=")]
     import numba
 
     lines = [
@@ -191,9 +193,13 @@ def main(argv=None):
         "per framework), min-max in brackets.",
         f"- Load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in load_before)} before, "
         f"{', '.join(f'{v:.1f}' for v in load_after)} after.",
-        f"- Command: `{shlex.join(['python', '-m', 'benchmarks.inference_onnx', *sys.argv[1:]])}`",
+        f"- Command: `{shlex.join(['python', '-m', 'benchmarks.inference_onnx', *shown])}`"
+        + (" (and `--note`, below)" if args.note else ""),
         f"- Date: {time.strftime('%Y-%m-%d %H:%M')}",
     ]
+    if not any(name in os.environ for name in OPENBLAS_VARIABLES):
+        lines.append("- Neither OpenBLAS variable is set here, so the two tables ran in the "
+                     "same environment and differ only by when they ran.")
     if args.note:
         lines.append(f"- Note: {args.note}")
     body = "\n".join(lines + sections)

@@ -160,11 +160,12 @@ class _GraphBuilder:
 def _valid_skip_crops(depth: int) -> list[int]:
     """Pixels the unpadded U-Net crops from each side of the skip of every level.
 
-    At level l the encoder's output is larger than the upsampled decoder input by a
+    At each level the encoder's output is larger than the upsampled decoder input by a
     margin that does not depend on the input size: 8 at the level above the bottom
-    (the bottom's two convs lose 4, doubled by the up step) and, going up, twice the
-    level below's margin plus its 8 pixels of convs. ``F.center_crop`` cuts half of it
-    from each side.
+    (the bottom's two convs lose 4, doubled by the up step), and 2 * (m + 8) above a
+    level of margin m (that level loses 4 in its encoder's convs, m in its crop and 4 in
+    its decoder's convs, doubled by the up step). ``F.center_crop`` cuts half of it from
+    each side (the margins are even).
     """
     margins = [0] * depth
     margin = 8
