@@ -45,10 +45,11 @@ class PeerProcess:
 
     REPLY = "tinyunet-peer-reply "  # marks the child's answers among anything it prints
 
-    def __init__(self, module_args: list[str]):
+    def __init__(self, module_args: list[str], env: dict | None = None):
+        """``env``: the child's whole environment (None: this process's)."""
         self.child = subprocess.Popen([sys.executable, "-m", *module_args],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, bufsize=1)
+                                      text=True, bufsize=1, env=env)
         self.label = self._ask("label")
 
     def _ask(self, request: str) -> str:

@@ -59,3 +59,17 @@ def test_ops_benchmark_smoke_run():
     assert ("in a process of its own" in run.stdout) == have_torch
     assert "Issue 4's bar" in run.stdout and "A bottom, 256->256 bwd" in run.stdout
     assert "A level 0" not in run.stdout
+
+
+def test_inference_onnx_benchmark_smoke_run():
+    """tinyunet against ONNX Runtime, each in a child process, on config C, once per
+    OpenBLAS environment; the two sides' logits agree."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.inference_onnx", "--configs", "C",
+                          "--repeats", "1", "--no-write"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| C |")]
+    assert len(rows) == 2 and all("x** |" in row for row in rows)
+    assert all(float(row.split("|")[-2]) < 1e-4 for row in rows)

@@ -1,4 +1,4 @@
-"""The command line: ``tinyunet train | predict | evaluate`` (also ``python -m tinyunet``).
+"""The command line: ``tinyunet train | predict | evaluate | export`` (also ``python -m tinyunet``).
 
 Progress bars go to stderr, results to stdout. Errors a user can fix (a bad option, a bad
 data folder, a damaged checkpoint, a missing backend, a diverged run) end with one
@@ -109,7 +109,11 @@ def _add_predict(commands):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", metavar="CKPT", help="a tinyunet checkpoint (.npz)")
+    model.add_argument("--model", metavar="ONNX", help="a U-Net exported by `tinyunet export "
+                       "--format onnx`, run by ONNX Runtime (needs tinyunet[export]; "
+                       "--backend does not apply)")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--probabilities", action="store_true",
                         help="also write <name>_prob.npy (K, H, W) and, for binary models, "
@@ -133,6 +137,27 @@ def _add_evaluate(commands):
     parser.set_defaults(run=_evaluate)
 
 
+def _add_export(commands):
+    from .export import DEFAULT_OPSET, EXPORT_FORMATS
+
+    parser = commands.add_parser(
+        "export",
+        help="write a checkpoint's U-Net as ONNX or safetensors",
+        description="Export the U-Net of a checkpoint: ONNX (the whole network, for ONNX "
+        "Runtime and the programs built on it; needs tinyunet[export]) or safetensors "
+        "(the weights with PyTorch's names and layouts, and the config in its metadata). "
+        "Both record the input normalisation and the output activation in their metadata.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
+    parser.add_argument("--out", required=True, metavar="FILE")
+    parser.add_argument("--format", choices=EXPORT_FORMATS,
+                        help="default: from the --out suffix (.onnx, .safetensors)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+    parser.set_defaults(run=_export)
+
+
 def _add_inference_options(parser):
     parser.add_argument("--backend", choices=BACKENDS, help="compute backend")
     parser.add_argument("--tile", type=_positive_int, default=256,
@@ -149,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_predict(commands)
     _add_evaluate(commands)
+    _add_export(commands)
     return parser
 
 
@@ -262,10 +288,22 @@ def _load(args):
     return load_model(args.checkpoint)
 
 
+def _predictor(args):
+    """The model ``predict`` runs: a checkpoint's U-Net, or an ONNX file's (--model)."""
+    if args.model is None:
+        return _load(args)[0]
+    if args.backend is not None:
+        raise UserError(f"--backend {args.backend}: applies to --checkpoint; --model "
+                        f"{args.model} runs on ONNX Runtime's CPU provider")
+    from .onnx_runtime import OnnxModel
+
+    return OnnxModel(args.model)
+
+
 def _predict(args):
     from .data.tiling import logits_to_labels, logits_to_probabilities, predict_logits
 
-    model, meta = _load(args)
+    model = _predictor(args)
     Image = require_pillow("writing mask PNGs")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +366,17 @@ def _evaluate(args):
             writer = csv.DictWriter(file, fieldnames=["image", "dice", "iou"])
             writer.writeheader()
             writer.writerows(rows + [{"image": "mean", "dice": mean_dice, "iou": mean_iou}])
+    return 0
+
+
+# ---- export ----------------------------------------------------------------------------
+
+def _export(args):
+    from .export import export_checkpoint
+
+    format = export_checkpoint(args.checkpoint, args.out, args.format, args.opset,
+                               args.overwrite)
+    print(f"wrote {args.out} ({format}) from {args.checkpoint}")
     return 0
 
 

@@ -28,8 +28,17 @@ import numpy as np
 from ..autograd import no_grad, tensor
 
 
-def _model_backend(model):
-    return next(iter(model.parameters())).backend
+def _batch_forward(model):
+    """A function from an image batch (N, C, h, w) float32 to logits (N, K, h', w').
+
+    A model that runs elsewhere (``tinyunet.onnx_runtime.OnnxModel``) brings its own
+    ``predict_batch``; a tinyunet UNet runs on its parameters' backend (called under
+    ``no_grad``, so without a graph).
+    """
+    if hasattr(model, "predict_batch"):
+        return model.predict_batch
+    backend = next(iter(model.parameters())).backend
+    return lambda batch: model(tensor(batch, backend=backend)).numpy()
 
 
 def receptive_halo(depth: int, up: str = "transpose") -> int:
@@ -71,6 +80,8 @@ def predict_logits(model, image: np.ndarray, tile=None, halo=None,
                    batch_size: int = 4) -> np.ndarray:
     """Logits (K, H, W) for one image (C, H, W) of any size.
 
+    ``model``: a tinyunet UNet, or an object with the same ``config``, ``valid_input_hw``
+    and ``output_hw`` and a ``predict_batch`` (e.g. ``tinyunet.onnx_runtime.OnnxModel``).
     ``tile``: the tile side (int or (h, w)); default 256 ('same') or the smallest valid
     input of at least 256 ('valid'). ``halo`` ('same' only): context kept out of each
     tile's kept part, default ``receptive_halo(depth)``.
@@ -123,14 +134,14 @@ def predict_logits(model, image: np.ndarray, tile=None, halo=None,
 
     tiles = [(r, c) for r in rows for c in cols]
     logits = None
-    backend = _model_backend(model)
+    forward = _batch_forward(model)
     with no_grad():
         for first in range(0, len(tiles), batch_size):
             chunk = tiles[first : first + batch_size]
             batch = np.stack([
                 padded[:, r[0] : r[0] + in_hw[0], c[0] : c[0] + in_hw[1]] for r, c in chunk
             ])
-            out = model(tensor(batch, backend=backend)).numpy()
+            out = forward(batch)
             if logits is None:
                 logits = np.zeros((out.shape[1], H, W), dtype=np.float32)
             for (r, c), piece in zip(chunk, out, strict=True):

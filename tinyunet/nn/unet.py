@@ -35,6 +35,61 @@ from .layers import Conv2d, ConvTranspose2d, Sequential, Upsample
 from .module import Module
 
 
+class UNetGeometry:
+    """The size arithmetic of a U-Net with ``depth`` levels and ``padding`` 'same' or
+    'valid': what an input of a given size gives, and which sizes can be used.
+
+    It needs no weights, so a U-Net run by another program (``tinyunet.onnx_runtime``)
+    shares it with ``UNet``.
+    """
+
+    depth: int
+    padding: str
+
+    def _output_side(self, side: int) -> int | None:
+        """Output side for one input side, or None when the side can't be used."""
+        if self.padding == "same":
+            return side
+        for _ in range(self.depth):
+            side -= 4
+            if side < 2 or side % 2:
+                return None
+            side //= 2
+        side -= 4
+        if side < 1:
+            return None
+        for _ in range(self.depth):
+            side = 2 * side - 4
+            if side < 1:
+                return None
+        return side
+
+    def output_hw(self, input_hw) -> tuple[int, int]:
+        """(h, w) of the logits for an input of ``input_hw``; ShapeError if it can't be used."""
+        sides = [self._output_side(int(s)) for s in input_hw]
+        if None in sides:
+            suggestion = self.valid_input_hw(input_hw)
+            raise ShapeError(
+                f"UNet: Expect: an input size that the unpadded ('valid') U-Net of depth "
+                f"{self.depth} can use: each side minus 4 per conv pair must be even before "
+                f"every pool, e.g. {suggestion}. Actual: {tuple(input_hw)}."
+            )
+        return tuple(sides)
+
+    def valid_input_hw(self, min_hw) -> tuple[int, int]:
+        """The smallest usable input size at least ``min_hw`` (a multiple of 2**depth in 'same')."""
+        def smallest(side):
+            side = max(int(side), 1)
+            if self.padding == "same":
+                step = 2**self.depth
+                return -(-side // step) * step
+            while self._output_side(side) is None:
+                side += 1
+            return side
+
+        return tuple(smallest(s) for s in min_hw)
+
+
 class DoubleConv(Module):
     """Two 3x3 conv + ReLU: the work of one U-Net level."""
 
@@ -48,7 +103,7 @@ class DoubleConv(Module):
         return self.conv2.forward_relu(self.conv1.forward_relu(x))
 
 
-class UNet(Module):
+class UNet(Module, UNetGeometry):
     """U-Net mapping (N, in_channels, H, W) images to (N, num_classes, h, w) logits.
 
         model = UNet(in_channels=1, num_classes=1, depth=4, base_channels=64)
@@ -125,47 +180,3 @@ class UNet(Module):
 
     def extra_repr(self):
         return ", ".join(f"{key}={value!r}" for key, value in self.config.items())
-
-    # ---- size arithmetic ---------------------------------------------------------------
-    def _output_side(self, side: int) -> int | None:
-        """Output side for one input side, or None when the side can't be used."""
-        if self.padding == "same":
-            return side
-        for _ in range(self.depth):
-            side -= 4
-            if side < 2 or side % 2:
-                return None
-            side //= 2
-        side -= 4
-        if side < 1:
-            return None
-        for _ in range(self.depth):
-            side = 2 * side - 4
-            if side < 1:
-                return None
-        return side
-
-    def output_hw(self, input_hw) -> tuple[int, int]:
-        """(h, w) of the logits for an input of ``input_hw``; ShapeError if it can't be used."""
-        sides = [self._output_side(int(s)) for s in input_hw]
-        if None in sides:
-            suggestion = self.valid_input_hw(input_hw)
-            raise ShapeError(
-                f"UNet: Expect: an input size that the unpadded ('valid') U-Net of depth "
-                f"{self.depth} can use: each side minus 4 per conv pair must be even before "
-                f"every pool, e.g. {suggestion}. Actual: {tuple(input_hw)}."
-            )
-        return tuple(sides)
-
-    def valid_input_hw(self, min_hw) -> tuple[int, int]:
-        """The smallest usable input size at least ``min_hw`` (a multiple of 2**depth in 'same')."""
-        def smallest(side):
-            side = max(int(side), 1)
-            if self.padding == "same":
-                step = 2**self.depth
-                return -(-side // step) * step
-            while self._output_side(side) is None:
-                side += 1
-            return side
-
-        return tuple(smallest(s) for s in min_hw)
