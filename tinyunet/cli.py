@@ -3,6 +3,12 @@
 Progress bars go to stderr, results to stdout. Errors a user can fix (a bad option, a bad
 data folder, a damaged checkpoint, a missing backend, a diverged run) end with one
 ``tinyunet: error: ...`` line and exit status 2 (1 for a diverged run, 130 for Ctrl-C).
+
+Under an MPI launcher (``mpiexec -n P tinyunet train ...``) train runs on the P
+processes (tinyunet/distributed.py): rank 0 prints, the others' stdout and stderr are
+silenced. An error met by every rank at the same point (the setup, a step, the
+validation) is agreed on and printed once by rank 0; any other ends the job with the
+failing rank's line and MPI_Abort.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +24,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data.folder import EXTENSIONS, DataError, FolderDataset, read_image, require_pillow
+from .distributed import DistributedError, from_launcher, launcher_processes, launcher_rank
 from .memory import keep_freed_memory
 from .train import (
     LOSSES,
@@ -175,11 +183,33 @@ def _given(args) -> dict:
 
 
 def _train(args):
+    comm = args.comm
+    trainer = _start_training(args) if comm is None else comm.together(_start_training, args)
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
+              f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train --resume "
+              f"--out {trainer.out}", file=sys.stderr)
+        return 130
+    if result["warning"]:
+        print(result["warning"], file=sys.stderr)
+    print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
+          f"best Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
+    # The PNGs are missing when Pillow is not installed, so list what is really there.
+    written = [name for name in ("last.npz", "best.npz", "history.json", "history.csv",
+                                 "curves.png", "samples.png") if (trainer.out / name).exists()]
+    print(f"wrote {trainer.out}/{', '.join(written)}")
+    return 0
+
+
+def _start_training(args) -> Trainer:
+    """The Trainer of a new run, or of the resumed one (restored), announced on stdout."""
     given = _given(args)
     _select_backend(args.backend)
     if args.resume is None:
         config = TrainConfig(**given)
-        trainer = Trainer(config)
+        trainer = Trainer(config, comm=args.comm)
     else:
         if args.resume:
             path = Path(args.resume)
@@ -197,7 +227,7 @@ def _train(args):
                     "the option, or start a new run with another --out."
                 )
         config = TrainConfig(**{**saved, **given, "out": str(out)})
-        trainer = Trainer(config)
+        trainer = Trainer(config, comm=args.comm)
         trainer.restore(path)
         print(f"resuming {path} after epoch {trainer.epoch} of {config.epochs}")
     source = "synthetic" if config.data is None else config.data
@@ -205,23 +235,10 @@ def _train(args):
           f"{config.padding} padding, {trainer.model.num_parameters()} parameters) on "
           f"{len(trainer.train_set)} training and {len(trainer.val_set)} validation images "
           f"({source}); backend {trainer.backend.name}, "
-          f"{trainer.input_hw[0]}x{trainer.input_hw[1]} crops, batch {config.batch_size}")
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
-              f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train --resume "
-              f"--out {trainer.out}", file=sys.stderr)
-        return 130
-    if result["warning"]:
-        print(result["warning"], file=sys.stderr)
-    print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
-          f"best Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
-    # The PNGs are missing when Pillow is not installed, so list what is really there.
-    written = [name for name in ("last.npz", "best.npz", "history.json", "history.csv",
-                                 "curves.png", "samples.png") if (trainer.out / name).exists()]
-    print(f"wrote {trainer.out}/{', '.join(written)}")
-    return 0
+          f"{trainer.input_hw[0]}x{trainer.input_hw[1]} crops, batch {config.batch_size}"
+          + (f" per process on {trainer.ranks} processes (global batch "
+             f"{config.batch_size * trainer.ranks})" if trainer.ranks > 1 else ""))
+    return trainer
 
 
 # ---- predict and evaluate ----------------------------------------------------------------
@@ -330,16 +347,36 @@ def _evaluate(args):
     return 0
 
 
+def _silence_other_ranks():
+    """Under an MPI launcher, rank 0 alone prints: the others' output would repeat it."""
+    if launcher_rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def main(argv=None) -> int:
     keep_freed_memory()  # training reuses the same memory every step (tinyunet.memory)
+    _silence_other_ranks()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.comm = None
     try:
+        if launcher_processes() > 1:
+            if args.command != "train":
+                raise UserError(f"{args.command}: Expect: one process (only train runs on "
+                                f"several). Actual: {launcher_processes()} started by an "
+                                "MPI launcher.")
+            args.comm = from_launcher()
         return args.run(args)
     except TrainingDiverged as error:
+        # On several ranks every rank sees the same summed loss, so all stop here.
         print(f"tinyunet: error: {error}", file=sys.stderr)
         return 1
+    except DistributedError as error:
+        print(f"tinyunet: error: {error}", file=sys.stderr)
+        return 2
     except (UserError, DataError, CheckpointError, ValueError, ImportError) as error:
+        if args.comm is not None:  # met by this rank alone, whose peers wait for it
+            args.comm.abort(str(error), 2)
         print(f"tinyunet: error: {error}", file=sys.stderr)
         return 2
 
