@@ -377,6 +377,13 @@ def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):
     assert time.monotonic() - started < 40  # rank 1 would sleep for 120 s
 
 
+def wait_for_epochs(job: subprocess.Popen, history: Path, epochs: int):
+    deadline = time.monotonic() + 180
+    while not (history.exists() and len(json.loads(history.read_text() or "[]")) >= epochs):
+        assert job.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.2)
+
+
 def rank_process(marker: str, rank: int) -> int | None:
     """The pid of the process of ``rank`` in the job whose environment holds ``marker``."""
     for entry in Path("/proc").iterdir():
@@ -401,11 +408,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(tmp_path):
         cwd=tmp_path, env=environment(**{key: value}), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-        history = tmp_path / "run/history.json"
-        deadline = time.monotonic() + 180
-        while not (history.exists() and len(json.loads(history.read_text() or "[]")) >= 2):
-            assert job.poll() is None and time.monotonic() < deadline, "no epoch finished"
-            time.sleep(0.2)
+        wait_for_epochs(job, tmp_path / "run/history.json", 2)
         victim = rank_process(marker, 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
@@ -420,6 +423,27 @@ def test_a_killed_rank_ends_the_job_and_leaves_whole_checkpoints(tmp_path):
     for checkpoint in ("last.npz", "best.npz"):
         meta, _ = read_checkpoint(tmp_path / "run" / checkpoint)
         assert meta["epoch"] >= 2
+
+
+@needs_mpi
+def test_ctrl_c_ends_every_rank(tmp_path):
+    """mpiexec passes Ctrl-C to the ranks; rank 0 says where the run stopped and ends
+    the job, also the rank left waiting in a collective."""
+    job = subprocess.Popen(
+        mpiexec(*tinyunet_cli(), "train", *CLI_RUN, "--epochs", "500", "--out", "run"),
+        cwd=tmp_path, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        wait_for_epochs(job, tmp_path / "run/history.json", 2)
+        job.send_signal(signal.SIGINT)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode == 130
+    assert "interrupted during epoch" in stderr and "tinyunet train --resume --out run" in stderr
+    assert read_checkpoint(tmp_path / "run/last.npz")[0]["epoch"] >= 2
 
 
 @needs_mpi
@@ -456,3 +480,14 @@ def test_cuda_backend_step_through_nccl_reducer_under_the_simulator(tmp_path):
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-9)
     for key, value in model.state_dict().items():
         np.testing.assert_allclose(result[key], value, rtol=1e-9, atol=1e-12)
+
+
+@needs_mpi
+def test_scaling_benchmark_smoke_run():
+    """benchmarks.scaling end to end on the small config C (timings meaningless)."""
+    root = Path(__file__).resolve().parents[1]
+    done = run([sys.executable, "-m", "benchmarks.scaling", "--configs", "C", "--steps", "1",
+                "--no-write"], root, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| C | 1 | 8 |" in done.stdout and "| C | 2 | 16 |" in done.stdout
+    assert "| 10 Gb/s |" in done.stdout

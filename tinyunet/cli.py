@@ -191,6 +191,8 @@ def _train(args):
         print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
               f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train --resume "
               f"--out {trainer.out}", file=sys.stderr)
+        if comm is not None:  # ranks inside a collective would wait for the others forever
+            comm.abort(code=130)
         return 130
     if result["warning"]:
         print(result["warning"], file=sys.stderr)

@@ -263,10 +263,12 @@ class Communicator:
         return f"Communicator(rank {self.rank} of {self.size}, local rank {self.local_rank})"
 
     # -- the end of the job --
-    def abort(self, message: str, code: int = 1):
-        """Print ``tinyunet: error: rank r of P: message`` and end every rank's process."""
-        print(f"tinyunet: error: rank {self.rank} of {self.size}: {message}",
-              file=sys.__stderr__, flush=True)
+    def abort(self, message: str | None = None, code: int = 1):
+        """Print ``tinyunet: error: rank r of P: message`` (unless None) and end every
+        rank's process with exit status ``code``."""
+        if message is not None:
+            print(f"tinyunet: error: rank {self.rank} of {self.size}: {message}",
+                  file=sys.__stderr__, flush=True)
         self.comm.Abort(code)
         os._exit(code)  # MPI_Abort called from a thread may return before the end comes
 
