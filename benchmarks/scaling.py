@@ -106,15 +106,24 @@ def launch(config_name: str, ranks: int, steps: int) -> dict:
                      f"{done.stdout}{done.stderr}")
 
 
+def ring_allreduce_seconds(nbytes: int, nodes: int, gbit: float) -> float:
+    """A ring allreduce of ``nbytes`` on ``nodes``: 2(N-1)/N of the bytes over the link,
+    and 2(N-1) messages of LATENCY_S each."""
+    moved = 2 * (nodes - 1) / nodes * nbytes
+    return moved * 8 / (gbit * 1e9) + 2 * (nodes - 1) * LATENCY_S
+
+
 def projection(compute_s: float, nbytes: int) -> list[list[str]]:
-    """Rows of the expected efficiency on N nodes of one rank each (no overlap)."""
+    """Rows of the expected efficiency on N nodes of one rank each (no overlap), and the
+    shortest step that keeps 90% on the most nodes (a node that computes faster, with
+    all its cores or a GPU, has less time to hide the same bytes)."""
     rows = []
     for gbit in BANDWIDTHS_GBIT:
         row = [f"{gbit} Gb/s"]
         for n in NODES:
-            moved = 2 * (n - 1) / n * nbytes
-            seconds = moved * 8 / (gbit * 1e9) + 2 * (n - 1) * LATENCY_S
+            seconds = ring_allreduce_seconds(nbytes, n, gbit)
             row.append(f"{compute_s / (compute_s + seconds):.0%} ({seconds * 1e3:.0f} ms)")
+        row.append(f"{9 * ring_allreduce_seconds(nbytes, NODES[-1], gbit) * 1e3:.0f} ms")
         rows.append(row)
     return rows
 
@@ -131,6 +140,7 @@ def main(argv=None):
         worker(args.worker, args.steps)
         return
 
+    load_before = os.getloadavg()[0]
     rows, projections = [], []
     for name in args.configs:
         config = CONFIGS[name]
@@ -159,6 +169,9 @@ def main(argv=None):
         f"- {args.steps} timed steps per run after {WARMUP} untimed; numba backend; one "
         "thread per rank; 1 rank = a plain process, 2 ranks = `mpiexec -n 2` (MPICH, "
         "shared memory on one machine)",
+        f"- Load average (1 min) {load_before:.1f} before the runs and "
+        f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores: above 1 per core, "
+        "other work shared the cores, and 2 ranks lose more to it than 1",
         "",
         table(["config", "ranks", "global batch", "step ms (min-max)", "images/s",
                "speed-up", "share in reduction", "allreduce alone", "bytes per step"],
@@ -178,7 +191,8 @@ def main(argv=None):
     for name, compute_s, nbytes in projections:
         body += [f"Config {name}: one-rank step {compute_s * 1e3:.0f} ms, "
                  f"{nbytes / 2**20:.2f} MiB per step", "",
-                 table(["link", *(f"N = {n}" for n in NODES)], projection(compute_s, nbytes)),
+                 table(["link", *(f"N = {n}" for n in NODES),
+                        f"step for 90% at N = {NODES[-1]}"], projection(compute_s, nbytes)),
                  ""]
     text = "\n".join(body)
     print(text)

@@ -18,6 +18,9 @@
         Rank 1 raises outside any agreement; the excepthook must end the job.
     python tests/distributed_worker.py fail-step
         Rank 1 fails inside a step; every rank must raise RankFailure together.
+    python tests/distributed_worker.py drift
+        Rank 1's weights are changed behind the Trainer's back; the validation's check
+        must stop every rank with RankMismatch.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ import numpy as np
 import tinyunet as tu
 import tinyunet.functional as F
 from tinyunet import nn, optim
-from tinyunet.distributed import Communicator, NcclReducer, RankFailure, from_launcher
+from tinyunet.distributed import (
+    Communicator,
+    NcclReducer,
+    RankFailure,
+    RankMismatch,
+    from_launcher,
+)
 from tinyunet.train import TrainConfig, Trainer
 
 
@@ -90,6 +99,21 @@ def fail_step():
         comm.reduce_gradients([p], None, 0.5, error)
     except RankFailure as failure:
         print(f"rank {comm.rank} raised RankFailure: {failure}", flush=True)
+        return
+    print(f"rank {comm.rank} did not raise", flush=True)
+
+
+def drift():
+    comm = from_launcher()
+    config = TrainConfig(backend="numpy", depth=1, base_channels=2, crop=16, synthetic_train=2,
+                         synthetic_val=2, synthetic_size=16, out="unused")
+    trainer = Trainer(config, log=lambda *_: None, progress_stream=False, comm=comm)
+    if comm.rank == 1:
+        next(iter(trainer.model.parameters())).data[...] += 1e-3
+    try:
+        trainer.evaluate()
+    except RankMismatch as mismatch:
+        print(f"rank {comm.rank} raised RankMismatch: {mismatch}", flush=True)
         return
     print(f"rank {comm.rank} did not raise", flush=True)
 
@@ -152,5 +176,5 @@ def cuda_sim(result_path: str):
 if __name__ == "__main__":
     mode, *arguments = sys.argv[1:]
     {"train": train, "hang": hang, "raise": raise_outside, "fail-step": fail_step,
-     "cuda-sim": cuda_sim}[mode](
+     "cuda-sim": cuda_sim, "drift": drift}[mode](
         *arguments)

@@ -355,6 +355,16 @@ def test_a_failed_step_raises_on_every_rank(tmp_path):
 
 
 @needs_mpi
+def test_weights_that_drift_apart_stop_every_rank(tmp_path):
+    done = run(mpiexec(sys.executable, str(WORKER), "drift"), tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.split("\n")
+    for rank in (0, 1):
+        assert (f"rank {rank} raised RankMismatch: Expect: equal weights on every rank after "
+                "epoch 1. Actual: rank(s) 1 of 2 differ from rank 0." in lines), done.stdout
+
+
+@needs_mpi
 def test_an_exception_outside_agreement_ends_the_job(tmp_path):
     started = time.monotonic()
     done = run(mpiexec(sys.executable, str(WORKER), "raise"), tmp_path, timeout=60)

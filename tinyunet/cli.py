@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,29 +183,6 @@ def _given(args) -> dict:
             if getattr(args, name, None) is not None}
 
 
-def _train(args):
-    comm = args.comm
-    trainer = _start_training(args) if comm is None else comm.together(_start_training, args)
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
-              f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train --resume "
-              f"--out {trainer.out}", file=sys.stderr)
-        if comm is not None:  # ranks inside a collective would wait for the others forever
-            comm.abort(code=130)
-        return 130
-    if result["warning"]:
-        print(result["warning"], file=sys.stderr)
-    print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
-          f"best Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
-    # The PNGs are missing when Pillow is not installed, so list what is really there.
-    written = [name for name in ("last.npz", "best.npz", "history.json", "history.csv",
-                                 "curves.png", "samples.png") if (trainer.out / name).exists()]
-    print(f"wrote {trainer.out}/{', '.join(written)}")
-    return 0
-
-
 def _start_training(args) -> Trainer:
     """The Trainer of a new run, or of the resumed one (restored), announced on stdout."""
     given = _given(args)
@@ -241,6 +219,36 @@ def _start_training(args) -> Trainer:
           + (f" per process on {trainer.ranks} processes (global batch "
              f"{config.batch_size * trainer.ranks})" if trainer.ranks > 1 else ""))
     return trainer
+
+
+def _train(args):
+    comm = args.comm
+    trainer = _start_training(args) if comm is None else comm.together(_start_training, args)
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        message = (f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
+                   f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train "
+                   f"--resume --out {trainer.out}")
+        if comm is None:
+            print(message, file=sys.stderr)
+            return 130
+        # mpiexec passes Ctrl-C to every rank, but a rank inside a collective sees it only
+        # when the collective ends, which it may never do: the first rank to see it ends
+        # the job. Rank 0 gets a second's head start, so that its line is the one shown.
+        if comm.rank != 0:
+            time.sleep(1.0)
+        print(message, file=sys.__stderr__, flush=True)
+        comm.abort(code=130)
+    if result["warning"]:
+        print(result["warning"], file=sys.stderr)
+    print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
+          f"best Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
+    # The PNGs are missing when Pillow is not installed, so list what is really there.
+    written = [name for name in ("last.npz", "best.npz", "history.json", "history.csv",
+                                 "curves.png", "samples.png") if (trainer.out / name).exists()]
+    print(f"wrote {trainer.out}/{', '.join(written)}")
+    return 0
 
 
 # ---- predict and evaluate ----------------------------------------------------------------

@@ -479,8 +479,9 @@ class Trainer:
         gathered = self.comm.gather((weights, sent), error, "the validation")
         differ = [rank for rank, (w, _) in enumerate(gathered) if w != gathered[0][0]]
         if differ:
-            raise RankMismatch(f"Expect: equal weights on every rank after epoch "
-                               f"{self.epoch + 1}. Actual: rank(s) {differ} differ from rank 0.")
+            raise RankMismatch(
+                f"Expect: equal weights on every rank after epoch {self.epoch + 1}. Actual: "
+                f"rank(s) {', '.join(map(str, differ))} of {self.ranks} differ from rank 0.")
         merged = {}
         for _, part in gathered:
             merged.update(part)
