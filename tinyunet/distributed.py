@@ -39,6 +39,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -68,7 +70,7 @@ class RankMismatch(DistributedError):
     """Ranks disagree on what must be equal: the config, the data, a checkpoint, the weights."""
 
 
-def launcher_processes(environ=None) -> int:
+def launcher_processes(environ: Mapping[str, str] | None = None) -> int:
     """How many processes an MPI launcher started (1 when none did)."""
     environ = os.environ if environ is None else environ
     for name in SIZE_VARIABLES:
@@ -78,7 +80,7 @@ def launcher_processes(environ=None) -> int:
     return 1
 
 
-def launcher_rank(environ=None) -> int:
+def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank as the launcher numbered it (0 when not launched by one)."""
     environ = os.environ if environ is None else environ
     for name in RANK_VARIABLES:
@@ -163,7 +165,8 @@ class FlatGradients:
         """Bytes reduced per step (the status entries included)."""
         return sum(int(b.nbytes) for b in self.buffers)
 
-    def pack(self, params: list[Tensor], share: float, loss: Tensor | None, failed: bool):
+    def pack(self, params: list[Tensor], share: float, loss: Tensor | None,
+             failed: bool) -> None:
         """Copy ``share * grad`` of every parameter in (zeros for a parameter without a
         gradient, or when ``failed``), and the status: ``share * loss`` and ``failed``."""
         xp = self.backend.xp
@@ -180,7 +183,7 @@ class FlatGradients:
         status[0] = 0 if loss is None or failed else loss.data.reshape(()) * share
         status[1] = 1 if failed else 0
 
-    def unpack(self, params: list[Tensor]):
+    def unpack(self, params: list[Tensor]) -> None:
         """Point every parameter's ``grad`` at its slice of the (reduced) buffers."""
         for p, shape, (k, start, stop) in zip(params, self.shapes, self.slots, strict=True):
             p.grad = Tensor._wrap(self.buffers[k][start:stop].reshape(shape), self.backend)
@@ -201,7 +204,7 @@ class NcclReducer:
     there is no NCCL).
     """
 
-    def __init__(self, mpi_comm, nccl=None, stream=None):
+    def __init__(self, mpi_comm, nccl=None, stream: Callable[[], int] | None = None):
         if nccl is None:
             from cupy.cuda import nccl
         self.nccl = nccl
@@ -213,7 +216,7 @@ class NcclReducer:
                        np.dtype(np.float64): nccl.NCCL_FLOAT64,
                        np.dtype(np.float16): nccl.NCCL_FLOAT16}
 
-    def allreduce(self, buffer):
+    def allreduce(self, buffer) -> None:
         pointer = _pointer(buffer)
         self.comm.allReduce(pointer, pointer, buffer.size, self.dtypes[np.dtype(buffer.dtype)],
                             self.nccl.NCCL_SUM, self.stream())
@@ -263,7 +266,7 @@ class Communicator:
         return f"Communicator(rank {self.rank} of {self.size}, local rank {self.local_rank})"
 
     # -- the end of the job --
-    def abort(self, message: str | None = None, code: int = 1):
+    def abort(self, message: str | None = None, code: int = 1) -> NoReturn:
         """Print ``tinyunet: error: rank r of P: message`` (unless None) and end every
         rank's process with exit status ``code``."""
         if message is not None:
@@ -273,7 +276,8 @@ class Communicator:
         os._exit(code)  # MPI_Abort called from a thread may return before the end comes
 
     # -- agreement --
-    def gather(self, value=None, error: BaseException | None = None, what: str = "") -> list:
+    def gather(self, value: Any = None, error: BaseException | None = None,
+               what: str = "") -> list:
         """Every rank's ``value``, in rank order (an allgather); the point where ranks
         learn of each other's errors. When any rank passes an ``error``, every rank
         raises RankFailure with that error's message. ``what`` names the wait for the
@@ -296,7 +300,7 @@ class Communicator:
         also = f" (ranks {', '.join(map(str, others))} failed too)" if others else ""
         return f"rank {rank} of {self.size}: {text}{also}"
 
-    def check_same(self, value, what: str, error: BaseException | None = None):
+    def check_same(self, value: Any, what: str, error: BaseException | None = None) -> None:
         """Raise RankMismatch on every rank unless every rank passed an equal ``value``."""
         values = self.gather(value, error, f"the check of {what}")
         differ = [rank for rank, v in enumerate(values) if v != values[0]]
@@ -306,7 +310,7 @@ class Communicator:
                 f"{', '.join(map(str, differ))} of {self.size} differ from rank 0; start "
                 "every rank with the same options, data and files")
 
-    def together(self, work, *args):
+    def together(self, work: Callable[..., Any], *args: Any) -> Any:
         """``work(*args)`` on every rank, then an agreement: an error on any rank is
         raised on all (RankFailure). ``work`` may itself call ``gather``/``check_same``:
         a rank that fails before one of them meets the others there."""
@@ -320,7 +324,7 @@ class Communicator:
         return result
 
     # -- GPUs --
-    def bind_gpu(self, simulated: bool = False):
+    def bind_gpu(self, simulated: bool = False) -> None:
         """Use GPU ``local_rank`` (modulo the GPUs on this node) for CuPy and numba, and
         NCCL for the gradient sums. Under the CUDA simulator only MPI is used."""
         if simulated:
@@ -334,7 +338,7 @@ class Communicator:
         with self._watchdog.waiting("the start of NCCL"):
             self.use_nccl(NcclReducer(self.comm))
 
-    def use_nccl(self, reducer: NcclReducer):
+    def use_nccl(self, reducer: NcclReducer) -> None:
         """Reduce gradients with ``reducer`` (an NcclReducer) from now on."""
         self._nccl = reducer
 
@@ -378,7 +382,7 @@ class Communicator:
         return range(int(mine[0]), int(mine[-1]) + 1) if len(mine) else range(0)
 
 
-def digest(*parts) -> str:
+def digest(*parts: Any) -> str:
     """A hex digest of JSON-able values and numpy arrays (shape, dtype and bytes)."""
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -399,7 +403,7 @@ def dataset_digest(dataset) -> str:
     return h.hexdigest()
 
 
-def file_digest(path) -> str:
+def file_digest(path: str | os.PathLike) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

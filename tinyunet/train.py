@@ -49,7 +49,7 @@ from .data.augment import Augmenter
 from .data.folder import FolderDataset, train_val_split
 from .data.synthetic import SyntheticCells
 from .data.tiling import logits_to_labels, predict_logits
-from .distributed import RankMismatch, dataset_digest, digest, file_digest
+from .distributed import Communicator, RankMismatch, dataset_digest, digest, file_digest
 from .errors import ShapeError
 from .reports import ProgressBar, save_curves, save_sample_grid, write_history
 
@@ -248,7 +248,8 @@ class Trainer:
     rank builds its Trainer with the same config); only rank 0 logs and writes files.
     """
 
-    def __init__(self, config: TrainConfig, log=print, progress_stream=None, comm=None):
+    def __init__(self, config: TrainConfig, log=print, progress_stream=None,
+                 comm: Communicator | None = None):
         from .nn import UNet
 
         config.validate()
