@@ -3,6 +3,12 @@
 Progress bars go to stderr, results to stdout. Errors a user can fix (a bad option, a bad
 data folder, a damaged checkpoint, a missing backend, a diverged run) end with one
 ``tinyunet: error: ...`` line and exit status 2 (1 for a diverged run, 130 for Ctrl-C).
+
+Under an MPI launcher (``mpiexec -n P tinyunet train ...``) train runs on the P
+processes (tinyunet/distributed.py): rank 0 prints, the others' stdout and stderr are
+silenced. An error met by every rank at the same point (the setup, a step, the
+validation) is agreed on and printed once by rank 0; any other ends the job with the
+failing rank's line and MPI_Abort.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +26,7 @@ import numpy as np
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data.folder import FolderDataset
 from .data.images import EXTENSIONS, DataError, read_image, require_pillow
+from .distributed import DistributedError, from_launcher, launcher_processes, launcher_rank
 from .memory import keep_freed_memory
 from .train import (
     LOSSES,
@@ -201,12 +210,13 @@ def _given(args) -> dict:
             if getattr(args, name, None) is not None}
 
 
-def _train(args):
+def _start_training(args) -> Trainer:
+    """The Trainer of a new run, or of the resumed one (restored), announced on stdout."""
     given = _given(args)
     _select_backend(args.backend)
     if args.resume is None:
         config = TrainConfig(**given)
-        trainer = Trainer(config)
+        trainer = Trainer(config, comm=args.comm)
     else:
         if args.resume:
             path = Path(args.resume)
@@ -224,7 +234,7 @@ def _train(args):
                     "the option, or start a new run with another --out."
                 )
         config = TrainConfig(**{**saved, **given, "out": str(out)})
-        trainer = Trainer(config)
+        trainer = Trainer(config, comm=args.comm)
         trainer.restore(path)
         print(f"resuming {path} after epoch {trainer.epoch} of {config.epochs}")
     source = "synthetic" if config.data is None else config.data
@@ -232,14 +242,31 @@ def _train(args):
           f"{config.padding} padding, {trainer.model.num_parameters()} parameters) on "
           f"{len(trainer.train_set)} training and {len(trainer.val_set)} validation images "
           f"({source}); backend {trainer.backend.name}, "
-          f"{trainer.input_hw[0]}x{trainer.input_hw[1]} crops, batch {config.batch_size}")
+          f"{trainer.input_hw[0]}x{trainer.input_hw[1]} crops, batch {config.batch_size}"
+          + (f" per process on {trainer.ranks} processes (global batch "
+             f"{config.batch_size * trainer.ranks})" if trainer.ranks > 1 else ""))
+    return trainer
+
+
+def _train(args):
+    comm = args.comm
+    trainer = _start_training(args) if comm is None else comm.together(_start_training, args)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
-        print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
-              f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train --resume "
-              f"--out {trainer.out}", file=sys.stderr)
-        return 130
+        message = (f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
+                   f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train "
+                   f"--resume --out {trainer.out}")
+        if comm is None:
+            print(message, file=sys.stderr)
+            return 130
+        # mpiexec passes Ctrl-C to every rank, but a rank inside a collective sees it only
+        # when the collective ends, which it may never do: the first rank to see it ends
+        # the job. Rank 0 gets a second's head start, so that its line is the one shown.
+        if comm.rank != 0:
+            time.sleep(1.0)
+        print(message, file=sys.__stderr__, flush=True)
+        comm.abort(code=130)
     if result["warning"]:
         print(result["warning"], file=sys.stderr)
     print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
@@ -380,16 +407,36 @@ def _export(args):
     return 0
 
 
+def _silence_other_ranks():
+    """Under an MPI launcher, rank 0 alone prints: the others' output would repeat it."""
+    if launcher_rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def main(argv=None) -> int:
     keep_freed_memory()  # training reuses the same memory every step (tinyunet.memory)
+    _silence_other_ranks()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.comm = None
     try:
+        if launcher_processes() > 1:
+            if args.command != "train":
+                raise UserError(f"{args.command}: Expect: one process (only train runs on "
+                                f"several). Actual: {launcher_processes()} started by an "
+                                "MPI launcher.")
+            args.comm = from_launcher()
         return args.run(args)
     except TrainingDiverged as error:
+        # On several ranks every rank sees the same summed loss, so all stop here.
         print(f"tinyunet: error: {error}", file=sys.stderr)
         return 1
+    except DistributedError as error:
+        print(f"tinyunet: error: {error}", file=sys.stderr)
+        return 2
     except (UserError, DataError, CheckpointError, ValueError, ImportError) as error:
+        if args.comm is not None:  # met by this rank alone, whose peers wait for it
+            args.comm.abort(str(error), 2)
         print(f"tinyunet: error: {error}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,14 @@ Determinism: the model is initialised after ``tinyunet.manual_seed(seed)``; the 
 split, the batch order and every augmentation draw from numpy generators seeded by
 ``seed``. The same seed on the same backend gives the same loss curve.
 
+Several processes (``mpiexec -n P``, ``Trainer(config, comm=Communicator())``): every
+rank draws the same global batch of ``batch_size * P`` samples, augments all of it
+(so the generator's draws stay the same on every rank and each sample is augmented
+as in one process with that batch) and trains on its shard; one allreduce per step
+sums the gradients (tinyunet/distributed.py). So P ranks with batch B follow one
+process with batch P*B, to float32 rounding of the summed gradients. Validation is
+shared out by image; only rank 0 writes files and prints.
+
 Checkpoints (tinyunet/checkpoint.py) hold the weights, the optimizer's and the
 schedule's state, the training generator's state and the history, so a resumed run
 continues exactly as it would have without the interruption. The progress bar, the
@@ -41,6 +49,7 @@ from .data.augment import Augmenter
 from .data.folder import FolderDataset, train_val_split
 from .data.synthetic import SyntheticCells
 from .data.tiling import logits_to_labels, predict_logits
+from .distributed import Communicator, RankMismatch, dataset_digest, digest, file_digest
 from .errors import ShapeError
 from .reports import ProgressBar, save_curves, save_sample_grid, write_history
 
@@ -235,18 +244,28 @@ class Trainer:
 
     ``log`` receives the per-epoch summary lines (default: print to stdout); the progress
     bar goes to ``progress_stream`` (default stderr), or nowhere when it is False.
+    ``comm``: a ``tinyunet.distributed.Communicator`` to train on all its ranks (each
+    rank builds its Trainer with the same config); only rank 0 logs and writes files.
     """
 
-    def __init__(self, config: TrainConfig, log=print, progress_stream=None):
+    def __init__(self, config: TrainConfig, log=print, progress_stream=None,
+                 comm: Communicator | None = None):
         from .nn import UNet
 
         config.validate()
         self.config = config
-        self.log = log
-        self.progress_stream = progress_stream
+        self.comm = comm
+        self.ranks = 1 if comm is None else comm.size
+        self.writes = comm is None or comm.rank == 0  # logs, progress bar and files
+        self.log = log if self.writes else _quiet
+        self.progress_stream = progress_stream if self.writes else False
         if config.backend is not None:
             set_backend(config.backend)
         self.backend = get_backend()
+        if comm is not None and self.backend.name == "cuda":
+            from .backends.cuda_backend import SIMULATED
+
+            comm.bind_gpu(simulated=SIMULATED)
         self.out = Path(config.out)
 
         self.train_set, self.val_set = build_datasets(config)
@@ -274,6 +293,11 @@ class Trainer:
         self.history: list[dict] = []
         self.best_dice = -1.0
         self.best_epoch = 0
+        if comm is not None:
+            comm.check_same(
+                digest(dataclasses.asdict(config), self.backend.name,
+                       dataset_digest(self.train_set), dataset_digest(self.val_set)),
+                "options, backend and data")
 
     # -- checkpoints --
     def _meta(self) -> dict:
@@ -287,10 +311,13 @@ class Trainer:
             "num_classes": self.num_classes,
             "in_channels": self.train_set.in_channels,
             "backend": self.backend.name,
+            "ranks": self.ranks,
         }
 
     def save(self, path):
-        save_checkpoint(path, self.model, self._meta(), self.optimizer, self.scheduler)
+        """Write a checkpoint (on rank 0 only when training on several ranks)."""
+        if self.writes:
+            save_checkpoint(path, self.model, self._meta(), self.optimizer, self.scheduler)
 
     def restore(self, path):
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG, history."""
@@ -314,6 +341,12 @@ class Trainer:
         self.history = list(meta["history"])
         self.best_dice = float(meta["best_dice"])
         self.best_epoch = int(meta["best_epoch"])
+        saved_ranks = int(meta.get("ranks", 1))
+        if saved_ranks != self.ranks:
+            self.log(_ranks_changed_note(path, saved_ranks, meta["config"]["batch_size"],
+                                         self.ranks, self.config.batch_size))
+        if self.comm is not None:
+            self.comm.check_same(file_digest(path), f"checkpoint {path}")
 
     # -- one epoch --
     def _batch(self, indices):
@@ -342,7 +375,8 @@ class Trainer:
         self.model.train()
         n = len(self.train_set)
         order = self.rng.permutation(n)
-        steps = math.ceil(n / self.config.batch_size)
+        batch = self.config.batch_size * self.ranks  # the global batch
+        steps = math.ceil(n / batch)
         bar = None
         if self.progress_stream is not False:
             bar = ProgressBar(steps, f"epoch {self.epoch + 1}/{self.config.epochs}",
@@ -350,20 +384,24 @@ class Trainer:
         total, loss_value = 0.0, float("nan")
         started = time.perf_counter()
         for step in range(steps):
-            chunk = order[step * self.config.batch_size : (step + 1) * self.config.batch_size]
+            chunk = order[step * batch : (step + 1) * batch]
             images, masks = self._batch(chunk)
             # Overflow is caught below as a non-finite loss, with a clearer message than
             # numpy's warnings.
             with np.errstate(over="ignore", invalid="ignore"):
-                logits = self.model(tensor(images, backend=self.backend))
-                loss = self.loss_fn(logits, masks)
-                loss_value = float(loss.item())
+                if self.comm is None:
+                    logits = self.model(tensor(images, backend=self.backend))
+                    loss = self.loss_fn(logits, masks)
+                    loss_value = float(loss.item())
+                else:
+                    loss_value = self._shard_step(images, masks)
                 if not math.isfinite(loss_value):
                     if bar is not None:
                         bar.close(loss_value)
                     raise self._diverged(f"the loss became {loss_value}", step + 1)
-                self.optimizer.zero_grad()
-                loss.backward()
+                if self.comm is None:
+                    self.optimizer.zero_grad()
+                    loss.backward()
                 self.optimizer.step()
             total += loss_value * len(chunk)
             if bar is not None:
@@ -372,23 +410,55 @@ class Trainer:
             bar.close(total / n)
         return total / n, n / max(time.perf_counter() - started, 1e-9)
 
+    def _shard_step(self, images, masks) -> float:
+        """Forward and backward on this rank's shard of the global batch, then the sum of
+        every rank's gradients; returns the global batch's mean loss. An error here
+        reaches every rank through the sum, and each raises RankFailure."""
+        shard = self.comm.shard(len(images))
+        loss, error = None, None
+        self.optimizer.zero_grad()
+        try:
+            if len(shard):
+                logits = self.model(tensor(images[shard.start : shard.stop],
+                                           backend=self.backend))
+                loss = self.loss_fn(logits, masks[shard.start : shard.stop])
+                loss.backward()
+        except Exception as caught:  # noqa: BLE001 - every rank must learn of it
+            error = caught
+        return self.comm.reduce_gradients(self.optimizer.params, loss,
+                                          len(shard) / len(images), error)
+
     def evaluate(self, dataset=None):
-        """Validation loss and per-image Dice/IoU; also the label maps for plots."""
+        """Validation loss and per-image Dice/IoU; also the label maps for plots.
+
+        On several ranks each scores every P-th image and the scores are gathered, so
+        every rank returns the same result. There ``predictions`` and ``truths`` hold
+        the label maps of the first ``config.samples`` images (the ones drawn) and,
+        after those, only each map's distinct labels (enough for one_class_warning).
+        """
         dataset = self.val_set if dataset is None else dataset
         self.model.eval()
-        losses, dices, ious, predictions, truths = [], [], [], [], []
-        for index in range(len(dataset)):
-            image, mask = dataset[index]
-            logits = predict_logits(self.model, image)
-            with no_grad():
-                loss = self.loss_fn(tensor(logits[None], backend=self.backend), mask[None])
-            losses.append(float(loss.item()))
-            labels = logits_to_labels(logits)
-            dice, iou = dice_iou(labels, mask, self.num_classes)
-            dices.append(dice)
-            ious.append(iou)
-            predictions.append(labels)
-            truths.append(mask)
+        indices = range(len(dataset))
+        if self.comm is not None:
+            indices = indices[self.comm.rank :: self.comm.size]
+        scores, error = {}, None
+        try:
+            for index in indices:
+                image, mask = dataset[index]
+                logits = predict_logits(self.model, image)
+                with no_grad():
+                    loss = self.loss_fn(tensor(logits[None], backend=self.backend), mask[None])
+                labels = logits_to_labels(logits)
+                dice, iou = dice_iou(labels, mask, self.num_classes)
+                scores[index] = (float(loss.item()), dice, iou, labels, mask)
+        except Exception as caught:
+            if self.comm is None:
+                raise
+            error = caught
+        if self.comm is not None:
+            scores = self._gather_scores(scores, error)
+        losses, dices, ious, predictions, truths = (
+            [scores[index][field] for index in range(len(dataset))] for field in range(5))
         return {
             "loss": float(np.mean(losses)),
             "dice": float(np.mean(dices)),
@@ -398,6 +468,25 @@ class Trainer:
             "predictions": predictions,
             "truths": truths,
         }
+
+    def _gather_scores(self, scores: dict, error) -> dict:
+        """Every rank's validation scores, merged; also checks that the ranks' weights
+        are still equal (they get the same sums, so they must be)."""
+        shown = self.config.samples
+        sent = {index: (loss, dice, iou, *(
+                    (labels, mask) if index < shown else (np.unique(labels), np.unique(mask))))
+                for index, (loss, dice, iou, labels, mask) in scores.items()}
+        weights = digest(*(p.numpy() for p in self.model.parameters()))
+        gathered = self.comm.gather((weights, sent), error, "the validation")
+        differ = [rank for rank, (w, _) in enumerate(gathered) if w != gathered[0][0]]
+        if differ:
+            raise RankMismatch(
+                f"Expect: equal weights on every rank after epoch {self.epoch + 1}. Actual: "
+                f"rank(s) {', '.join(map(str, differ))} of {self.ranks} differ from rank 0.")
+        merged = {}
+        for _, part in gathered:
+            merged.update(part)
+        return merged
 
     def _check_weights(self):
         for name, parameter in self.model.named_parameters():
@@ -409,7 +498,8 @@ class Trainer:
         """Train up to ``config.epochs`` (or ``stop_after`` more epochs, which simulates an
         interruption); save last/best checkpoints, history and PNGs after every epoch.
         """
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
         first = self.epoch
         result = None
         while self.epoch < self.config.epochs:
@@ -461,6 +551,8 @@ class Trainer:
         }
 
     def _write_reports(self, result):
+        if not self.writes:
+            return
         write_history(self.out, self.history)
         try:
             save_curves(self.out / "curves.png", self.history)
@@ -471,6 +563,21 @@ class Trainer:
             if not getattr(self, "_warned_pillow", False):
                 self.log(f"note: {error}; skipping the PNG plots")
                 self._warned_pillow = True
+
+
+def _quiet(*_):
+    """The log of ranks other than 0: rank 0 prints for the job."""
+
+
+def _ranks_changed_note(path, saved_ranks: int, saved_batch: int, ranks: int,
+                        batch: int) -> str:
+    before, now = saved_ranks * saved_batch, ranks * batch
+    same = (f"the global batch is the same ({now}), so the run follows the one it "
+            "continues to float32 rounding, not bit for bit" if before == now else
+            f"the global batch changes from {before} to {now}, so the steps group the "
+            "samples differently")
+    return (f"note: {path} was written by {saved_ranks} process(es), this run has {ranks}. "
+            f"The sample order and the augmentation go on unchanged; {same}.")
 
 
 def _crop_sizes(model, side: int):
