@@ -242,3 +242,28 @@ def test_config_errors_name_the_option():
         tiny_config("x", lr=-1.0).validate()
     with pytest.raises(ValueError, match="'ce' needs more than two classes"):
         quiet_trainer(tiny_config("x", loss="ce"))
+
+
+# ---- real-data training: any depth, any mask dtype ----------------------------------------------
+
+def _write_folder(root, count, size, seed=0, mask_dtype=np.uint8):
+    """``count`` synthetic cell images of ``size`` as NPY files in root/images, root/masks."""
+    from tinyunet.data import SyntheticCells
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    cells = SyntheticCells(count, size, seed=seed)
+    for i in range(count):
+        image, mask = cells[i]
+        np.save(root / "images" / f"c{i}.npy", image[0])
+        np.save(root / "masks" / f"c{i}.npy", mask.astype(mask_dtype))
+    return root
+
+
+def test_depth_4_validates_on_images_larger_than_256(tmp_path):
+    """The default tile follows the halo: depth 4 needs more than 2 * 144 = 288 pixels."""
+    data = _write_folder(tmp_path / "data", 2, (300, 300))
+    config = tiny_config(tmp_path / "run", data=str(data), depth=4, base_channels=2,
+                         epochs=1, batch_size=2)
+    result = quiet_trainer(config).fit()
+    assert 0 <= result["val_dice"] <= 1
