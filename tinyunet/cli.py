@@ -81,7 +81,17 @@ def _add_train(commands):
     add("--no-augment", dest="augment", action="store_const", const=False,
         help="turn off flips, rotations, elastic deformation and intensity jitter")
     add("--val-fraction", type=float,
-        help=f"share of a --data folder kept for validation [{d.val_fraction}]")
+        help="share of a --data folder kept for validation: of its images with 5 or more, "
+        f"of each image's rows (a strip at the bottom) with fewer [{d.val_fraction}]")
+    add("--val-data", metavar="DIR", help="a separate validation folder (images/, masks/); "
+        "then every --data image trains")
+    add("--samples-per-epoch", type=_positive_int, metavar="N",
+        help="training crops per epoch [synthetic: one per image; folders: enough to "
+        "cover the training pixels about once, 256-1024]")
+    add("--foreground-fraction", type=float, metavar="F",
+        help="share of the crops centred on a foreground pixel [1/3]")
+    add("--tile", type=_positive_int, help="tile side of the validation's overlap-tile "
+        "prediction [from the network's halo: 512 up to depth 3, 576 at depth 4]")
     add("--synthetic-train", type=_positive_int,
         help=f"synthetic training images [{d.synthetic_train}]")
     add("--synthetic-val", type=_positive_int,
@@ -134,8 +144,12 @@ def _add_evaluate(commands):
 
 def _add_inference_options(parser):
     parser.add_argument("--backend", choices=BACKENDS, help="compute backend")
-    parser.add_argument("--tile", type=_positive_int, default=256,
-                        help="tile side for overlap-tile prediction")
+    parser.add_argument("--tile", type=_positive_int,
+                        help="tile side for overlap-tile prediction [from the network's "
+                        "halo: 512 up to depth 3, 576 at depth 4]")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probabilities of the 8 "
+                        "flips and rotations (8 times slower)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per batch")
 
 
@@ -206,6 +220,7 @@ def _train(args):
           f"{len(trainer.train_set)} training and {len(trainer.val_set)} validation images "
           f"({source}); backend {trainer.backend.name}, "
           f"{trainer.input_hw[0]}x{trainer.input_hw[1]} crops, batch {config.batch_size}")
+    print(trainer.data_description)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
@@ -271,7 +286,8 @@ def _predict(args):
     channels = model.config["in_channels"]
     for path in _input_files(args.inputs):
         image = match_channels(read_image(path), channels, path)
-        logits = predict_logits(model, image, tile=args.tile, batch_size=args.batch_size)
+        logits = predict_logits(model, image, tile=args.tile, batch_size=args.batch_size,
+                                tta=args.tta)
         labels = logits_to_labels(logits)
         pixels = labels * 255 if logits.shape[0] == 1 else labels
         Image.fromarray(pixels.astype(np.uint8)).save(out / f"{path.stem}_mask.png")
@@ -310,7 +326,7 @@ def _evaluate(args):
         image, mask = dataset[index]
         image = match_channels(image, model.config["in_channels"], dataset.names[index])
         labels = logits_to_labels(predict_logits(model, image, tile=args.tile,
-                                                 batch_size=args.batch_size))
+                                                 batch_size=args.batch_size, tta=args.tta))
         dice, iou = dice_iou(labels, mask, num_classes)
         rows.append({"image": dataset.names[index], "dice": dice, "iou": iou})
         predictions.append(labels)

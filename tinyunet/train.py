@@ -53,7 +53,7 @@ from .data.augment import Augmenter
 from .data.folder import DataError, FolderDataset
 from .data.sampling import CropSampler, default_samples_per_epoch, split_for_validation
 from .data.synthetic import SyntheticCells
-from .data.tiling import logits_to_labels, predict_logits
+from .data.tiling import default_tile, logits_to_labels, predict_logits, receptive_halo
 from .errors import ShapeError
 from .reports import ProgressBar, save_curves, save_sample_grid, write_history
 
@@ -335,6 +335,11 @@ class Trainer:
         self.scheduler = _make_scheduler(config, self.optimizer)
         self.loss_fn = loss_function(config.loss, self.num_classes)
 
+        halo = receptive_halo(config.depth)
+        if config.tile is not None and config.padding == "same" and config.tile <= 2 * halo:
+            raise ValueError(f"--tile: Expect: more than 2 * halo = {2 * halo} pixels for a "
+                             f"depth-{config.depth} U-Net (or leave it out: "
+                             f"{default_tile(config.depth)}). Actual: {config.tile}.")
         self.input_hw, self.output_hw = _crop_sizes(self.model, config.crop)
         self.sampler = CropSampler(self.train_set, self.input_hw, self.output_hw,
                                    config.foreground_fraction, config.seed)

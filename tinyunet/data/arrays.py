@@ -127,8 +127,9 @@ class ArrayDataset:
                 self.weights.append(weight)
 
         self.in_channels = max(image.shape[0] for image in self.images)
-        self.images = [np.repeat(image, self.in_channels, axis=0) if image.shape[0] == 1
-                       else image for image in self.images]
+        self.images = [np.repeat(image, self.in_channels, axis=0)
+                       if image.shape[0] == 1 < self.in_channels else image
+                       for image in self.images]
         for image, name in zip(self.images, self.names, strict=True):
             if image.shape[0] != self.in_channels:
                 raise DataError(f"{name}: Expect: {self.in_channels} channels like the other "
