@@ -112,3 +112,14 @@ def test_predict_matches_the_channels_of_the_model():
     assert tu.predict(model, rgb[..., 0])[0].shape == (4, 24, 20)  # grey repeated
     with pytest.raises(ValueError, match="predict"):
         tu.predict(model, rng.random((24, 20, 2)))
+
+
+def test_the_command_line_refuses_to_rebuild_an_array_run(tmp_path, capsys):
+    from tinyunet import cli
+
+    images, masks = _cells(2)
+    tu.fit(images, masks, verbose=False, out=str(tmp_path / "run"), **TINY)
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.npz")]) == 2
+    assert "trained on arrays" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", "--out", str(tmp_path / "run")]) == 2
+    assert "resume it from Python" in capsys.readouterr().err

@@ -188,6 +188,13 @@ def _given(args) -> dict:
             if getattr(args, name, None) is not None}
 
 
+def _refuse_array_run(meta: dict, path, remedy: str):
+    """A UserError for a checkpoint of ``tinyunet.fit``, whose data no option can name."""
+    if meta.get("data_source") == "arrays":
+        raise UserError(f"{path}: this run was trained on arrays (tinyunet.fit), which the "
+                        f"command line cannot reload; {remedy}")
+
+
 def _train(args):
     given = _given(args)
     _select_backend(args.backend)
@@ -202,6 +209,7 @@ def _train(args):
             out = Path(given.get("out", DEFAULTS.out))
             path = out / "last.npz"
         meta, _ = read_checkpoint(path)
+        _refuse_array_run(meta, path, "resume it from Python (Trainer.restore)")
         saved = meta["config"]
         for name, value in given.items():
             if name in RUN_DEFINING and value != saved.get(name):
@@ -314,6 +322,7 @@ def _evaluate(args):
     if args.data is not None:
         dataset = FolderDataset(args.data)
     else:
+        _refuse_array_run(meta, args.checkpoint, "give --data DIR")
         _, dataset = build_datasets(TrainConfig(**meta["config"]))
     num_classes = model.config["num_classes"]
     # A binary model (one channel) tells 2 labels apart.

@@ -325,6 +325,11 @@ class Trainer:
         self.out = Path(config.out)
 
         self.train_set, self.val_set, split = prepare_datasets(config, train_set, val_set)
+        # Kept in checkpoints: a run trained on arrays cannot be rebuilt from its config.
+        if train_set is not None:
+            self.data_source = "arrays"
+        else:
+            self.data_source = "synthetic" if config.data is None else "folder"
         self.num_classes = self.train_set.num_classes
         _seed_model_init(config.seed)
         self.model = UNet(in_channels=self.train_set.in_channels,
@@ -379,6 +384,7 @@ class Trainer:
             "num_classes": self.num_classes,
             "in_channels": self.train_set.in_channels,
             "backend": self.backend.name,
+            "data_source": self.data_source,
         }
 
     def save(self, path):

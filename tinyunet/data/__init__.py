@@ -1,8 +1,10 @@
-"""Datasets and augmentation: the built-in synthetic cells, image folders, tiling.
+"""Datasets and augmentation: the built-in synthetic cells, image folders, arrays,
+training crops (sampling), tiling.
 
-Shapes: images (C, H, W) float32, masks (H, W) int64 class labels.
+Shapes: images (C, H, W) float32, masks (H, W) integer class labels.
 """
 
+from .arrays import ArrayDataset
 from .augment import Augmenter, elastic_field, flip_rotate, intensity_jitter, random_crop, warp
 from .folder import (
     DataError,
@@ -14,10 +16,13 @@ from .folder import (
     split_indices,
     train_val_split,
 )
+from .sampling import CropSampler, split_for_validation
 from .synthetic import SyntheticCells, make_sample
 
 __all__ = [
+    "ArrayDataset",
     "Augmenter",
+    "CropSampler",
     "DataError",
     "FolderDataset",
     "Subset",
@@ -30,6 +35,7 @@ __all__ = [
     "random_crop",
     "read_image",
     "read_mask",
+    "split_for_validation",
     "split_indices",
     "train_val_split",
     "warp",
