@@ -141,7 +141,7 @@ def test_the_same_generator_state_gives_the_same_crops():
 # ---- the validation split ------------------------------------------------------------------------
 
 def test_strip_rows():
-    assert strip_rows(1000, 0.2, 64) == 200
+    assert strip_rows(1000, 0.2, 64) == 200 and strip_rows(1100, 0.2, 64) == 220
     assert strip_rows(200, 0.2, 64) == 64      # at least one crop's worth of rows
     assert strip_rows(100, 0.2, 64) == 20      # unless the image is under twice that
     assert strip_rows(2, 0.2, 64) == 1 and strip_rows(130, 0.9, 64) == 66

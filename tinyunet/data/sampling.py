@@ -59,7 +59,7 @@ def _weights(dataset):
 
 def strip_rows(height: int, val_fraction: float, min_rows: int) -> int:
     """Rows at the bottom of an image of ``height`` rows that are held out for validation."""
-    rows = math.ceil(val_fraction * height)
+    rows = math.ceil(val_fraction * height - 1e-9)  # 0.2 * 1100 is 220.00000000000003
     if height >= 2 * min_rows:
         rows = min(max(rows, min_rows), height - min_rows)
     return min(max(rows, 1), height - 1)
