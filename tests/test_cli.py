@@ -158,3 +158,48 @@ def test_diverged_training_exits_1_with_a_message(tmp_path):
                "--out", tmp_path / "run", check=False)
     assert done.returncode == 1
     assert "training stopped" in done.stderr and "Traceback" not in done.stderr
+
+
+def _cell_folder(root, count, size, seed):
+    from tinyunet.data import SyntheticCells
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    cells = SyntheticCells(count, size, seed=seed)
+    for i in range(count):
+        image, mask = cells[i]
+        np.save(root / "images" / f"c{i}.npy", image[0])
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"c{i}.png")
+    return root
+
+
+def test_val_data_samples_per_epoch_tile_and_tta(tmp_path):
+    data = _cell_folder(tmp_path / "data", 2, (40, 40), seed=1)
+    val = _cell_folder(tmp_path / "val", 1, (40, 48), seed=2)
+    out = tmp_path / "run"
+    too_small = run("train", "--data", data, "--tile", "64", *TINY[2:], check=False)
+    assert too_small.returncode == 2 and "--tile: Expect: more than 2 * halo = 64" in \
+        too_small.stderr and "epoch" not in too_small.stderr  # refused before training
+    done = run("train", "--data", data, "--val-data", val, "--samples-per-epoch", "6",
+               "--tile", "80", "--foreground-fraction", "0.5", *TINY[2:], "--epochs", "1",
+               "--out", out)
+    assert "validation: the 1 images of" in done.stdout and "all 2 training images train" \
+        in done.stdout
+    assert "an epoch is 6 crops of 32x32 (2 steps of 4), 50% of them centred" in done.stdout
+    assert "] 2/2 loss" in done.stderr  # two steps
+    clash = run("train", "--resume", "--foreground-fraction", "0.2", "--out", out,
+                check=False)
+    assert clash.returncode == 2 and "--foreground-fraction is 0.5, not 0.2" in clash.stderr
+
+    masks = tmp_path / "masks"
+    run("predict", "--checkpoint", out / "last.npz", "--out", masks, "--probabilities",
+        "--tta", val / "images")
+    probabilities = np.load(masks / "c0_prob.npy")
+    assert probabilities.shape == (1, 40, 48)
+    plain = tmp_path / "plain"
+    run("predict", "--checkpoint", out / "last.npz", "--out", plain, "--probabilities",
+        val / "images")
+    assert not np.allclose(np.load(plain / "c0_prob.npy"), probabilities)  # TTA differs
+    scores = run("evaluate", "--checkpoint", out / "last.npz", "--data", val, "--tta")
+    assert scores.stdout.splitlines()[-1].startswith("mean")
+    assert "--tta" in run("evaluate", "--help").stdout

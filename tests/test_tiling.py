@@ -7,6 +7,10 @@ from hypothesis import strategies as st
 
 import tinyunet as tu
 from tinyunet.data.tiling import (
+    DIHEDRAL,
+    default_tile,
+    dihedral_inverse,
+    dihedral_transform,
     logits_to_labels,
     logits_to_probabilities,
     predict_logits,
@@ -91,3 +95,65 @@ def test_bad_inputs_are_clear_errors():
         predict_logits(model, np.zeros((3, 40, 40), dtype=np.float32))
     with pytest.raises(ValueError, match="larger than 2 \\* halo"):
         predict_logits(model, np.zeros((1, 200, 200), dtype=np.float32), tile=40, halo=32)
+
+
+# ---- the default tile and test-time augmentation -------------------------------------------------
+
+def test_default_tile_covers_twice_the_halo_at_every_depth():
+    for depth in range(1, 7):
+        tile = default_tile(depth)
+        assert tile % 2**depth == 0 and tile >= max(512, 4 * receptive_halo(depth))
+        assert tile - 2**depth < max(512, 4 * receptive_halo(depth))  # the smallest such
+
+
+def test_default_tile_predicts_a_depth_4_image_larger_than_the_tile():
+    tu.manual_seed(0)
+    model = UNet(in_channels=1, num_classes=1, depth=4, base_channels=1).eval()
+    image = np.random.default_rng(0).normal(size=(1, 600, 40)).astype(np.float32)
+    np.testing.assert_allclose(predict_logits(model, image), _whole(model, image),
+                               rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=4)
+@given(h=st.integers(9, 40), w=st.integers(9, 40), seed=st.integers(0, 1000),
+       padding=st.sampled_from(["same", "valid"]), classes=st.sampled_from([1, 3]),
+       view=st.sampled_from(DIHEDRAL[1:]))
+def test_tta_is_equivariant(h, w, seed, padding, classes, view):
+    """TTA of a flipped or rotated image is the flipped or rotated TTA output."""
+    model = _model(padding, num_classes=classes, seed=seed)
+    image = np.random.default_rng(seed).normal(size=(1, h, w)).astype(np.float32)
+    turned = np.ascontiguousarray(dihedral_transform(image, *view))
+    expected = dihedral_transform(predict_tiled(model, image, tile=40, tta=True), *view)
+    np.testing.assert_allclose(predict_tiled(model, turned, tile=40, tta=True), expected,
+                               rtol=1e-5, atol=1e-6)
+    # The plain prediction is not equivariant (the net is not), so the check can fail.
+    plain = dihedral_transform(predict_tiled(model, image, tile=40), *view)
+    assert np.abs(predict_tiled(model, turned, tile=40) - plain).max() > 1e-4
+
+
+def test_tta_averages_the_probabilities_of_the_eight_views():
+    model = _model("same", num_classes=1)
+    image = np.random.default_rng(3).normal(size=(1, 24, 20)).astype(np.float32)
+    views = [dihedral_inverse(logits_to_probabilities(_whole(
+        model, np.ascontiguousarray(dihedral_transform(image, *view)))), *view)
+        for view in DIHEDRAL]
+    np.testing.assert_allclose(predict_tiled(model, image, tta=True), np.mean(views, axis=0),
+                               rtol=1e-5, atol=1e-6)
+    logits = predict_logits(model, image, tta=True)
+    np.testing.assert_allclose(logits_to_probabilities(logits), np.mean(views, axis=0),
+                               rtol=1e-4, atol=1e-6)
+    # Without tta, the prediction is the plain one.
+    np.testing.assert_array_equal(predict_logits(model, image, tta=False),
+                                  predict_logits(model, image))
+    np.testing.assert_allclose(predict_logits(model, image), _whole(model, image),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dihedral_views_are_the_eight_symmetries_and_invert():
+    square = np.arange(9).reshape(1, 3, 3)
+    seen = {dihedral_transform(square, *view).tobytes() for view in DIHEDRAL}
+    assert len(seen) == 8
+    image = np.arange(12).reshape(1, 3, 4)
+    for view in DIHEDRAL:
+        np.testing.assert_array_equal(dihedral_inverse(dihedral_transform(image, *view),
+                                                       *view), image)

@@ -20,6 +20,7 @@ from tinyunet.train import (
     Trainer,
     TrainingDiverged,
     dice_iou,
+    loss_function,
     one_class_warning,
 )
 
@@ -242,3 +243,139 @@ def test_config_errors_name_the_option():
         tiny_config("x", lr=-1.0).validate()
     with pytest.raises(ValueError, match="'ce' needs more than two classes"):
         quiet_trainer(tiny_config("x", loss="ce"))
+
+
+# ---- real-data training: any depth, any mask dtype ----------------------------------------------
+
+def _write_folder(root, count, size, seed=0, mask_dtype=np.uint8):
+    """``count`` synthetic cell images of ``size`` as NPY files in root/images, root/masks."""
+    from tinyunet.data import SyntheticCells
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    cells = SyntheticCells(count, size, seed=seed)
+    for i in range(count):
+        image, mask = cells[i]
+        np.save(root / "images" / f"c{i}.npy", image[0])
+        np.save(root / "masks" / f"c{i}.npy", mask.astype(mask_dtype))
+    return root
+
+
+def test_depth_4_validates_on_images_larger_than_256(tmp_path):
+    """The default tile follows the halo: depth 4 needs more than 2 * 144 = 288 pixels."""
+    data = _write_folder(tmp_path / "data", 2, (300, 300))
+    config = tiny_config(tmp_path / "run", data=str(data), depth=4, base_channels=2,
+                         epochs=1, batch_size=2)
+    result = quiet_trainer(config).fit()
+    assert 0 <= result["val_dice"] <= 1
+
+
+# ---- per-pixel loss weights ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,classes", [("bce", 1), ("dice+bce", 1), ("ce", 3),
+                                          ("dice+bce", 3), ("dice", 1)])
+def test_all_ones_weights_give_the_unweighted_loss(name, classes):
+    rng = np.random.default_rng(0)
+    logits = tensor_of(rng.normal(size=(2, classes, 5, 6)))
+    masks = rng.integers(0, max(classes, 2), (2, 5, 6)).astype(np.uint8)
+    loss = loss_function(name, classes)
+    plain = loss(logits, masks).item()
+    np.testing.assert_allclose(loss(logits, masks, np.ones((2, 5, 6))).item(), plain,
+                               rtol=1e-6)
+    # Other weights change the cross-entropy term (not the Dice-only loss).
+    doubled = loss(logits, masks, np.full((2, 5, 6), 2.0)).item()
+    assert (doubled == pytest.approx(plain)) == (name == "dice")
+
+
+def test_weighted_loss_is_the_mean_of_weight_times_pixel_loss():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2, 1, 4, 4))
+    masks = rng.integers(0, 2, (2, 4, 4))
+    weights = rng.random((2, 4, 4)) * 5
+    bce = np.maximum(z[:, 0], 0) - z[:, 0] * masks + np.log1p(np.exp(-np.abs(z[:, 0])))
+    got = loss_function("bce", 1)(tensor_of(z, np.float64), masks, weights).item()
+    assert got == pytest.approx((weights * bce).mean(), rel=1e-12)
+
+
+def tensor_of(array, dtype=np.float32):
+    import tinyunet as tu
+
+    return tu.tensor(array, dtype=dtype)
+
+
+def test_weighted_losses_pass_the_gradient_check(backend):
+    from gradcheck import check_gradients
+    from strategies import budget, image_shapes, seeds, size_limit
+
+    @budget(backend)
+    @given(shape=image_shapes(size_limit(backend)), classes=st.sampled_from([1, 3]),
+           name=st.sampled_from(["bce", "ce", "dice+bce"]), seed=seeds)
+    def check(shape, classes, name, seed):
+        if (name, classes) in (("bce", 3), ("ce", 1)):
+            name = "dice+bce"
+        rng = np.random.default_rng(seed)
+        n, _, h, w = shape
+        masks = rng.integers(0, max(classes, 2), (n, h, w)).astype(np.uint16)
+        weights = rng.random((n, h, w)) * 10
+        loss = loss_function(name, classes)
+        check_gradients(lambda z: loss(z, masks, weights),
+                        [2 * rng.standard_normal((n, classes, h, w))], backend, seed)
+
+    check()
+
+
+# ---- epochs of crops, validation choices, arrays in ---------------------------------------------
+
+def test_an_epoch_is_samples_per_epoch_crops(tmp_path):
+    synthetic = quiet_trainer(tiny_config(tmp_path / "s", epochs=1))
+    assert synthetic.samples_per_epoch == 8  # one crop per synthetic training image
+    counted = []
+    trainer = quiet_trainer(tiny_config(tmp_path / "n", epochs=1, samples_per_epoch=10))
+    original = trainer._batch
+    trainer._batch = lambda chunk: counted.append(len(chunk)) or original(chunk)
+    trainer.fit()
+    assert counted == [4, 4, 2]
+    assert "10 crops of 32x32 (3 steps of 4)" in trainer.data_description
+
+
+def test_a_single_large_image_trains_on_its_top_and_validates_on_its_bottom(tmp_path):
+    data = _write_folder(tmp_path / "data", 1, (200, 72), mask_dtype=np.uint16)
+    trainer = quiet_trainer(tiny_config(tmp_path / "run", data=str(data), epochs=1))
+    train_mask, val_mask = trainer.train_set[0][1], trainer.val_set[0][1]
+    assert train_mask.shape == (160, 72) and val_mask.shape == (40, 72)  # 20% of the rows
+    assert "last 40 rows" in trainer.data_description
+    # Defaults for folder data: at least 256 crops, even for one small image.
+    assert trainer.samples_per_epoch == 256
+    trainer.samples_per_epoch = 8  # a shorter epoch keeps the test fast
+    result = trainer.fit()
+    assert 0 <= result["val_dice"] <= 1
+
+
+def test_val_data_keeps_every_training_image(tmp_path):
+    data = _write_folder(tmp_path / "data", 2, (40, 40))
+    val = _write_folder(tmp_path / "val", 1, (48, 40), seed=5)
+    trainer = quiet_trainer(tiny_config(tmp_path / "run", data=str(data), val_data=str(val),
+                                        epochs=1, samples_per_epoch=4))
+    assert len(trainer.train_set) == 2 and trainer.val_set[0][1].shape == (48, 40)
+    assert "all 2 training images train" in trainer.data_description
+    trainer.fit()
+    with pytest.raises(ValueError, match="--val-data"):
+        tiny_config("x", val_data=str(val)).validate()
+
+
+def test_arrays_with_weights_and_small_mask_dtypes_train(tmp_path):
+    from tinyunet.data.arrays import ArrayDataset
+    from tinyunet.data.synthetic import SyntheticCells
+
+    cells = SyntheticCells(3, (40, 40), seed=4, kind="multiclass")
+    images = [(cells[i][0][0] * 1000).astype(np.uint16) for i in range(3)]
+    masks = [cells[i][1].astype(np.uint8) for i in range(3)]
+    weights = [1 + 9 * (mask == 2) for mask in masks]  # heavier borders
+    train = ArrayDataset(images, masks, weights=weights)
+    config = tiny_config(tmp_path / "run", epochs=1, samples_per_epoch=4, loss="ce")
+    trainer = Trainer(config, log=lambda line: None, progress_stream=False, train_set=train)
+    assert trainer.num_classes == 3 and trainer.train_set.weights is not None
+    images, masks, weights = trainer._batch([0, 1])
+    assert masks.dtype == np.int64 and weights.shape == masks.shape
+    np.testing.assert_array_equal(weights, 1 + 9 * (masks == 2))  # moved with the masks
+    trainer.fit()

@@ -1,7 +1,9 @@
 """tinyunet: a small, readable deep-learning engine that trains U-Nets.
 
     import tinyunet as tu
-    import tinyunet.functional as F
+    F = tu.functional                    # also tu.nn, tu.optim, as torch gives them
+    trainer = tu.fit(images, masks)      # train on numpy arrays (tinyunet.api)
+    probabilities, labels = tu.predict(trainer, image)
 """
 
 import importlib.util as _importlib_util
@@ -39,7 +41,8 @@ def _mount_source_kernels():
 if "tinyunet.kernels" not in _sys.modules:
     _mount_source_kernels()
 
-from . import functional  # noqa: E402
+from . import functional, nn, optim  # noqa: E402
+from .api import fit, predict  # noqa: E402
 from .autograd import Function, Tensor, is_grad_enabled, no_grad, tensor  # noqa: E402
 from .backends import available_backends, get_backend, set_backend  # noqa: E402
 from .errors import ShapeError  # noqa: E402
@@ -52,11 +55,15 @@ __all__ = [
     "ShapeError",
     "Tensor",
     "available_backends",
+    "fit",
     "functional",
     "get_backend",
     "is_grad_enabled",
     "manual_seed",
+    "nn",
     "no_grad",
+    "optim",
+    "predict",
     "set_backend",
     "tensor",
 ]

@@ -91,7 +91,17 @@ def _add_train(commands):
     add("--no-augment", dest="augment", action="store_const", const=False,
         help="turn off flips, rotations, elastic deformation and intensity jitter")
     add("--val-fraction", type=float,
-        help=f"share of a --data folder kept for validation [{d.val_fraction}]")
+        help="share of a --data folder kept for validation: of its images with 5 or more, "
+        f"of each image's rows (a strip at the bottom) with fewer [{d.val_fraction}]")
+    add("--val-data", metavar="DIR", help="a separate validation folder (images/, masks/); "
+        "then every --data image trains")
+    add("--samples-per-epoch", type=_positive_int, metavar="N",
+        help="training crops per epoch [synthetic: one per image; folders: enough to "
+        "cover the training pixels about once, 256-1024]")
+    add("--foreground-fraction", type=float, metavar="F",
+        help="share of the crops centred on a foreground pixel [1/3]")
+    add("--tile", type=_positive_int, help="tile side of the validation's overlap-tile "
+        "prediction [from the network's halo: 512 up to depth 3, 576 at depth 4]")
     add("--synthetic-train", type=_positive_int,
         help=f"synthetic training images [{d.synthetic_train}]")
     add("--synthetic-val", type=_positive_int,
@@ -169,8 +179,12 @@ def _add_export(commands):
 
 def _add_inference_options(parser):
     parser.add_argument("--backend", choices=BACKENDS, help="compute backend")
-    parser.add_argument("--tile", type=_positive_int, default=256,
-                        help="tile side for overlap-tile prediction")
+    parser.add_argument("--tile", type=_positive_int,
+                        help="tile side for overlap-tile prediction [from the network's "
+                        "halo: 512 up to depth 3, 576 at depth 4]")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probabilities of the 8 "
+                        "flips and rotations (8 times slower)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per batch")
 
 
@@ -210,6 +224,13 @@ def _given(args) -> dict:
             if getattr(args, name, None) is not None}
 
 
+def _refuse_array_run(meta: dict, path, remedy: str):
+    """A UserError for a checkpoint of ``tinyunet.fit``, whose data no option can name."""
+    if meta.get("data_source") == "arrays":
+        raise UserError(f"{path}: this run was trained on arrays (tinyunet.fit), which the "
+                        f"command line cannot reload; {remedy}")
+
+
 def _start_training(args) -> Trainer:
     """The Trainer of a new run, or of the resumed one (restored), announced on stdout."""
     given = _given(args)
@@ -225,6 +246,7 @@ def _start_training(args) -> Trainer:
             out = Path(given.get("out", DEFAULTS.out))
             path = out / "last.npz"
         meta, _ = read_checkpoint(path)
+        _refuse_array_run(meta, path, "resume it from Python (Trainer.restore)")
         saved = meta["config"]
         for name, value in given.items():
             if name in RUN_DEFINING and value != saved.get(name):
@@ -245,6 +267,7 @@ def _start_training(args) -> Trainer:
           f"{trainer.input_hw[0]}x{trainer.input_hw[1]} crops, batch {config.batch_size}"
           + (f" per process on {trainer.ranks} processes (global batch "
              f"{config.batch_size * trainer.ranks})" if trainer.ranks > 1 else ""))
+    print(trainer.data_description)
     return trainer
 
 
@@ -337,7 +360,8 @@ def _predict(args):
     channels = model.config["in_channels"]
     for path in _input_files(args.inputs):
         image = match_channels(read_image(path), channels, path)
-        logits = predict_logits(model, image, tile=args.tile, batch_size=args.batch_size)
+        logits = predict_logits(model, image, tile=args.tile, batch_size=args.batch_size,
+                                tta=args.tta)
         labels = logits_to_labels(logits)
         pixels = labels * 255 if logits.shape[0] == 1 else labels
         Image.fromarray(pixels.astype(np.uint8)).save(out / f"{path.stem}_mask.png")
@@ -364,6 +388,7 @@ def _evaluate(args):
     if args.data is not None:
         dataset = FolderDataset(args.data)
     else:
+        _refuse_array_run(meta, args.checkpoint, "give --data DIR")
         _, dataset = build_datasets(TrainConfig(**meta["config"]))
     num_classes = model.config["num_classes"]
     # A binary model (one channel) tells 2 labels apart.
@@ -376,7 +401,7 @@ def _evaluate(args):
         image, mask = dataset[index]
         image = match_channels(image, model.config["in_channels"], dataset.names[index])
         labels = logits_to_labels(predict_logits(model, image, tile=args.tile,
-                                                 batch_size=args.batch_size))
+                                                 batch_size=args.batch_size, tta=args.tta))
         dice, iou = dice_iou(labels, mask, num_classes)
         rows.append({"image": dataset.names[index], "dice": dice, "iou": iou})
         predictions.append(labels)

@@ -3,8 +3,20 @@
     from tinyunet.train import TrainConfig, Trainer
     result = Trainer(TrainConfig(epochs=5, out="runs/demo")).fit()
 
-Shapes: images (N, C, H, W) float32; masks (N, H, W) integer class labels; logits
-(N, K, h, w) with K = 1 (binary, sigmoid) or the number of classes (softmax).
+Shapes: images (N, C, H, W) float32; masks (N, H, W) class labels (datasets may hold
+any integer dtype; each batch becomes int64); optional per-pixel loss weights
+(N, H, W) float32; logits (N, K, h, w) with K = 1 (binary, sigmoid) or the number of
+classes (softmax).
+
+Data: a folder (``data``), the built-in synthetic cells, or datasets passed to
+``Trainer`` (``tinyunet.fit`` passes arrays). Validation is a separate folder
+(``val_data``), held-out images, or, with fewer than 5 images, a strip of each image
+that training never sees (``tinyunet.data.sampling``). An epoch is
+``samples_per_epoch`` random crops drawn over the whole area of the images, a third of
+them centred on foreground; by default one crop per image for the synthetic cells
+(the demo's epoch is its 96 images), and enough crops to cover the training pixels
+about once, 256 to 1024, for other data. ``Trainer.data_description`` says what was
+decided; the command line prints it.
 
 Determinism: the model is initialised after ``tinyunet.manual_seed(seed)``; the data
 split, the batch order and every augmentation draw from numpy generators seeded by
@@ -46,9 +58,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data.augment import Augmenter
-from .data.folder import FolderDataset, train_val_split
+from .data.folder import DataError, FolderDataset
+from .data.sampling import CropSampler, default_samples_per_epoch, split_for_validation
 from .data.synthetic import SyntheticCells
-from .data.tiling import logits_to_labels, predict_logits
+from .data.tiling import default_tile, logits_to_labels, predict_logits, receptive_halo
 from .distributed import Communicator, RankMismatch, dataset_digest, digest, file_digest
 from .errors import ShapeError
 from .reports import ProgressBar, save_curves, save_sample_grid, write_history
@@ -59,7 +72,7 @@ SCHEDULES = ("none", "cosine", "step")
 # Options that fix the model or the data; a resumed run must keep them.
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
-                "synthetic_size", "val_fraction")
+                "synthetic_size", "val_fraction", "val_data", "foreground_fraction")
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,7 +102,11 @@ class TrainConfig:
     crop: int = 64                   # side of the training crops' masks (see _crop_sizes)
     augment: bool = True
     elastic_sigma: float = 4.0
-    val_fraction: float = 0.2        # folder data only
+    val_fraction: float = 0.2        # folder data without val_data only
+    val_data: str | None = None      # a separate validation folder
+    samples_per_epoch: int | None = None  # crops per epoch; None: see the module docstring
+    foreground_fraction: float = 1 / 3  # share of crops centred on a foreground pixel
+    tile: int | None = None          # validation tile side; None: the default tile
     synthetic_train: int = 96
     synthetic_val: int = 16
     synthetic_size: int = 96
@@ -121,6 +138,14 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a positive number", self.lr)
         need(0 < self.val_fraction < 1, "--val-fraction", "a number in (0, 1)",
              self.val_fraction)
+        need(0 <= self.foreground_fraction <= 1, "--foreground-fraction",
+             "a number in [0, 1]", self.foreground_fraction)
+        for name in ("samples_per_epoch", "tile"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{name.replace('_', '-')}", ">= 1", value)
+        need(self.val_data is None or self.data is not None, "--val-data",
+             "--data too (the synthetic cells have their own validation images)",
+             "--val-data without --data")
 
 
 # ---- metrics --------------------------------------------------------------------------
@@ -168,7 +193,13 @@ def one_class_warning(predictions, truths) -> str | None:
 
 
 def loss_function(name: str, num_classes: int):
-    """loss(logits (N, K, h, w), masks (N, h, w) integer labels) -> scalar Tensor."""
+    """loss(logits (N, K, h, w), masks (N, h, w) integers, weights=None) -> scalar Tensor.
+
+    ``weights`` (N, h, w): per-pixel weights of the cross-entropy term (BCE for one
+    channel, cross-entropy for K), which becomes the mean of weight * pixel loss (all-ones
+    weights give the unweighted loss); the Dice and IoU terms stay unweighted, so
+    'dice' and 'iou' ignore them.
+    """
     if name in ("bce",) and num_classes > 1:
         raise ValueError(f"--loss: 'bce' needs binary masks, but there are {num_classes} "
                          "classes; use 'ce', 'dice' or 'dice+bce'.")
@@ -177,12 +208,25 @@ def loss_function(name: str, num_classes: int):
                          "use 'bce', 'dice' or 'dice+bce'.")
 
     def target(logits, masks):
+        masks = np.asarray(masks).astype(np.int64, copy=False)
         if num_classes == 1:
-            return tensor(masks[:, None].astype(np.float32), backend=logits.backend)
+            return tensor(masks[:, None], dtype=logits.dtype, backend=logits.backend)
         return tensor(masks, backend=logits.backend)
 
-    def loss(logits, masks):
+    def weighted_pixel_loss(logits, t, weights):
+        weights = np.asarray(weights)
+        if num_classes == 1:
+            return F.binary_cross_entropy_with_logits(logits, t, weight=weights[:, None])
+        w = tensor(weights, dtype=logits.dtype, backend=logits.backend)
+        return (F.cross_entropy(logits, t, reduction="none") * w).mean()
+
+    def loss(logits, masks, weights=None):
         t = target(logits, masks)
+        if weights is not None and name not in ("dice", "iou"):
+            pixel = weighted_pixel_loss(logits, t, weights)
+            if name in ("bce", "ce"):
+                return pixel
+            return pixel * 0.5 + F.dice_loss(logits, t) * 0.5
         if name == "dice":
             return F.dice_loss(logits, t)
         if name == "iou":
@@ -198,16 +242,43 @@ def loss_function(name: str, num_classes: int):
 
 # ---- the trainer ------------------------------------------------------------------------
 
+def prepare_datasets(config: TrainConfig, train_set=None, val_set=None):
+    """(train, validation, description) for ``config``.
+
+    ``train_set`` (and optionally ``val_set``) given: those (as ``tinyunet.fit`` passes
+    arrays). Otherwise the folder ``config.data`` with ``config.val_data`` or a split of
+    it (``split_for_validation``), or the synthetic cells.
+    """
+    if train_set is None and config.data is None:
+        size = (config.synthetic_size, config.synthetic_size)
+        # Separate seeds streams: the validation images are never training images.
+        train = SyntheticCells(config.synthetic_train, size, seed=2 * config.seed,
+                               kind=config.classes)
+        val = SyntheticCells(config.synthetic_val, size, seed=2 * config.seed + 1,
+                             kind=config.classes)
+        return train, val, f"validation: {len(val)} separate synthetic images"
+    if train_set is None:
+        train_set = FolderDataset(config.data)
+    if val_set is None and config.val_data is not None:
+        val_set = FolderDataset(config.val_data)
+    if val_set is None:
+        return split_for_validation(train_set, config.val_fraction, config.seed, config.crop)
+    source = config.val_data or "validation images"
+    if val_set.in_channels != train_set.in_channels:
+        raise DataError(f"{source}: Expect: validation images with the training images' "
+                        f"{train_set.in_channels} channel(s). Actual: {val_set.in_channels}.")
+    if max(val_set.num_classes, 2) > max(train_set.num_classes, 2):
+        raise DataError(f"{source}: Expect: validation masks with at most "
+                        f"{max(train_set.num_classes, 2)} classes, as the training masks. "
+                        f"Actual: {val_set.num_classes}.")
+    where = "given separately" if config.val_data is None else f"of {config.val_data}"
+    return train_set, val_set, (f"validation: the {len(val_set)} images {where}; all "
+                                f"{len(train_set)} training images train")
+
+
 def build_datasets(config: TrainConfig):
-    """(train, validation) datasets for ``config``: a folder split by seed, or synthetic."""
-    if config.data is not None:
-        return train_val_split(FolderDataset(config.data), config.val_fraction, config.seed)
-    size = (config.synthetic_size, config.synthetic_size)
-    # Separate seeds streams: the validation images are never training images.
-    train = SyntheticCells(config.synthetic_train, size, seed=2 * config.seed,
-                           kind=config.classes)
-    val = SyntheticCells(config.synthetic_val, size, seed=2 * config.seed + 1,
-                         kind=config.classes)
+    """(train, validation) datasets for ``config``; see ``prepare_datasets``."""
+    train, val, _ = prepare_datasets(config)
     return train, val
 
 
@@ -244,12 +315,15 @@ class Trainer:
 
     ``log`` receives the per-epoch summary lines (default: print to stdout); the progress
     bar goes to ``progress_stream`` (default stderr), or nowhere when it is False.
+    ``train_set`` / ``val_set``: datasets to use instead of ``config.data`` (e.g.
+    ``ArrayDataset``s); without ``val_set`` the training set is split as a folder is.
+    ``data_description`` says how the data was split and how long an epoch is.
     ``comm``: a ``tinyunet.distributed.Communicator`` to train on all its ranks (each
     rank builds its Trainer with the same config); only rank 0 logs and writes files.
     """
 
     def __init__(self, config: TrainConfig, log=print, progress_stream=None,
-                 comm: Communicator | None = None):
+                 train_set=None, val_set=None, comm: Communicator | None = None):
         from .nn import UNet
 
         config.validate()
@@ -268,7 +342,12 @@ class Trainer:
             comm.bind_gpu(simulated=SIMULATED)
         self.out = Path(config.out)
 
-        self.train_set, self.val_set = build_datasets(config)
+        self.train_set, self.val_set, split = prepare_datasets(config, train_set, val_set)
+        # Kept in checkpoints: a run trained on arrays cannot be rebuilt from its config.
+        if train_set is not None:
+            self.data_source = "arrays"
+        else:
+            self.data_source = "synthetic" if config.data is None else "folder"
         self.num_classes = self.train_set.num_classes
         _seed_model_init(config.seed)
         self.model = UNet(in_channels=self.train_set.in_channels,
@@ -279,9 +358,26 @@ class Trainer:
         self.scheduler = _make_scheduler(config, self.optimizer)
         self.loss_fn = loss_function(config.loss, self.num_classes)
 
+        halo = receptive_halo(config.depth)
+        if config.tile is not None and config.padding == "same" and config.tile <= 2 * halo:
+            raise ValueError(f"--tile: Expect: more than 2 * halo = {2 * halo} pixels for a "
+                             f"depth-{config.depth} U-Net (or leave it out: "
+                             f"{default_tile(config.depth)}). Actual: {config.tile}.")
         self.input_hw, self.output_hw = _crop_sizes(self.model, config.crop)
+        self.sampler = CropSampler(self.train_set, self.input_hw, self.output_hw,
+                                   config.foreground_fraction, config.seed)
+        self.samples_per_epoch = self._samples_per_epoch()
+        steps = math.ceil(self.samples_per_epoch / config.batch_size)
+        self.data_description = (
+            f"{split}\nan epoch is {self.samples_per_epoch} crops of "
+            f"{self.input_hw[0]}x{self.input_hw[1]} ({steps} steps of {config.batch_size}), "
+            f"{config.foreground_fraction:.0%} of them centred on foreground")
+        if getattr(self.train_set, "weights", None) is not None and config.loss in ("dice",
+                                                                                    "iou"):
+            self.data_description += (f"\nnote: --loss {config.loss} has no cross-entropy "
+                                      "term, so the per-pixel weights are not used")
         self.augment = Augmenter(
-            crop=self.input_hw,
+            crop=None,  # the sampler cuts the crops
             flip=config.augment,
             elastic_p=0.5 if config.augment else 0.0,
             elastic_sigma=config.elastic_sigma,
@@ -312,6 +408,7 @@ class Trainer:
             "in_channels": self.train_set.in_channels,
             "backend": self.backend.name,
             "ranks": self.ranks,
+            "data_source": self.data_source,
         }
 
     def save(self, path):
@@ -348,15 +445,29 @@ class Trainer:
         if self.comm is not None:
             self.comm.check_same(file_digest(path), f"checkpoint {path}")
 
+    def _samples_per_epoch(self) -> int:
+        if self.config.samples_per_epoch is not None:
+            return self.config.samples_per_epoch
+        if isinstance(self.train_set, SyntheticCells):
+            return max(len(self.train_set), self.config.batch_size)
+        return default_samples_per_epoch(self.train_set, self.output_hw,
+                                         self.config.batch_size)
+
     # -- one epoch --
     def _batch(self, indices):
-        images, masks = [], []
+        """Augmented crops: images (N, C, H, W), masks (N, h, w) int64, weights or None."""
+        images, masks, weights = [], [], []
         for index in indices:
-            image, mask = self.train_set[int(index)]
-            image, mask = self.augment(image, mask, self.rng)
+            image, mask, weight = self.sampler.crop(int(index), self.rng)
+            if weight is None:
+                image, mask = self.augment(image, mask, self.rng)
+            else:
+                image, mask, weight = self.augment(image, mask, self.rng, weight=weight)
+                weights.append(_center_crop(weight, self.output_hw))
             images.append(image)
             masks.append(_center_crop(mask, self.output_hw))
-        return np.stack(images), np.stack(masks)
+        return (np.stack(images), np.stack(masks).astype(np.int64),
+                np.stack(weights) if weights else None)
 
     def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
         where = f"epoch {self.epoch + 1}" + (f", step {step}" if step is not None else "")
@@ -371,10 +482,10 @@ class Trainer:
                                 f"Try a lower --lr (it was {lr:g}).")
 
     def train_epoch(self) -> tuple[float, float]:
-        """One pass over the training set; (mean loss, images per second)."""
+        """One epoch of ``samples_per_epoch`` crops; (mean loss, crops per second)."""
         self.model.train()
-        n = len(self.train_set)
-        order = self.rng.permutation(n)
+        n = self.samples_per_epoch
+        order = self.sampler.epoch_order(n, self.rng)
         batch = self.config.batch_size * self.ranks  # the global batch
         steps = math.ceil(n / batch)
         bar = None
@@ -385,16 +496,16 @@ class Trainer:
         started = time.perf_counter()
         for step in range(steps):
             chunk = order[step * batch : (step + 1) * batch]
-            images, masks = self._batch(chunk)
+            images, masks, weights = self._batch(chunk)
             # Overflow is caught below as a non-finite loss, with a clearer message than
             # numpy's warnings.
             with np.errstate(over="ignore", invalid="ignore"):
                 if self.comm is None:
                     logits = self.model(tensor(images, backend=self.backend))
-                    loss = self.loss_fn(logits, masks)
+                    loss = self.loss_fn(logits, masks, weights)
                     loss_value = float(loss.item())
                 else:
-                    loss_value = self._shard_step(images, masks)
+                    loss_value = self._shard_step(images, masks, weights)
                 if not math.isfinite(loss_value):
                     if bar is not None:
                         bar.close(loss_value)
@@ -410,7 +521,7 @@ class Trainer:
             bar.close(total / n)
         return total / n, n / max(time.perf_counter() - started, 1e-9)
 
-    def _shard_step(self, images, masks) -> float:
+    def _shard_step(self, images, masks, weights) -> float:
         """Forward and backward on this rank's shard of the global batch, then the sum of
         every rank's gradients; returns the global batch's mean loss. An error here
         reaches every rank through the sum, and each raises RankFailure."""
@@ -421,7 +532,9 @@ class Trainer:
             if len(shard):
                 logits = self.model(tensor(images[shard.start : shard.stop],
                                            backend=self.backend))
-                loss = self.loss_fn(logits, masks[shard.start : shard.stop])
+                loss = self.loss_fn(logits, masks[shard.start : shard.stop],
+                                    None if weights is None else
+                                    weights[shard.start : shard.stop])
                 loss.backward()
         except Exception as caught:  # noqa: BLE001 - every rank must learn of it
             error = caught
@@ -445,7 +558,7 @@ class Trainer:
         try:
             for index in indices:
                 image, mask = dataset[index]
-                logits = predict_logits(self.model, image)
+                logits = predict_logits(self.model, image, tile=self.config.tile)
                 with no_grad():
                     loss = self.loss_fn(tensor(logits[None], backend=self.backend), mask[None])
                 labels = logits_to_labels(logits)

@@ -1,8 +1,10 @@
-"""Datasets and augmentation: the built-in synthetic cells, image folders, tiling.
+"""Datasets and augmentation: the built-in synthetic cells, image folders, arrays,
+training crops (sampling), tiling.
 
 Shapes: images (C, H, W) float32, masks (H, W) unsigned integer class labels.
 """
 
+from .arrays import ArrayDataset
 from .augment import Augmenter, elastic_field, flip_rotate, intensity_jitter, random_crop, warp
 from .folder import FolderDataset, Subset, split_indices, train_val_split
 from .images import (
@@ -14,11 +16,14 @@ from .images import (
     to_chw,
 )
 from .masks import MASK_KINDS, MaskSet, interpret_masks, read_mask, regions_per_label
+from .sampling import CropSampler, split_for_validation
 from .synthetic import SyntheticCells, make_sample
 
 __all__ = [
     "MASK_KINDS",
+    "ArrayDataset",
     "Augmenter",
+    "CropSampler",
     "DataError",
     "FolderDataset",
     "MaskSet",
@@ -36,6 +41,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "regions_per_label",
+    "split_for_validation",
     "split_indices",
     "to_chw",
     "train_val_split",

@@ -17,6 +17,26 @@ the parts of their outputs that saw enough context are stitched together.
   only the part at least ``halo`` pixels from an inner tile edge is kept. With the
   default halo (the U-Net's receptive-field radius) that part equals the whole-image
   prediction.
+
+The default tile (``default_tile``) follows from the halo, so prediction works at every
+depth: the smallest multiple of 2**depth that is at least max(512, 4 * halo). At
+4 * halo a tile keeps at least half of each side (a quarter of its area) for the
+output; the floor of 512 keeps the recomputed overlap small for shallow nets (a
+depth-3 net's halo is 72: 512-pixel tiles keep 368 of 512 pixels per side, where 288
+would keep 144 of 288) while a batch of 4 such tiles stays a few hundred MB.
+Depth 2-4 give 512, 512 and 576; depth 5 gives 1152. An image no larger than the tile
+is run whole, in one tile.
+
+Test-time augmentation (``tta=True``) runs the 8 flips and 90-degree rotations of the
+image (the dihedral group), turns each prediction back, and averages the
+probabilities (sigmoid or softmax), not the logits: a probability average is what a
+vote of the 8 views means, and one very confident view cannot outweigh the others as
+its logit would. ``predict_logits`` then returns the logits of the averaged
+probabilities (log p - log(1 - p) for one channel, log p for several), so that
+``logits_to_labels`` and ``logits_to_probabilities`` apply unchanged. It costs 8
+predictions. Because the set of 8 views of a flipped or rotated image is the same set,
+TTA's output is exactly equivariant (up to float rounding of the sums), whatever the
+network.
 """
 
 from __future__ import annotations
@@ -55,6 +75,29 @@ def receptive_halo(depth: int, up: str = "transpose") -> int:
     return math.ceil(radius / align) * align
 
 
+def default_tile(depth: int) -> int:
+    """The tile side ``predict_logits`` uses when none is given (see the module docstring)."""
+    align = 2**depth
+    return math.ceil(max(512, 4 * receptive_halo(depth)) / align) * align
+
+
+# The dihedral group of the square as (quarter turns, mirror left-right) pairs.
+DIHEDRAL = tuple((turns, mirror) for mirror in (False, True) for turns in range(4))
+
+
+def dihedral_transform(array: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """Mirror the last axis (if ``mirror``), then turn the last two by ``turns`` quarters."""
+    if mirror:
+        array = array[..., ::-1]
+    return np.rot90(array, turns, axes=(-2, -1))
+
+
+def dihedral_inverse(array: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """Undo ``dihedral_transform(array, turns, mirror)``."""
+    array = np.rot90(array, -turns, axes=(-2, -1))
+    return array[..., ::-1] if mirror else array
+
+
 def _valid_windows(size, out_tile, stride):
     """(input start in the padded image, output start) per tile along one axis."""
     starts = [0]
@@ -76,27 +119,42 @@ def _same_windows(padded_size, size, tile, halo):
     return windows
 
 
-def predict_logits(model, image: np.ndarray, tile=None, halo=None,
-                   batch_size: int = 4) -> np.ndarray:
+def predict_logits(model, image: np.ndarray, tile=None, halo=None, batch_size: int = 4,
+                   tta: bool = False) -> np.ndarray:
     """Logits (K, H, W) for one image (C, H, W) of any size.
 
     ``model``: a tinyunet UNet, or an object with the same ``config``, ``valid_input_hw``
     and ``output_hw`` and a ``predict_batch`` (e.g. ``tinyunet.onnx_runtime.OnnxModel``).
-    ``tile``: the tile side (int or (h, w)); default 256 ('same') or the smallest valid
-    input of at least 256 ('valid'). ``halo`` ('same' only): context kept out of each
-    tile's kept part, default ``receptive_halo(depth)``.
+    ``tile``: the tile side (int or (h, w)); default ``default_tile(depth)`` ('same') or
+    the smallest valid input of at least that ('valid'). ``halo`` ('same' only): context
+    kept out of each tile's kept part, default ``receptive_halo(depth)``. ``tta``: average
+    the probabilities of the 8 flipped and rotated views (module docstring) and return
+    their logits.
     """
+    if not tta:
+        return _predict_view(model, image, tile, halo, batch_size)
+    return probabilities_to_logits(predict_tiled(model, image, tile, halo, batch_size, tta))
+
+
+def _checked_image(model, image) -> np.ndarray:
+    """``image`` as float32, or a ValueError when it is not (in_channels, H, W)."""
+    image = np.asarray(image, dtype=np.float32)
+    channels = model.config["in_channels"]
+    if image.ndim != 3 or image.shape[0] != channels:
+        raise ValueError(f"predict: Expect: an image of shape ({channels}, H, W). "
+                         f"Actual: shape {image.shape}.")
+    return image
+
+
+def _predict_view(model, image, tile, halo, batch_size):
+    """``predict_logits`` without test-time augmentation."""
     config = model.config
     depth, padding = config["depth"], config["padding"]
     align = 2**depth
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3 or image.shape[0] != config["in_channels"]:
-        raise ValueError(
-            f"predict: Expect: an image of shape ({config['in_channels']}, H, W). "
-            f"Actual: shape {image.shape}."
-        )
+    image = _checked_image(model, image)
     C, H, W = image.shape
-    tile_hw = (256, 256) if tile is None else ((tile, tile) if np.isscalar(tile) else tile)
+    tile = default_tile(depth) if tile is None else tile
+    tile_hw = (tile, tile) if np.isscalar(tile) else tile
 
     if padding == "valid":
         in_hw = model.valid_input_hw(tuple(int(t) for t in tile_hw))
@@ -167,7 +225,29 @@ def logits_to_labels(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=0).astype(np.int64)
 
 
-def predict_tiled(model, image: np.ndarray, tile=None, halo=None,
-                  batch_size: int = 4) -> np.ndarray:
-    """Probabilities (K, H, W) for one image (C, H, W) of any size; see ``predict_logits``."""
-    return logits_to_probabilities(predict_logits(model, image, tile, halo, batch_size))
+def probabilities_to_logits(probabilities: np.ndarray) -> np.ndarray:
+    """Logits (K, H, W) float32 whose sigmoid (K = 1) or softmax (K > 1) are
+    ``probabilities``; probabilities of exactly 0 or 1 are first moved 1e-12 inside.
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
+    if p.shape[0] == 1:
+        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+    return np.log(p).astype(np.float32)
+
+
+def predict_tiled(model, image: np.ndarray, tile=None, halo=None, batch_size: int = 4,
+                  tta: bool = False) -> np.ndarray:
+    """Probabilities (K, H, W) float32 for one image (C, H, W) of any size; see
+    ``predict_logits``. With ``tta`` the mean of the 8 views' probabilities.
+    """
+    if not tta:
+        return logits_to_probabilities(_predict_view(model, image, tile, halo, batch_size))
+    image = _checked_image(model, image)
+    total = None
+    for turns, mirror in DIHEDRAL:
+        view = np.ascontiguousarray(dihedral_transform(image, turns, mirror))
+        logits = _predict_view(model, view, tile, halo, batch_size)
+        probabilities = dihedral_inverse(logits_to_probabilities(logits), turns, mirror)
+        # Summed in float64, so that the order of the views hardly changes the rounding.
+        total = probabilities.astype(np.float64) if total is None else total + probabilities
+    return (total / len(DIHEDRAL)).astype(np.float32)

@@ -1,0 +1,114 @@
+"""Training and prediction on numpy arrays: ``tinyunet.fit`` and ``tinyunet.predict``.
+
+    import numpy as np
+    import tinyunet as tu
+
+    images = [np.load("a.npy"), np.load("b.npy")]          # (H, W) or (H, W, C), any dtype
+    masks = [np.load("a_mask.npy"), np.load("b_mask.npy")] # (H, W) labels: 0/1, 0/255, 0..K-1
+    trainer = tu.fit(images, masks, epochs=20, depth=3, out="runs/arrays")
+    print(trainer.data_description, trainer.history[-1]["val_dice"])
+    probabilities, labels = tu.predict(trainer, np.load("c.npy"), tta=True)
+    model = trainer.model                                   # a tu.nn.UNet
+    probabilities, labels = tu.predict("runs/arrays/best.npz", np.load("c.npy"))
+
+Shapes: ``images`` as ``tinyunet.data.arrays.ArrayDataset`` takes them (a list of (H, W),
+(H, W, C) or (C, H, W) arrays, or an (N, H, W) / (N, C, H, W) stack), masks (H, W)
+labels; ``predict`` returns probabilities (K, H, W) float32 and labels (H, W) int64.
+Images are normalised as folder images are, in ``fit`` and in ``predict`` alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+
+def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: bool = True,
+        **options):
+    """Train a U-Net on arrays and return the ``Trainer`` (``.model``, ``.history``).
+
+    ``options`` are ``TrainConfig`` fields (epochs, depth, lr, out, ...). Without
+    ``val_images`` the images are split as a folder is (``tinyunet.data.sampling``).
+    ``weights``: optional per-pixel loss weight maps, one (H, W) per image. ``verbose``:
+    print the epoch lines and the progress bar.
+    """
+    from .data.arrays import ArrayDataset
+    from .train import TrainConfig, Trainer
+
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"fit: Expect: options among TrainConfig's fields. "
+                         f"Actual: {', '.join(map(repr, unknown))}.")
+    if options.get("data") is not None or options.get("val_data") is not None:
+        raise ValueError("fit: Expect: arrays, not data= or val_data= folders (use "
+                         "Trainer(TrainConfig(data=...)) for folders). Actual: a folder.")
+    if (val_images is None) != (val_masks is None):
+        raise ValueError("fit: Expect: val_images and val_masks together. Actual: only one.")
+    train_set = ArrayDataset(images, masks, weights=weights)
+    val_set = None if val_images is None else ArrayDataset(val_images, val_masks)
+    trainer = Trainer(TrainConfig(**options), log=print if verbose else _quiet,
+                      progress_stream=None if verbose else False,
+                      train_set=train_set, val_set=val_set)
+    if verbose:
+        print(trainer.data_description)
+    trainer.fit()
+    return trainer
+
+
+def _quiet(line: str) -> None:
+    del line
+
+
+def _image_for(model, image) -> np.ndarray:
+    """``image`` as the normalised (C, H, W) float32 input of ``model``."""
+    from .data.arrays import image_to_chw
+    from .data.images import normalize_percentile
+
+    channels = model.config["in_channels"]
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] == channels and array.shape[-1] != channels:
+        chw = array
+    elif array.ndim == 3 and array.shape[-1] == channels and array.shape[0] != channels:
+        chw = np.moveaxis(array, -1, 0)
+    else:
+        chw = image_to_chw(array, "predict: image")
+    chw = normalize_percentile(chw.astype(np.float32))
+    if chw.shape[0] == channels:
+        return chw
+    if chw.shape[0] == 1:
+        return np.repeat(chw, channels, axis=0)
+    if channels == 1:
+        return chw.mean(axis=0, keepdims=True)
+    raise ValueError(f"predict: Expect: an image with {channels} channel(s) (or 1) for this "
+                     f"model. Actual: shape {array.shape}.")
+
+
+def predict(model, image, tile: int | None = None, tta: bool = False,
+            batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (K, H, W) float32, labels (H, W) int64) for one image array.
+
+    ``model``: a U-Net, a ``Trainer`` or a checkpoint path. ``image``: (H, W), (H, W, C)
+    or (C, H, W), any numeric dtype; normalised as in training. Grey images are repeated
+    to an RGB model's channels and RGB ones averaged for a grey model. ``tile``: the
+    overlap-tile side (default: from the network's halo); ``tta``: average the 8 flips
+    and rotations (``tinyunet.data.tiling``). Labels: probability > 0.5 for one channel,
+    the most probable class for several.
+    """
+    from .data.tiling import predict_tiled
+
+    if isinstance(model, (str, Path)):
+        from .checkpoint import load_model
+
+        model, _ = load_model(model)
+    model = getattr(model, "model", model)  # a Trainer's model
+    model.eval()
+    probabilities = predict_tiled(model, _image_for(model, image), tile=tile,
+                                  batch_size=batch_size, tta=tta)
+    if probabilities.shape[0] == 1:
+        labels = (probabilities[0] > 0.5).astype(np.int64)
+    else:
+        labels = probabilities.argmax(axis=0).astype(np.int64)
+    return probabilities, labels
