@@ -42,3 +42,41 @@ def test_an_optimizer_steps_over_any_number_of_parameters(backend, make):
         results[name] = [p.numpy() for p in params]
     for ours, reference in zip(results[backend], results["numpy"], strict=True):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+# ---- tensor() copies; from_numpy() shares ---------------------------------------------------
+
+def test_tensor_copies_the_callers_array(backend):
+    """Changing the array after the forward pass must not change the gradients."""
+    image = np.ones((1, 1, 4, 4), dtype=np.float32)
+    weight = tu.tensor(np.full((1, 1, 3, 3), 0.5), requires_grad=True, backend=backend)
+    x = tu.tensor(image, backend=backend)
+    loss = tu.functional.conv2d(x, weight, padding=1).sum()
+    image[:] = 0.0  # the caller reuses its buffer
+    loss.backward()
+    assert float(np.abs(weight.grad.numpy()).sum()) > 0
+    np.testing.assert_array_equal(x.numpy(), np.ones((1, 1, 4, 4)))
+    # A Tensor given to tensor() is copied too.
+    y = tu.tensor(x, backend=backend)
+    y.data[...] = 7
+    np.testing.assert_array_equal(x.numpy(), np.ones((1, 1, 4, 4)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_from_numpy_shares_memory_and_keeps_the_dtype(backend, dtype):
+    array = np.arange(6, dtype=dtype).reshape(2, 3)
+    try:
+        t = tu.from_numpy(array, backend=backend)
+    except tu.ShapeError as error:  # a GPU backend's arrays can't share host memory
+        assert backend == "cuda" and "from_numpy" in str(error)
+        return
+    assert t.dtype == dtype and t.shape == (2, 3) and not t.requires_grad
+    array[0, 0] = 41
+    assert t.numpy()[0, 0] == 41
+
+
+def test_from_numpy_refuses_what_it_cannot_share():
+    with pytest.raises(tu.ShapeError, match=r"from_numpy: Expect: a numpy array.*list"):
+        tu.from_numpy([1.0, 2.0], backend="numpy")
+    with pytest.raises(tu.ShapeError, match=r"from_numpy: Expect: .*Actual: dtype object"):
+        tu.from_numpy(np.array([None, 1]), backend="numpy")

@@ -40,7 +40,14 @@ if "tinyunet.kernels" not in _sys.modules:
     _mount_source_kernels()
 
 from . import functional  # noqa: E402
-from .autograd import Function, Tensor, is_grad_enabled, no_grad, tensor  # noqa: E402
+from .autograd import (  # noqa: E402
+    Function,
+    Tensor,
+    from_numpy,
+    is_grad_enabled,
+    no_grad,
+    tensor,
+)
 from .backends import available_backends, get_backend, set_backend  # noqa: E402
 from .errors import ShapeError  # noqa: E402
 from .nn.init import manual_seed  # noqa: E402
@@ -52,6 +59,7 @@ __all__ = [
     "ShapeError",
     "Tensor",
     "available_backends",
+    "from_numpy",
     "functional",
     "get_backend",
     "is_grad_enabled",
