@@ -4,6 +4,9 @@ result (or the same clear error) on every backend."""
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import budget, size_limit
 
 import tinyunet as tu
 from tinyunet import optim
@@ -80,3 +83,113 @@ def test_from_numpy_refuses_what_it_cannot_share():
         tu.from_numpy([1.0, 2.0], backend="numpy")
     with pytest.raises(tu.ShapeError, match=r"from_numpy: Expect: .*Actual: dtype object"):
         tu.from_numpy(np.array([None, 1]), backend="numpy")
+
+
+# ---- the same result or the same clear error on every backend ----------------------------
+
+# Each edge says what every backend must do with it: "result" (the numpy reference's
+# values and gradients) or "error" (the same ShapeError message).
+EDGES = {
+    "empty batch": "result",
+    "numpy integer arguments": "result",
+    "no input channels": "error",
+    "no output channels": "error",
+    "float16": "error",
+}
+CONVS = ("conv2d", "conv2d_relu", "conv_transpose2d", "conv_transpose2d_concat")
+LOSSES = ("dice_loss", "iou_loss", "binary_cross_entropy_with_logits", "cross_entropy",
+          "bce_dice_loss")
+
+
+@st.composite
+def edge_cases(draw, limit):
+    op = draw(st.sampled_from(CONVS + ("max_pool2d",) + LOSSES))
+    edges = ["empty batch"]
+    if op in CONVS:
+        edges += ["numpy integer arguments", "no input channels", "no output channels",
+                  "float16"]
+    elif op == "max_pool2d":
+        edges += ["numpy integer arguments"]
+    edge = draw(st.sampled_from(edges))
+    n = 0 if edge == "empty batch" else draw(st.integers(1, limit.batch))
+    c_in = 0 if edge == "no input channels" else draw(st.integers(1, limit.channels))
+    c_out = 0 if edge == "no output channels" else draw(st.integers(1, limit.channels))
+    if op in ("cross_entropy",) or (op in LOSSES and draw(st.booleans())):
+        c_out = max(c_out, 2)  # softmax logits
+    elif op in LOSSES:
+        c_out = 1
+    side = draw(st.integers(2, limit.side))
+    dtype = np.float16 if edge == "float16" else np.float32
+    return dict(op=op, edge=edge, n=n, c_in=c_in, c_out=c_out, side=side, dtype=dtype,
+                seed=draw(st.integers(0, 2**16)),
+                integer=np.int64 if edge == "numpy integer arguments" else int)
+
+
+def _edge_outcome(case, backend):
+    """("result", arrays) or ("error", message) of one case's forward and backward."""
+    rng = np.random.default_rng(case["seed"])
+    op, n, c_in, c_out, side = (case[k] for k in ("op", "n", "c_in", "c_out", "side"))
+    integer, dtype = case["integer"], case["dtype"]
+    F = tu.functional
+
+    def leaf(*shape):
+        return tu.tensor(rng.standard_normal(shape), dtype=dtype, requires_grad=True,
+                         backend=backend)
+
+    try:
+        if op in ("conv2d", "conv2d_relu"):
+            inputs = [leaf(n, c_in, side, side), leaf(c_out, c_in, 2, 2), leaf(c_out)]
+            output = getattr(F, op)(*inputs, stride=integer(1), padding=integer(1),
+                                    dilation=integer(1))
+        elif op == "conv_transpose2d":
+            inputs = [leaf(n, c_in, side, side), leaf(c_in, c_out, 2, 2), leaf(c_out)]
+            output = F.conv_transpose2d(*inputs, stride=integer(2), padding=integer(0))
+        elif op == "conv_transpose2d_concat":
+            inputs = [leaf(n, 1, 2 * side, 2 * side), leaf(n, c_in, side, side),
+                      leaf(c_in, c_out, 2, 2), leaf(c_out)]
+            output = F.conv_transpose2d_concat(*inputs, stride=integer(2))
+        elif op == "max_pool2d":
+            inputs = [leaf(n, c_in, side, side)]
+            output = F.max_pool2d(inputs[0], integer(2), stride=integer(1))
+        else:
+            inputs = [leaf(n, c_out, side, side)]
+            labels = rng.integers(0, c_out, (n, side, side)) if c_out > 1 else None
+            if op == "binary_cross_entropy_with_logits" or (labels is None
+                                                              and op != "cross_entropy"):
+                target = tu.tensor(rng.random((n, 1, side, side)) > 0.5, dtype=dtype,
+                                   backend=backend)
+            else:
+                target = tu.tensor(labels, backend=backend)
+            if op == "binary_cross_entropy_with_logits" and c_out > 1:
+                target = tu.tensor(rng.random((n, c_out, side, side)), dtype=dtype,
+                                   backend=backend)
+            output = getattr(F, op)(inputs[0], target)
+        (output * output).sum().backward()
+    except tu.ShapeError as error:
+        return "error", str(error)
+    return "result", [output.numpy()] + [t.grad.numpy() for t in inputs]
+
+
+@pytest.mark.filterwarnings("error")  # no numpy warnings about empty means either
+def test_edge_cases_agree_on_every_backend(backend):
+    @budget(backend)
+    @given(case=edge_cases(size_limit(backend)))
+    def check(case):
+        expected = _edge_outcome(case, "numpy")
+        assert expected[0] == EDGES[case["edge"]], (case, expected)
+        if expected[0] == "error":
+            assert "Expect:" in expected[1] and "Actual:" in expected[1]
+        actual = _edge_outcome(case, backend)
+        assert actual[0] == expected[0], (case, actual, expected)
+        if actual[0] == "error":
+            assert actual[1] == expected[1]
+            return
+        for ours, reference in zip(actual[1], expected[1], strict=True):
+            assert ours.shape == reference.shape and ours.dtype == reference.dtype
+            np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+        if case["edge"] == "numpy integer arguments":  # the same as plain ints
+            plain = _edge_outcome(dict(case, integer=int), backend)
+            for ours, reference in zip(actual[1], plain[1], strict=True):
+                np.testing.assert_array_equal(ours, reference)
+
+    check()
