@@ -26,6 +26,7 @@ from .train import (
     TrainConfig,
     Trainer,
     TrainingDiverged,
+    config_from_checkpoint,
     dice_iou,
     one_class_warning,
 )
@@ -188,7 +189,7 @@ def _train(args):
             out = Path(given.get("out", DEFAULTS.out))
             path = out / "last.npz"
         meta, _ = read_checkpoint(path)
-        saved = meta["config"]
+        saved = dataclasses.asdict(config_from_checkpoint(path, meta.get("config")))
         for name, value in given.items():
             if name in RUN_DEFINING and value != saved.get(name):
                 raise UserError(
@@ -298,7 +299,7 @@ def _evaluate(args):
     if args.data is not None:
         dataset = FolderDataset(args.data)
     else:
-        _, dataset = build_datasets(TrainConfig(**meta["config"]))
+        _, dataset = build_datasets(config_from_checkpoint(args.checkpoint, meta.get("config")))
     num_classes = model.config["num_classes"]
     # A binary model (one channel) tells 2 labels apart.
     if max(dataset.num_classes, 2) > max(num_classes, 2):

@@ -31,6 +31,7 @@ from .autograd import no_grad, tensor
 from .backends import get_backend, set_backend
 from .checkpoint import (
     CheckpointError,
+    check_resumable,
     decode_tree,
     describe_config,
     read_checkpoint,
@@ -112,6 +113,44 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a positive number", self.lr)
         need(0 < self.val_fraction < 1, "--val-fraction", "a number in (0, 1)",
              self.val_fraction)
+
+
+def config_from_checkpoint(path, saved, **changes) -> TrainConfig:
+    """The TrainConfig of the run saved in checkpoint ``path`` (``saved``, its "config"),
+    with ``changes`` applied; a CheckpointError naming the file for an option this
+    version does not know, a value of the wrong type or out of range. An option the
+    checkpoint lacks (one added to tinyunet after it was written) takes its default.
+    """
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: Expect: the run's config (a dict). "
+                              f"Actual: {type(saved).__name__}.")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{path}: Expect: a run config of known options. "
+                              f"Actual: unknown {unknown}.")
+    for name, value in saved.items():
+        if not _fits_annotation(fields[name].type, value):
+            raise CheckpointError(f"{path}: Expect: config {name} of type "
+                                  f"{fields[name].type}. Actual: {value!r}.")
+    try:
+        TrainConfig(**saved).validate()
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its run config is unusable: {error}") from error
+    return TrainConfig(**{**saved, **changes})
+
+
+def _fits_annotation(annotation: str, value) -> bool:
+    """Whether ``value`` (from JSON) has a type the annotation ("int", "str | None", ...)
+    allows; an annotation of other types is not checked here (validate() still runs)."""
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "None": lambda v: v is None}
+    names = [name.strip() for name in str(annotation).split("|")]
+    if not all(name in checks for name in names):
+        return True
+    return any(checks[name](value) for name in names)
 
 
 # ---- metrics --------------------------------------------------------------------------
@@ -295,6 +334,7 @@ class Trainer:
     def restore(self, path):
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG, history."""
         meta, arrays = read_checkpoint(path)
+        check_resumable(path, meta)
         if meta["model_config"] != dict(self.model.config):
             raise CheckpointError(
                 f"{path}: it holds a U-Net with {describe_config(meta['model_config'])}, "
