@@ -4,15 +4,13 @@ Every array is its own entry (loaded with ``allow_pickle=False``) and one JSON e
 ``meta`` holds the rest: the epoch, the run's config, the model's constructor
 arguments, the optimizer's and the schedule's state, the training generator's state
 and the history. Each save writes a temporary file in the same folder and renames it
-over the old one, so a crash never leaves a half-written checkpoint.
+over the old one (tinyunet/files.py), so a crash never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import zipfile
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from .backends import get_backend
 from .errors import ShapeError
+from .files import atomic_write
 
 CHECKPOINT_FORMAT = "tinyunet-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -67,8 +66,12 @@ def decode_tree(tree, arrays):
     return tree
 
 
-def save_checkpoint(path, model, meta: dict, optimizer=None, scheduler=None):
-    """Write ``path`` atomically: weights, optimizer/schedule state and ``meta`` (JSON)."""
+def save_checkpoint(path, model, meta: dict, optimizer=None, scheduler=None, copies=()):
+    """Write ``path`` atomically: weights, optimizer/schedule state and ``meta`` (JSON).
+
+    ``copies``: more paths that get the same file, each in place before ``path``. An
+    OSError (a full disk) is an OutputError naming ``path``; the old file is kept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"model/{name}": np.asarray(value)
@@ -82,19 +85,7 @@ def save_checkpoint(path, model, meta: dict, optimizer=None, scheduler=None):
     if scheduler is not None:
         record["scheduler"] = encode_tree(scheduler.state_dict(), arrays, "sched/")
     arrays["meta"] = np.array(json.dumps(record))
-    # A unique name in the same folder, so the rename is atomic; opened with the user's
-    # usual permissions (mkstemp would make it private).
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(temporary, "xb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write(path, lambda file: np.savez(file, **arrays), copies=copies)
 
 
 # What a checkpoint may declare; everything is checked before any array is read, so a
