@@ -11,6 +11,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -213,6 +214,7 @@ def _train(args):
     _select_backend(args.backend)
     if args.resume is None:
         config = TrainConfig(**given)
+        config.validate()
         claim_run_folder(config.out, args.overwrite)
         trainer = Trainer(config)
     else:
@@ -292,7 +294,11 @@ def _input_files(inputs) -> list[Path]:
                             "regular file.")
         else:
             raise UserError(f"{path}: no such file or folder")
-    return files
+    # A file named twice (alone and in its folder) is predicted once.
+    unique = {}
+    for path in files:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def _load(args):
