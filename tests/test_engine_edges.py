@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import budget, size_limit
+from strategies import SIMULATED_GPU, budget, size_limit
 
 import tinyunet as tu
 from tinyunet import optim
@@ -14,16 +14,17 @@ from tinyunet.nn import Parameter
 
 # ---- optimizers over more parameter tensors than one numba tuple may hold ----------------
 
-# numba refuses tuples of more than 100 entries in its parallel loops; together the
-# parameters hold more elements than the numba backend updates serially.
+# numba refuses tuples of more than 100 entries in its parallel loops. On numba the
+# parameters hold more elements than it updates serially; elsewhere they are small (the
+# simulated GPU runs a thread per element).
 MANY = 130
 
 
-def _many_parameters(backend, seed=0):
+def _many_parameters(backend, sides, steps, seed=0):
     rng = np.random.default_rng(seed)
-    shapes = [(int(rng.integers(8, 17)), int(rng.integers(8, 17))) for _ in range(MANY)]
+    shapes = [(int(rng.integers(*sides)), int(rng.integers(*sides))) for _ in range(MANY)]
     params = [Parameter(rng.standard_normal(shape), backend=backend) for shape in shapes]
-    grads = [[rng.standard_normal(shape) for shape in shapes] for _ in range(3)]
+    grads = [[rng.standard_normal(shape) for shape in shapes] for _ in range(steps)]
     return params, grads
 
 
@@ -35,8 +36,10 @@ def _many_parameters(backend, seed=0):
 ], ids=["sgd-momentum", "sgd", "adam", "adamw"])
 def test_an_optimizer_steps_over_any_number_of_parameters(backend, make):
     results = {}
+    sides = (8, 17) if backend == "numba" else (1, 4)
+    steps = 1 if backend == "cuda" and SIMULATED_GPU else 3  # a launch per parameter
     for name in ("numpy", backend):
-        params, grads = _many_parameters(name)
+        params, grads = _many_parameters(name, sides, steps)
         opt = make(params)
         for step in grads:
             for p, g in zip(params, step, strict=True):
