@@ -43,7 +43,14 @@ if "tinyunet.kernels" not in _sys.modules:
 
 from . import functional, nn, optim  # noqa: E402
 from .api import fit, predict  # noqa: E402
-from .autograd import Function, Tensor, is_grad_enabled, no_grad, tensor  # noqa: E402
+from .autograd import (  # noqa: E402
+    Function,
+    Tensor,
+    from_numpy,
+    is_grad_enabled,
+    no_grad,
+    tensor,
+)
 from .backends import available_backends, get_backend, set_backend  # noqa: E402
 from .errors import ShapeError  # noqa: E402
 from .nn.init import manual_seed  # noqa: E402
@@ -56,6 +63,7 @@ __all__ = [
     "Tensor",
     "available_backends",
     "fit",
+    "from_numpy",
     "functional",
     "get_backend",
     "is_grad_enabled",

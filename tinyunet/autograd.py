@@ -377,7 +377,9 @@ def _accumulate_leaf(tensor: Tensor, g):
 def tensor(array, requires_grad: bool = False, dtype=None, backend: Backend | str | None = None):
     """Build a Tensor from array-like data (float32 unless ``dtype`` says otherwise).
 
-    Integer input keeps its integer dtype (class labels for cross-entropy).
+    Integer input keeps its integer dtype (class labels for cross-entropy). The data is
+    always copied, as ``torch.tensor`` does: changing ``array`` later changes nothing
+    here (``from_numpy`` shares the array's memory instead).
     """
     b = get_backend(backend)
     if isinstance(array, Tensor):
@@ -386,6 +388,9 @@ def tensor(array, requires_grad: bool = False, dtype=None, backend: Backend | st
     if dtype is None:
         dtype = host.dtype if host.dtype.kind in "iub" else np.float32
     data = b.asarray(host.astype(dtype, copy=False))
+    # A CPU backend keeps the numpy array it is given; astype copies only to convert.
+    if isinstance(data, np.ndarray) and np.may_share_memory(data, host):
+        data = data.copy()
     if requires_grad:
         check(
             np.dtype(dtype).kind == "f",
@@ -394,3 +399,21 @@ def tensor(array, requires_grad: bool = False, dtype=None, backend: Backend | st
             f"dtype {np.dtype(dtype)}",
         )
     return Tensor._wrap(data, b, requires_grad)
+
+
+def from_numpy(array: np.ndarray, backend: Backend | str | None = None) -> Tensor:
+    """A Tensor that shares ``array``'s memory, as ``torch.from_numpy``: writes to either
+    show in both. The dtype is kept (float64 stays float64) and no gradient is recorded
+    (``requires_grad`` is False). Only backends whose arrays are numpy arrays (numpy,
+    numba) can share; use ``tensor`` to copy onto another backend.
+    """
+    b = get_backend(backend)
+    if not isinstance(array, np.ndarray):
+        fail("from_numpy", "a numpy array", f"{type(array).__name__}")
+    if array.dtype.kind not in "biuf":
+        fail("from_numpy", "a numeric or boolean dtype", f"dtype {array.dtype}")
+    data = b.asarray(array)
+    if not (isinstance(data, np.ndarray) and np.may_share_memory(data, array)):
+        fail("from_numpy", "a backend whose arrays are numpy arrays (numpy, numba), so "
+             "that memory can be shared", f"backend '{b.name}'; use tensor() to copy")
+    return Tensor._wrap(data, b, False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import os
 import sys
 import time
@@ -27,6 +28,14 @@ from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data.folder import FolderDataset
 from .data.images import EXTENSIONS, DataError, read_image, require_pillow
 from .distributed import DistributedError, from_launcher, launcher_processes, launcher_rank
+from .files import (
+    OutputError,
+    atomic_write,
+    check_writable_file,
+    plan_outputs,
+    prepare_output_folder,
+    regular_files,
+)
 from .memory import keep_freed_memory
 from .train import (
     LOSSES,
@@ -36,6 +45,8 @@ from .train import (
     TrainConfig,
     Trainer,
     TrainingDiverged,
+    claim_run_folder,
+    config_from_checkpoint,
     dice_iou,
     one_class_warning,
 )
@@ -55,6 +66,23 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"Expect: an integer >= 0. Actual: {value}.")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except where there is none to show (None: "not given",
+    or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_train(commands):
     parser = commands.add_parser(
         "train",
@@ -63,7 +91,7 @@ def _add_train(commands):
         "microscopy cells, sized to finish in about 5 minutes on 2 CPU cores. Writes "
         "last.npz and best.npz checkpoints, history.json/.csv, curves.png and "
         "samples.png to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d = DEFAULTS
     # Defaults of None mean "not given": --resume then takes the checkpoint's value.
@@ -109,12 +137,15 @@ def _add_train(commands):
     add("--synthetic-size", type=_positive_int,
         help=f"side of the synthetic images [{d.synthetic_size}]")
     add("--backend", choices=BACKENDS, help="compute backend [tinyunet's default]")
-    add("--seed", type=int, help=f"seed of initialisation, split, order, augmentation "
-        f"[{d.seed}]")
-    add("--out", metavar="DIR", help=f"output folder [{d.out}]")
+    add("--seed", type=_non_negative_int, help="seed of initialisation, split, order, "
+        f"augmentation [{d.seed}]")
+    add("--out", metavar="DIR", help=f"output folder; one that holds another run is "
+        f"refused [{d.out}]")
     add("--resume", nargs="?", const="", metavar="CKPT",
         help="continue an interrupted run from CKPT (default: OUT/last.npz); --epochs may "
-        "be raised")
+        "be raised, a new --lr or --weight-decay applies from the next epoch")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --out: its files are deleted first")
     parser.set_defaults(run=_train)
 
 
@@ -125,7 +156,7 @@ def _add_predict(commands):
         description="Predict masks for images (PNG, TIFF, NPY; files or folders) of any "
         "size with overlap-tile prediction. Writes OUT/<name>_mask.png: 0/255 for binary "
         "models, class labels 0..K-1 otherwise.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     model = parser.add_mutually_exclusive_group(required=True)
@@ -137,6 +168,9 @@ def _add_predict(commands):
     parser.add_argument("--probabilities", action="store_true",
                         help="also write <name>_prob.npy (K, H, W) and, for binary models, "
                         "<name>_prob.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that exist (without it they stop the run "
+                        "before anything is written)")
     _add_inference_options(parser)
     parser.set_defaults(run=_predict)
 
@@ -147,7 +181,7 @@ def _add_evaluate(commands):
         help="Dice and IoU per image and their mean",
         description="Score a checkpoint on every image/mask pair of a data folder (or, "
         "without --data, on the checkpoint's held-out synthetic images).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, metavar="CKPT")
     parser.add_argument("--data", metavar="DIR", help="folder with images/ and masks/")
@@ -237,7 +271,12 @@ def _start_training(args) -> Trainer:
     _select_backend(args.backend)
     if args.resume is None:
         config = TrainConfig(**given)
+        config.validate()
+        # The Trainer first: it checks the data (and, on several ranks, that they agree)
+        # before anything is written to --out.
         trainer = Trainer(config, comm=args.comm)
+        if args.comm is None or args.comm.rank == 0:
+            claim_run_folder(config.out, args.overwrite)
     else:
         if args.resume:
             path = Path(args.resume)
@@ -247,7 +286,7 @@ def _start_training(args) -> Trainer:
             path = out / "last.npz"
         meta, _ = read_checkpoint(path)
         _refuse_array_run(meta, path, "resume it from Python (Trainer.restore)")
-        saved = meta["config"]
+        saved = dataclasses.asdict(config_from_checkpoint(path, meta.get("config")))
         for name, value in given.items():
             if name in RUN_DEFINING and value != saved.get(name):
                 raise UserError(
@@ -256,7 +295,10 @@ def _start_training(args) -> Trainer:
                     "the option, or start a new run with another --out."
                 )
         config = TrainConfig(**{**saved, **given, "out": str(out)})
+        config.validate()
         trainer = Trainer(config, comm=args.comm)
+        if args.comm is None or args.comm.rank == 0:
+            claim_run_folder(config.out, args.overwrite, resuming=path)
         trainer.restore(path)
         print(f"resuming {path} after epoch {trainer.epoch} of {config.epochs}")
     source = "synthetic" if config.data is None else config.data
@@ -277,9 +319,7 @@ def _train(args):
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
-        message = (f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch "
-                   f"{trainer.epoch} is in {trainer.out}. Continue with: tinyunet train "
-                   f"--resume --out {trainer.out}")
+        message = f"\n{trainer.interrupted_message()}"
         if comm is None:
             print(message, file=sys.stderr)
             return 130
@@ -294,10 +334,11 @@ def _train(args):
         print(result["warning"], file=sys.stderr)
     print(f"final validation Dice {result['val_dice']:.4f}  IoU {result['val_iou']:.4f}; "
           f"best Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
-    # The PNGs are missing when Pillow is not installed, so list what is really there.
-    written = [name for name in ("last.npz", "best.npz", "history.json", "history.csv",
-                                 "curves.png", "samples.png") if (trainer.out / name).exists()]
-    print(f"wrote {trainer.out}/{', '.join(written)}")
+    if result["wrote"]:
+        print(f"wrote {trainer.out}/{', '.join(result['wrote'])}")
+    else:
+        print(f"nothing to do: the run had reached epoch {trainer.epoch} of "
+              f"{trainer.config.epochs} (raise --epochs to train on)")
     return 0
 
 
@@ -322,15 +363,22 @@ def _input_files(inputs) -> list[Path]:
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)
+            found = regular_files(path, EXTENSIONS)  # no FIFOs, no folders named x.png
             if not found:
                 raise UserError(f"{path}: no images ({', '.join(EXTENSIONS)}) in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise UserError(f"{path}: Expect: an image file or a folder. Actual: not a "
+                            "regular file.")
         else:
             raise UserError(f"{path}: no such file or folder")
-    return files
+    # A file named twice (alone and in its folder) is predicted once.
+    unique = {}
+    for path in files:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def _load(args):
@@ -355,28 +403,34 @@ def _predict(args):
 
     model = _predictor(args)
     Image = require_pillow("writing mask PNGs")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(args.out, "--out")
     channels = model.config["in_channels"]
-    for path in _input_files(args.inputs):
+    binary = model.config["num_classes"] == 1
+    suffixes = ["_mask.png"] + (["_prob.npy"] + (["_prob.png"] if binary else [])
+                                if args.probabilities else [])
+    # Every input and output is known, and checked, before the first prediction.
+    inputs = _input_files(args.inputs)
+    plans = plan_outputs(inputs, out, suffixes, args.overwrite)
+    for path, outputs in zip(inputs, plans, strict=True):
         image = match_channels(read_image(path), channels, path)
         logits = predict_logits(model, image, tile=args.tile, batch_size=args.batch_size,
                                 tta=args.tta)
         labels = logits_to_labels(logits)
-        pixels = labels * 255 if logits.shape[0] == 1 else labels
-        Image.fromarray(pixels.astype(np.uint8)).save(out / f"{path.stem}_mask.png")
-        written = [f"{path.stem}_mask.png"]
+        pixels = labels * 255 if binary else labels
+        contents = [lambda file, pixels=pixels: Image.fromarray(pixels.astype(np.uint8)).save(
+            file, format="PNG")]
         if args.probabilities:
             probabilities = logits_to_probabilities(logits).astype(np.float32)
-            np.save(out / f"{path.stem}_prob.npy", probabilities)
-            written.append(f"{path.stem}_prob.npy")
-            if logits.shape[0] == 1:
+            contents.append(lambda file, p=probabilities: np.save(file, p))
+            if binary:
                 grey = (probabilities[0] * 255).round().astype(np.uint8)
-                Image.fromarray(grey).save(out / f"{path.stem}_prob.png")
-                written.append(f"{path.stem}_prob.png")
+                contents.append(lambda file, grey=grey: Image.fromarray(grey).save(
+                    file, format="PNG"))
+        for output, write in zip(outputs, contents, strict=True):
+            atomic_write(output, write, overwrite=args.overwrite)
         share = float((labels > 0).mean())
         print(f"{path}: {image.shape[2]}x{image.shape[1]}, foreground {share:.1%} -> "
-              f"{', '.join(written)}")
+              f"{', '.join(output.name for output in outputs)}")
     return 0
 
 
@@ -385,11 +439,13 @@ def _evaluate(args):
     from .train import build_datasets
 
     model, meta = _load(args)
+    if args.csv:
+        check_writable_file(args.csv, "--csv")  # before the work, not after it
     if args.data is not None:
         dataset = FolderDataset(args.data)
     else:
         _refuse_array_run(meta, args.checkpoint, "give --data DIR")
-        _, dataset = build_datasets(TrainConfig(**meta["config"]))
+        _, dataset = build_datasets(config_from_checkpoint(args.checkpoint, meta.get("config")))
     num_classes = model.config["num_classes"]
     # A binary model (one channel) tells 2 labels apart.
     if max(dataset.num_classes, 2) > max(num_classes, 2):
@@ -414,10 +470,11 @@ def _evaluate(args):
     if warning:
         print(warning, file=sys.stderr)
     if args.csv:
-        with open(args.csv, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=["image", "dice", "iou"])
-            writer.writeheader()
-            writer.writerows(rows + [{"image": "mean", "dice": mean_dice, "iou": mean_iou}])
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["image", "dice", "iou"])
+        writer.writeheader()
+        writer.writerows(rows + [{"image": "mean", "dice": mean_dice, "iou": mean_iou}])
+        atomic_write(args.csv, lambda file: file.write(table.getvalue().encode()))
     return 0
 
 
@@ -459,10 +516,15 @@ def main(argv=None) -> int:
     except DistributedError as error:
         print(f"tinyunet: error: {error}", file=sys.stderr)
         return 2
-    except (UserError, DataError, CheckpointError, ValueError, ImportError) as error:
+    except (UserError, DataError, CheckpointError, OutputError, ValueError,
+            ImportError) as error:
         if args.comm is not None:  # met by this rank alone, whose peers wait for it
             args.comm.abort(str(error), 2)
         print(f"tinyunet: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file that could not be read or written
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"tinyunet: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ Shapes: images (H, W) or (C, H, W) floats; label maps (H, W) integers.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 
 class ProgressBar:
@@ -92,7 +95,7 @@ def save_sample_grid(path, rows, cell: int = 128):
         for column, panel in enumerate(panels):
             tile = Image.fromarray(panel).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (gap + column * (cell + gap), header + row * (cell + gap)))
-    canvas.save(path)
+    atomic_write(path, lambda file: canvas.save(file, format="PNG"))
 
 
 def _nice_ticks(low: float, high: float, count: int = 5) -> np.ndarray:
@@ -168,15 +171,16 @@ def save_curves(path, history: list[dict]):
         ("Dice", [row["val_dice"] for row in history], (40, 160, 70)),
         ("IoU", [row["val_iou"] for row in history], (150, 60, 200)),
     ])
-    canvas.save(path)
+    atomic_write(path, lambda file: canvas.save(file, format="PNG"))
 
 
 def write_history(out: Path, history: list[dict]):
-    """history.json and history.csv: one row per epoch."""
-    text = json.dumps(history, indent=1)
-    (out / "history.json").write_text(text + "\n")
+    """history.json and history.csv: one row per epoch (each written whole or not at all)."""
+    text = json.dumps(history, indent=1) + "\n"
+    atomic_write(out / "history.json", lambda file: file.write(text.encode()))
     if history:
-        with open(out / "history.csv", "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write(out / "history.csv", lambda file: file.write(table.getvalue().encode()))

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from .autograd import no_grad, tensor
 from .backends import get_backend, set_backend
 from .checkpoint import (
     CheckpointError,
+    check_resumable,
     decode_tree,
     describe_config,
     read_checkpoint,
@@ -64,6 +66,7 @@ from .data.synthetic import SyntheticCells
 from .data.tiling import default_tile, logits_to_labels, predict_logits, receptive_halo
 from .distributed import Communicator, RankMismatch, dataset_digest, digest, file_digest
 from .errors import ShapeError
+from .files import OutputError, atomic_write, prepare_output_folder, remove_stale_temporaries
 from .reports import ProgressBar, save_curves, save_sample_grid, write_history
 
 LOSSES = ("dice", "iou", "bce", "ce", "dice+bce")
@@ -73,6 +76,9 @@ SCHEDULES = ("none", "cosine", "step")
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
                 "synthetic_size", "val_fraction", "val_data", "foreground_fraction")
+# What a run writes to its output folder.
+RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "curves.png",
+             "samples.png")
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,6 +142,9 @@ class TrainConfig:
             value = getattr(self, name)
             need(value >= 1, f"--{name.replace('_', '-')}", ">= 1", value)
         need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a positive number", self.lr)
+        need(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "--weight-decay",
+             "a number >= 0", self.weight_decay)
+        need(self.seed >= 0, "--seed", "an integer >= 0", self.seed)
         need(0 < self.val_fraction < 1, "--val-fraction", "a number in (0, 1)",
              self.val_fraction)
         need(0 <= self.foreground_fraction <= 1, "--foreground-fraction",
@@ -146,6 +155,67 @@ class TrainConfig:
         need(self.val_data is None or self.data is not None, "--val-data",
              "--data too (the synthetic cells have their own validation images)",
              "--val-data without --data")
+
+
+def claim_run_folder(out, overwrite: bool = False, resuming=None) -> Path:
+    """The output folder of a new run, or of one resumed from checkpoint ``resuming``:
+    created if missing and known to be writable (else an OutputError naming --out).
+
+    A new run never destroys an old one: a folder that holds another run's files
+    (RUN_FILES) is refused, unless ``overwrite``, which deletes them first so that no file
+    of the old run is mistaken for one of the new. A resume may write into the folder
+    of the checkpoint it continues.
+    """
+    out = prepare_output_folder(out, "--out")
+    if resuming is not None and Path(resuming).resolve().parent == out.resolve():
+        return out
+    found = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    if found and not overwrite:
+        raise OutputError(
+            f"--out {out}: Expect: a folder without a previous run. Actual: it holds "
+            f"{', '.join(found)}. Continue that run with --resume --out {out}, choose "
+            "another --out, or pass --overwrite to replace it.")
+    for name in found:
+        (out / name).unlink()
+    return out
+
+
+def config_from_checkpoint(path, saved, **changes) -> TrainConfig:
+    """The TrainConfig of the run saved in checkpoint ``path`` (``saved``, its "config"),
+    with ``changes`` applied; a CheckpointError naming the file for an option this
+    version does not know, a value of the wrong type or out of range. An option the
+    checkpoint lacks (one added to tinyunet after it was written) takes its default.
+    """
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: Expect: the run's config (a dict). "
+                              f"Actual: {type(saved).__name__}.")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{path}: Expect: a run config of known options. "
+                              f"Actual: unknown {unknown}.")
+    for name, value in saved.items():
+        if not _fits_annotation(fields[name].type, value):
+            raise CheckpointError(f"{path}: Expect: config {name} of type "
+                                  f"{fields[name].type}. Actual: {value!r}.")
+    try:
+        TrainConfig(**saved).validate()
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its run config is unusable: {error}") from error
+    return TrainConfig(**{**saved, **changes})
+
+
+def _fits_annotation(annotation: str, value) -> bool:
+    """Whether ``value`` (from JSON) has a type the annotation ("int", "str | None", ...)
+    allows; an annotation of other types is not checked here (validate() still runs)."""
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "None": lambda v: v is None}
+    names = [name.strip() for name in str(annotation).split("|")]
+    if not all(name in checks for name in names):
+        return True
+    return any(checks[name](value) for name in names)
 
 
 # ---- metrics --------------------------------------------------------------------------
@@ -389,6 +459,8 @@ class Trainer:
         self.history: list[dict] = []
         self.best_dice = -1.0
         self.best_epoch = 0
+        # The epoch that out/last.npz holds, once this trainer wrote it (or resumed it).
+        self.saved_epoch: int | None = None
         if comm is not None:
             comm.check_same(
                 digest(dataclasses.asdict(config), self.backend.name,
@@ -411,14 +483,107 @@ class Trainer:
             "data_source": self.data_source,
         }
 
-    def save(self, path):
+    def save(self, path, copies=()):
         """Write a checkpoint (on rank 0 only when training on several ranks)."""
         if self.writes:
-            save_checkpoint(path, self.model, self._meta(), self.optimizer, self.scheduler)
+            save_checkpoint(path, self.model, self._meta(), self.optimizer, self.scheduler,
+                            copies=copies)
+
+    def finish_epoch(self, row: dict) -> bool:
+        """Record epoch ``self.epoch`` as done: its history ``row`` (with "val_dice"), the
+        best Dice, and the checkpoints. Whether it improved on the best."""
+        self.history.append(row)
+        improved = row["val_dice"] > self.best_dice
+        previous_best = (self.best_dice, self.best_epoch)
+        if improved:
+            self.best_dice, self.best_epoch = row["val_dice"], self.epoch
+        self._save_checkpoints(improved, previous_best)
+        return improved
+
+    def _save_checkpoints(self, improved: bool, previous_best: tuple[float, int]):
+        """last.npz every epoch, best.npz when it improved, in an order that leaves the
+        two agreeing whatever the moment of an interrupt: best.npz is never ahead of
+        last.npz, and last.npz never records a best that best.npz does not hold. On an
+        improvement last.npz is written first still recording ``previous_best``, then one
+        file recording this epoch as the best becomes best.npz and then last.npz. Between
+        the two, last.npz's history shows the improvement it does not record yet;
+        restore() settles that (_settle_best).
+        """
+        last = self.out / "last.npz"
+        if improved:
+            current = (self.best_dice, self.best_epoch)
+            self.best_dice, self.best_epoch = previous_best
+            try:
+                self.save(last)
+            finally:
+                self.best_dice, self.best_epoch = current
+            self.saved_epoch = self.epoch
+        self.save(last, copies=[self.out / "best.npz"] if improved else ())
+        self.saved_epoch = self.epoch
+
+    def _settle_best(self, path):
+        """After restore(): make the best epoch, out/best.npz and out/last.npz agree again.
+
+        An improvement that last.npz's history shows but does not record (an interrupt
+        between the two writes of _save_checkpoints) is recorded, as the second write
+        would have: best.npz from the restored state where it lacks it, then last.npz.
+        A best.npz that is missing or holds another epoch is copied from the resumed
+        checkpoint's folder when that one holds the recorded best; otherwise the loss is
+        said, and the epochs from here on start a new best.
+        """
+        best = self.out / "best.npz"
+        pending = bool(self.history) and self.history[-1]["val_dice"] > self.best_dice
+        if pending:
+            self.best_dice, self.best_epoch = self.history[-1]["val_dice"], self.epoch
+        if self.best_epoch == 0:
+            return
+        held = _best_epoch_in(best) == self.best_epoch
+        if not held and self.best_epoch != self.epoch:
+            source = Path(path).parent / "best.npz"
+            if _best_epoch_in(source) == self.best_epoch:
+                if self.writes:
+                    data = source.read_bytes()
+                    atomic_write(best, lambda file: file.write(data))
+                return
+            self.log(f"note: {best} does not hold epoch {self.best_epoch}, the best so far "
+                     f"(val Dice {self.best_dice:.4f}); it is missing or from another run, "
+                     "so best.npz will hold the best of the epochs from here on")
+            self.best_dice, self.best_epoch = -1.0, 0
+            return
+        # The best is the restored state itself (or already in best.npz).
+        if pending and self.saved_epoch == self.epoch:
+            self.save(self.out / "last.npz", copies=() if held else [best])
+        elif not held:
+            self.save(best)
+
+    def _apply_hyperparameters(self):
+        """The options that may change on resume take effect after restore(): --lr (the
+        schedule goes on from this epoch with the new base rate; for 'cosine' its floor
+        stays 1% of the base), --weight-decay and the momentum. Left as they were, they
+        change nothing, and the run continues bit for bit."""
+        group = self.optimizer.param_groups[0]
+        group["weight_decay"] = self.config.weight_decay
+        if "momentum" in group:
+            group["momentum"] = self.config.momentum
+        if self.scheduler is None:
+            group["lr"] = self.config.lr
+        else:
+            self.scheduler.base_lr = float(self.config.lr)
+            group["lr"] = self.scheduler.lr_at(self.scheduler.last_epoch)
+
+    def interrupted_message(self) -> str:
+        """What to tell the user after Ctrl-C: the epoch last.npz holds, how to go on."""
+        if self.saved_epoch is None:
+            return (f"interrupted during epoch {self.epoch + 1}; no checkpoint had been "
+                    f"written to {self.out} yet")
+        return (f"interrupted during epoch {self.saved_epoch + 1}; {self.out / 'last.npz'} "
+                f"holds epoch {self.saved_epoch}. Continue with: tinyunet train --resume "
+                f"--out {self.out}")
 
     def restore(self, path):
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG, history."""
         meta, arrays = read_checkpoint(path)
+        check_resumable(path, meta)
         if meta["model_config"] != dict(self.model.config):
             raise CheckpointError(
                 f"{path}: it holds a U-Net with {describe_config(meta['model_config'])}, "
@@ -444,6 +609,14 @@ class Trainer:
                                          self.ranks, self.config.batch_size))
         if self.comm is not None:
             self.comm.check_same(file_digest(path), f"checkpoint {path}")
+
+        self._apply_hyperparameters()
+        last = self.out / "last.npz"
+        self.saved_epoch = (self.epoch if last.exists() and os.path.samefile(path, last)
+                            else None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
+        self._settle_best(path)
 
     def _samples_per_epoch(self) -> int:
         if self.config.samples_per_epoch is not None:
@@ -472,11 +645,11 @@ class Trainer:
     def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
         where = f"epoch {self.epoch + 1}" + (f", step {step}" if step is not None else "")
         last = self.out / "last.npz"
-        if last.is_file():
-            kept = (f"The last good checkpoint, {last} (epoch {self.epoch}), was kept "
+        if self.saved_epoch is not None:
+            kept = (f"The last good checkpoint, {last} (epoch {self.saved_epoch}), was kept "
                     "as it was.")
         else:
-            kept = "No checkpoint had been written yet (it diverged in the first epoch)."
+            kept = f"No checkpoint had been written yet to {self.out}."
         lr = self.optimizer.param_groups[0]["lr"]
         return TrainingDiverged(f"{what} at {where}: training stopped. {kept} "
                                 f"Try a lower --lr (it was {lr:g}).")
@@ -613,8 +786,10 @@ class Trainer:
         """
         if self.writes:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
         first = self.epoch
         result = None
+        wrote_best = False
         while self.epoch < self.config.epochs:
             if stop_after is not None and self.epoch - first >= stop_after:
                 break
@@ -628,7 +803,7 @@ class Trainer:
             if self.scheduler is not None:
                 self.scheduler.step()
             self.epoch += 1
-            self.history.append({
+            improved = self.finish_epoch({
                 "epoch": self.epoch,
                 "train_loss": train_loss,
                 "val_loss": result["loss"],
@@ -638,22 +813,22 @@ class Trainer:
                 "images_per_s": rate,
                 "seconds": time.perf_counter() - started,
             })
-            improved = result["dice"] > self.best_dice
-            if improved:
-                self.best_dice, self.best_epoch = result["dice"], self.epoch
-            self.save(self.out / "last.npz")
-            if improved:
-                self.save(self.out / "best.npz")
+            wrote_best = wrote_best or improved
             self._write_reports(result)
             self.log(
                 f"epoch {self.epoch}/{self.config.epochs}  train loss {train_loss:.4f}  "
                 f"val loss {result['loss']:.4f}  val Dice {result['dice']:.4f}  "
                 f"IoU {result['iou']:.4f}  ({self.history[-1]['seconds']:.1f} s)"
             )
+        # The files this call wrote (none when there was no epoch left to run).
+        wrote = [] if result is None else [
+            name for name in RUN_FILES if (name != "best.npz" or wrote_best)
+            and (self.out / name).exists()]
         if result is None:
             result = self.evaluate()
         warning = one_class_warning(result["predictions"], result["truths"])
         return {
+            "wrote": wrote,
             "epoch": self.epoch,
             "val_dice": result["dice"],
             "val_iou": result["iou"],
@@ -691,6 +866,15 @@ def _ranks_changed_note(path, saved_ranks: int, saved_batch: int, ranks: int,
             "samples differently")
     return (f"note: {path} was written by {saved_ranks} process(es), this run has {ranks}. "
             f"The sample order and the augmentation go on unchanged; {same}.")
+
+
+def _best_epoch_in(path) -> int | None:
+    """The epoch of best checkpoint ``path``, None when it is missing or unusable."""
+    try:
+        meta = read_checkpoint(path)[0] if os.path.lexists(path) else None
+    except CheckpointError:
+        return None
+    return meta.get("epoch") if meta and meta.get("best_epoch") == meta.get("epoch") else None
 
 
 def _crop_sizes(model, side: int):

@@ -234,6 +234,10 @@ ROW_SHIFT_MIN_PIXELS = 32 * 32
 # The optimizer updates take the gradients as a tuple (_gradient_tuple), whose length
 # numba compiles for: rounded up to a multiple of this, a few lengths cover every model.
 GRADIENT_TUPLE_STEP = 16
+# Parameters per optimizer-update call: numba's parallel loops take tuples of at most 100
+# entries, so a model with more parameter tensors is updated in groups of this many (a
+# multiple of GRADIENT_TUPLE_STEP, so the groups add no tuple lengths to compile).
+UPDATE_MAX_TENSORS = 64
 # Elements of a sample's row per parallel step of the one-channel Dice/IoU gradient
 # (fast_ops.sigmoid_overlap_backward).
 OVERLAP_BACKWARD_PIECE = 2048
@@ -375,8 +379,9 @@ class NumbaBackend(Backend):
         # multi-MB array costs its page faults on every call (measured: a 2x2 transposed
         # conv to a 128x128 map took 4.3 ms with fresh columns, 2.7 ms reusing them).
         self._scratch: dict[tuple[np.dtype, str], np.ndarray] = {}
-        # The optimizer updates' typed Lists, by role, and their piece tables (_spans).
-        self._lists: dict[str, tuple] = {}
+        # The optimizer updates' typed Lists, by (role, group), and their piece tables
+        # (_spans).
+        self._lists: dict[tuple[str, int], tuple] = {}
         self._piece_tables: dict[tuple, np.ndarray] = {}
 
     def asarray(self, host_array):
@@ -877,24 +882,25 @@ class NumbaBackend(Backend):
     # place), instead of the reference's several whole-array numpy operations each.
     def sgd_update(self, params, grads, buffers, lr, momentum, dampening, nesterov,
                    weight_decay, first_step):
-        for chosen in _by_dtype(params):
+        for group, chosen in _update_groups(params):
             gradients = _gradient_tuple(params, grads, chosen)
             # Without momentum the kernel never touches the buffers.
-            buffer_list = (self._cached_typed_list("buffers", buffers, chosen) if momentum
-                           else gradients)
+            buffer_list = (self._cached_typed_list(("buffers", group), buffers, chosen)
+                           if momentum else gradients)
             sizes = [params[i].size for i in chosen]
-            _run(fast_ops.sgd_update, sum(sizes), self._cached_typed_list("params", params, chosen),
+            _run(fast_ops.sgd_update, sum(sizes),
+                 self._cached_typed_list(("params", group), params, chosen),
                  gradients, buffer_list, self._spans(sizes), float(lr), float(momentum),
                  float(1 - dampening), bool(nesterov), float(weight_decay), bool(first_step))
 
     def adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                     weight_decay, decoupled):
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-        for chosen in _by_dtype(params):
-            lists = (self._cached_typed_list("params", params, chosen),
+        for group, chosen in _update_groups(params):
+            lists = (self._cached_typed_list(("params", group), params, chosen),
                      _gradient_tuple(params, grads, chosen),
-                     self._cached_typed_list("exp_avgs", exp_avgs, chosen),
-                     self._cached_typed_list("exp_avg_sqs", exp_avg_sqs, chosen))
+                     self._cached_typed_list(("exp_avgs", group), exp_avgs, chosen),
+                     self._cached_typed_list(("exp_avg_sqs", group), exp_avg_sqs, chosen))
             sizes = [params[i].size for i in chosen]
             _run(fast_ops.adam_update, sum(sizes), *lists, self._spans(sizes),
                  float(lr / bias1), float(beta1), float(1 - beta1), float(beta2),
@@ -904,10 +910,10 @@ class NumbaBackend(Backend):
     def _cached_typed_list(self, role, arrays, chosen):
         """``_typed_list`` of arrays[i] for i in chosen, kept while the same arrays come
         back: parameters and optimizer state persist across steps, and building a list
-        of config A's 46 arrays took about 75 us (measured). One list per role: the entry
-        holds its arrays (so their ids stay theirs) until a call with other arrays of
-        that role replaces it, so the backend keeps the last-updated model's parameters
-        and state alive until then."""
+        of config A's 46 arrays took about 75 us (measured). One list per role (a name
+        and an update group): the entry holds its arrays (so their ids stay theirs)
+        until a call with other arrays of that role replaces it, so the backend keeps
+        the last-updated model's parameters and state alive until then."""
         picked = [arrays[i] for i in chosen]
         key = tuple(map(id, picked))
         cached = self._lists.get(role)
@@ -935,6 +941,14 @@ def _by_dtype(arrays):
     for i, a in enumerate(arrays):
         groups.setdefault(a.dtype, []).append(i)
     return list(groups.values())
+
+
+def _update_groups(arrays):
+    """(number, indexes) of the optimizer-update calls for ``arrays``: one dtype each, at
+    most UPDATE_MAX_TENSORS arrays each. The number names the group's cached lists."""
+    chunks = [indexes[start : start + UPDATE_MAX_TENSORS] for indexes in _by_dtype(arrays)
+              for start in range(0, len(indexes), UPDATE_MAX_TENSORS)]
+    return list(enumerate(chunks))
 
 
 def _gradient_tuple(params, grads, chosen):

@@ -176,15 +176,19 @@ def _predict_view(model, image, tile, halo, batch_size):
             mode="reflect",
         )
     else:
+        halo_given = halo is not None
         halo = receptive_halo(depth, config.get("up", "transpose")) if halo is None else halo
         in_hw = tuple(math.ceil(int(t) / align) * align for t in tile_hw)
         padded_hw = (math.ceil(H / align) * align, math.ceil(W / align) * align)
         in_hw = (min(in_hw[0], padded_hw[0]), min(in_hw[1], padded_hw[1]))
         for side, padded_side in zip(in_hw, padded_hw, strict=True):
             if side < padded_side and side <= 2 * halo:
+                smallest = (2 * halo // align + 1) * align  # tiles are multiples of align
+                remedy = ", or a smaller halo" if halo_given else ""
                 raise ValueError(
-                    f"predict: Expect: a tile larger than 2 * halo = {2 * halo}. "
-                    f"Actual: tile {side}; use a larger tile or a smaller halo."
+                    f"predict: Expect: a tile larger than 2 * halo = {2 * halo} (the context "
+                    f"kept out of each tile). Actual: tile {side}; use a tile of at least "
+                    f"{smallest}{remedy}."
                 )
         rows = _same_windows(padded_hw[0], H, in_hw[0], halo)
         cols = _same_windows(padded_hw[1], W, in_hw[1], halo)

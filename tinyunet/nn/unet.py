@@ -35,6 +35,35 @@ from .layers import Conv2d, ConvTranspose2d, Sequential, Upsample
 from .module import Module
 
 
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of ``UNet(**config)`` by its state_dict name, computed
+    without building the model: a checkpoint's weights are checked against these before
+    anything is allocated (tinyunet/checkpoint.py). Must follow UNet.__init__ below."""
+    depth, base = config["depth"], config["base_channels"]
+    channels = [base * 2**level for level in range(depth + 1)]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, c_out, c_in, kernel):
+        shapes[f"{name}.weight"] = (c_out, c_in, kernel, kernel)
+        shapes[f"{name}.bias"] = (c_out,)
+
+    for level in range(depth + 1):
+        below = config["in_channels"] if level == 0 else channels[level - 1]
+        conv(f"encoders.{level}.conv1", channels[level], below, 3)
+        conv(f"encoders.{level}.conv2", channels[level], channels[level], 3)
+    for level in range(depth):
+        if config["up"] == "transpose":  # ConvTranspose2d weights are (C_in, C_out, kH, kW)
+            shapes[f"ups.{level}.weight"] = (channels[level + 1], channels[level], 2, 2)
+            shapes[f"ups.{level}.bias"] = (channels[level],)
+        else:
+            conv(f"ups.{level}.1", channels[level], channels[level + 1], 1)
+    for level in range(depth):
+        conv(f"decoders.{level}.conv1", channels[level], 2 * channels[level], 3)
+        conv(f"decoders.{level}.conv2", channels[level], channels[level], 3)
+    conv("head", config["num_classes"], channels[0], 1)
+    return shapes
+
+
 class UNetGeometry:
     """The size arithmetic of a U-Net with ``depth`` levels and ``padding`` 'same' or
     'valid': what an input of a given size gives, and which sizes can be used.

@@ -16,19 +16,26 @@ needs only three kernels (conv2d, conv2d_grad_input, conv2d_grad_weight) for bot
 
 from __future__ import annotations
 
+import numbers
+
 from ..autograd import Function, Tensor
 from ..backends import ConvGeometry
 from ..errors import fail
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer (np.int64(2) too), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def pair(value, name, op):
-    """An int or a pair of ints -> a pair of ints."""
-    if isinstance(value, int):
-        return (value, value)
+    """An int or a pair of ints (Python or numpy integers) -> a pair of Python ints."""
+    if _is_int(value):
+        return (int(value), int(value))
     is_pair = isinstance(value, (tuple, list)) and len(value) == 2
-    if not (is_pair and all(isinstance(v, int) for v in value)):
+    if not (is_pair and all(_is_int(v) for v in value)):
         fail(op, f"{name} as an int or a pair of ints", f"{value!r}")
-    return tuple(value)
+    return (int(value[0]), int(value[1]))
 
 
 def _check_conv_inputs(op, x, w, b, weight_in_channels_axis):
@@ -42,11 +49,20 @@ def _check_conv_inputs(op, x, w, b, weight_in_channels_axis):
              f"input {x.shape} with {x.shape[1]} channels")
     if x.dtype != w.dtype:
         fail(op, f"input and weight of one dtype ({x.dtype})", f"input {x.dtype}, weight {w.dtype}")
+    if x.dtype not in CONV_DTYPES:
+        fail(op, "input and weight of dtype float32 or float64", f"dtype {x.dtype}")
     out_channels = w.shape[1 - weight_in_channels_axis]
+    if x.shape[1] == 0 or out_channels == 0:
+        fail(op, "at least one input and one output channel",
+             f"input {x.shape}, weight {w.shape}")
     if b is not None and b.shape != (out_channels,):
         fail(op, f"bias of shape ({out_channels},)", f"shape {b.shape}")
     if b is not None and b.dtype != x.dtype:
         fail(op, f"bias of dtype {x.dtype}", f"{b.dtype}")
+
+
+# The dtypes every backend's conv kernels compute in (the numba kernels have no others).
+CONV_DTYPES = ("float32", "float64")
 
 
 def _check_positive(op, name, values):
@@ -86,16 +102,35 @@ def _conv_input_and_weight_grads(ctx, grad, x, w, geometry):
     return ctx.backend.conv2d_grads(grad, x, w, geometry, need_x, need_w)
 
 
+# A batch of no images (N == 0) never reaches a backend, whose kernels need at least
+# one: the output has no images, the input gradient none either, and the weight and
+# bias gradients are sums over no images, zeros. This is what PyTorch returns.
+def _no_images(ctx, x, channels, output_hw):
+    return ctx.backend.xp.zeros((0, channels, *output_hw), dtype=x.dtype)
+
+
+def _no_images_grads(ctx, x, w, out_channels):
+    """(dx, dw, db) of a conv over a batch of no images."""
+    xp = ctx.backend.xp
+    return (xp.zeros(x.shape, dtype=x.dtype), xp.zeros(w.shape, dtype=w.dtype),
+            xp.zeros(out_channels, dtype=x.dtype))
+
+
 class Conv2d(Function):
     @staticmethod
     def forward(ctx, x, w, b=None, geometry=None):
         ctx.save_for_backward(x, w, geometry, b is not None)
+        if x.shape[0] == 0:
+            return _no_images(ctx, x, w.shape[0], geometry.output_hw(x.shape[2:], w.shape[2:]))
         y = ctx.backend.conv2d(x, w, geometry)
         return y if b is None else ctx.backend.add_bias(y, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, geometry, has_bias = ctx.saved
+        if x.shape[0] == 0:
+            dx, dw, db = _no_images_grads(ctx, x, w, w.shape[0])
+            return (dx, dw, db) if has_bias else (dx, dw)
         dx, dw = _conv_input_and_weight_grads(ctx, grad, x, w, geometry)
         return (dx, dw, ctx.backend.bias_grad(grad)) if has_bias else (dx, dw)
 
@@ -107,13 +142,19 @@ class Conv2dReLU(Function):
 
     @staticmethod
     def forward(ctx, x, w, b=None, geometry=None):
-        y = ctx.backend.conv2d_bias_relu(x, w, b, geometry)
+        if x.shape[0] == 0:
+            y = _no_images(ctx, x, w.shape[0], geometry.output_hw(x.shape[2:], w.shape[2:]))
+        else:
+            y = ctx.backend.conv2d_bias_relu(x, w, b, geometry)
         ctx.save_for_backward(x, w, geometry, b is not None, y)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, w, geometry, has_bias, y = ctx.saved
+        if x.shape[0] == 0:
+            dx, dw, db = _no_images_grads(ctx, x, w, w.shape[0])
+            return (dx, dw, db) if has_bias else (dx, dw)
         if has_bias:
             grad, db = ctx.backend.relu_backward_bias_grad(grad, y)
         else:
@@ -133,12 +174,17 @@ class ConvTranspose2d(Function):
     @staticmethod
     def forward(ctx, x, w, b=None, geometry=None, output_hw=None):
         ctx.save_for_backward(x, w, geometry, b is not None)
+        if x.shape[0] == 0:
+            return _no_images(ctx, x, w.shape[1], output_hw)
         y = ctx.backend.conv2d_grad_input(x, w, geometry, output_hw)
         return y if b is None else ctx.backend.add_bias(y, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, geometry, has_bias = ctx.saved
+        if x.shape[0] == 0:
+            dx, dw, db = _no_images_grads(ctx, x, w, w.shape[1])
+            return (dx, dw, db) if has_bias else (dx, dw)
         need_b = has_bias and ctx.needs_input_grad[2]
         dx, dw, db = _conv_transpose_grads(ctx, grad, x, w, geometry,
                                            *ctx.needs_input_grad[:2], need_b)
@@ -153,14 +199,19 @@ class ConvTranspose2dConcat(Function):
     @staticmethod
     def forward(ctx, skip, x, w, b=None, geometry=None, output_hw=None):
         ctx.save_for_backward(skip.shape[1], x, w, geometry, b is not None)
+        if x.shape[0] == 0:
+            return _no_images(ctx, x, skip.shape[1] + w.shape[1], output_hw)
         return ctx.backend.conv_transpose2d_concat(skip, x, w, b, geometry, output_hw)
 
     @staticmethod
     def backward(ctx, grad):
         c_skip, x, w, geometry, has_bias = ctx.saved
-        need_b = has_bias and ctx.needs_input_grad[3]
-        dx, dw, db = _conv_transpose_grads(ctx, grad[:, c_skip:], x, w, geometry,
-                                           *ctx.needs_input_grad[1:3], need_b)
+        if x.shape[0] == 0:
+            dx, dw, db = _no_images_grads(ctx, x, w, w.shape[1])
+        else:
+            need_b = has_bias and ctx.needs_input_grad[3]
+            dx, dw, db = _conv_transpose_grads(ctx, grad[:, c_skip:], x, w, geometry,
+                                               *ctx.needs_input_grad[1:3], need_b)
         d_skip = grad[:, :c_skip]
         return (d_skip, dx, dw, db) if has_bias else (d_skip, dx, dw)
 

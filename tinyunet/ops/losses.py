@@ -36,16 +36,19 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _reduce(values, reduction):
+    """'mean', 'sum' or 'none' of the per-element losses. As in PyTorch, the mean of an
+    empty batch is NaN and its sum 0 (without numpy's warning about an empty mean)."""
     if reduction == "mean":
-        return values.mean()
+        return values.mean() if values.size else values.sum() + np.nan
     if reduction == "sum":
         return values.sum()
     return values
 
 
 def _reduction_grad(grad, reduction, count):
-    """The incoming gradient spread back over the values that were reduced."""
-    return grad / count if reduction == "mean" else grad
+    """The incoming gradient spread back over the values that were reduced (none when
+    there were none)."""
+    return grad / count if reduction == "mean" and count else grad
 
 
 class BCEWithLogits(Function):
@@ -84,7 +87,9 @@ class CrossEntropy(Function):
         total_weight = pixel_weight.sum()
         ctx.save_for_backward(log_p, safe_labels, pixel_weight, total_weight, reduction)
         if reduction == "mean":
-            return loss.sum() / total_weight
+            # No counted pixel (an empty batch, or every label ignored): NaN, as PyTorch.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return loss.sum() / total_weight
         return _reduce(loss, reduction)
 
     @staticmethod
@@ -93,7 +98,8 @@ class CrossEntropy(Function):
         xp = ctx.backend.xp
         classes = xp.arange(log_p.shape[1]).reshape((1, -1) + (1,) * (log_p.ndim - 2))
         dz = xp.exp(log_p) - (labels[:, None] == classes)
-        per_pixel = pixel_weight * _reduction_grad(grad, reduction, total_weight)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_pixel = pixel_weight * _reduction_grad(grad, reduction, total_weight)
         return (dz * per_pixel[:, None],)
 
 
@@ -127,6 +133,9 @@ class SoftOverlapLoss(Function):
     @staticmethod
     def forward(ctx, z, target, kind, smooth, class_mask, reduction):
         backend = ctx.backend
+        if z.shape[0] == 0:  # an empty batch: no sample to score, no gradient to route
+            ctx.save_for_backward(None, z.shape)
+            return _reduce(backend.xp.zeros(0, dtype=z.dtype), reduction)
         binary = z.shape[1] == 1
         # Binary: one score per sample over C, H, W. Multi-class: one per (sample, class).
         if binary:
@@ -145,6 +154,8 @@ class SoftOverlapLoss(Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.saved[0] is None:
+            return (ctx.backend.xp.zeros(ctx.saved[1], dtype=grad.dtype),)
         p, target, slope, offset, binary, class_mask, reduction = ctx.saved
         xp = ctx.backend.xp
         n = p.shape[0]

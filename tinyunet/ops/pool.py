@@ -21,6 +21,10 @@ from .conv import pair
 class MaxPool2d(Function):
     @staticmethod
     def forward(ctx, x, geometry):
+        ctx.save_for_backward(None, x.shape, geometry)
+        if x.size == 0:  # a batch of no images never reaches a backend's kernels
+            return ctx.backend.xp.zeros((*x.shape[:2], *geometry.output_hw(x.shape[2:])),
+                                        dtype=x.dtype)
         y, argmax = ctx.backend.max_pool2d(x, geometry)
         ctx.save_for_backward(argmax, x.shape, geometry)
         return y
@@ -28,6 +32,8 @@ class MaxPool2d(Function):
     @staticmethod
     def backward(ctx, grad):
         argmax, input_shape, geometry = ctx.saved
+        if argmax is None:
+            return (ctx.backend.xp.zeros(input_shape, dtype=grad.dtype),)
         return (ctx.backend.max_pool2d_backward(grad, argmax, input_shape, geometry),)
 
 
