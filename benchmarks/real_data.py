@@ -392,7 +392,10 @@ def results_section(results: dict) -> str:
             if method in results[name]:
                 result = results[name][method]
                 rows.append(_format_row(name, method, result))
-                runs.append(f"- {name} / {method}: {result['date']}; {result['machine']}; "
+                load = (f" (1-minute load average {result['load']:.1f} at its start)"
+                        if "load" in result else "")
+                runs.append(f"- {name} / {method}: ended {result['date']}{load}; "
+                            f"{result['machine']}; "
                             f"{result['train_images']} train and {result['test_images']} "
                             f"test images ({result['data']}); `{result['command']}`"
                             + (f"; {result['label']}" if "label" in result else ""))
@@ -478,13 +481,14 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             print(f"{name}: {method} ({n_train} train, {n_test} test images; logs in {work})",
                   file=sys.stderr, flush=True)
+            load = os.getloadavg()[0]
             if method == "tinyunet":
                 result = run_tinyunet(set_dir, work, args.timeout, train_args)
             else:
                 python = args.torch_python if method == "torch" else sys.executable
                 result = run_child(method, python, set_dir, work, args.timeout, args.seed,
                                    args.torch_steps)
-            result.update(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine,
+            result.update(date=time.strftime("%Y-%m-%d %H:%M"), load=load, machine=machine,
                           command=command, data=str(set_dir), train_images=n_train,
                           test_images=n_test)
             if method == "torch" and args.torch_steps != STEPS:

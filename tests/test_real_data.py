@@ -73,7 +73,7 @@ def test_results_section_lists_every_stored_result():
     text = real_data.results_section(stored)
     assert "| cells | tinyunet | - | - | 4 | train failed: tinyunet: error: x |" in text
     assert "| cells | otsu | 0.8123 | - | 0 | ok |" in text
-    assert "- cells / otsu: D; M; 3 train and 2 test images (/d); `C`" in text
+    assert "- cells / otsu: ended D; M; 3 train and 2 test images (/d); `C`" in text
 
 
 def make_set(root: Path) -> Path:
