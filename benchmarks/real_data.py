@@ -408,7 +408,8 @@ def results_section(results: dict) -> str:
         "definition for every method; 'tinyunet evaluate Dice' is the mean of `tinyunet "
         "evaluate --csv`, its own definition). Train seconds: the wall clock of `tinyunet "
         "train` (start-up, kernel compilation, validation and checkpoints included); the "
-        "training loop alone for PyTorch; 0 for Otsu. Data sets: /work/data/README.md.",
+        "training loop alone for PyTorch; 0 for Otsu. The sets' sources, sizes and splits: "
+        "README.md beside the sets (on the machine that ran them, /work/data/README.md).",
         "",
         table(HEADER, rows),
         "",
