@@ -2,9 +2,11 @@
 
     python -m benchmarks.ops          # per-op forward/backward, GFLOP/s, % of sgemm
     python -m benchmarks.train_step   # U-Net training steps (configs A, B, C) vs PyTorch
+    python -m benchmarks.real_data --data DIR  # real microscopy: tinyunet vs PyTorch vs Otsu
 
-Each writes its own section of benchmarks/RESULTS.md. Timings are medians over
-repeats that interleave the competitors, so machine noise hits all of them alike.
+Each writes its own section of benchmarks/RESULTS.md. The timings of ops and train_step
+are medians over repeats that interleave the competitors, so machine noise hits all of
+them alike; real_data times one training run of each method, one after another.
 """
 
 # First, before numpy, as a program using tinyunet would: tinyunet sets up OpenBLAS's
