@@ -102,14 +102,14 @@ def test_bad_inputs_are_clear_errors():
 def test_default_tile_covers_twice_the_halo_at_every_depth():
     for depth in range(1, 7):
         tile = default_tile(depth)
-        assert tile % 2**depth == 0 and tile >= max(512, 4 * receptive_halo(depth))
-        assert tile - 2**depth < max(512, 4 * receptive_halo(depth))  # the smallest such
+        assert tile % 2**depth == 0 and tile >= max(1024, 4 * receptive_halo(depth))
+        assert tile - 2**depth < max(1024, 4 * receptive_halo(depth))  # the smallest such
 
 
 def test_default_tile_predicts_a_depth_4_image_larger_than_the_tile():
     tu.manual_seed(0)
     model = UNet(in_channels=1, num_classes=1, depth=4, base_channels=1).eval()
-    image = np.random.default_rng(0).normal(size=(1, 600, 40)).astype(np.float32)
+    image = np.random.default_rng(0).normal(size=(1, 1100, 40)).astype(np.float32)
     np.testing.assert_allclose(predict_logits(model, image), _whole(model, image),
                                rtol=1e-4, atol=1e-5)
 

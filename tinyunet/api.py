@@ -29,13 +29,14 @@ def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: b
         **options):
     """Train a U-Net on arrays and return the ``Trainer`` (``.model``, ``.history``).
 
-    ``options`` are ``TrainConfig`` fields (epochs, depth, lr, out, ...). Without
+    ``options`` are ``TrainConfig`` fields (epochs, depth, lr, out, ...); those not given
+    come from ``train.REAL_DATA_DEFAULTS``, then TrainConfig's defaults. Without
     ``val_images`` the images are split as a folder is (``tinyunet.data.sampling``).
     ``weights``: optional per-pixel loss weight maps, one (H, W) per image. ``verbose``:
     print the epoch lines and the progress bar.
     """
     from .data.arrays import ArrayDataset
-    from .train import TrainConfig, Trainer
+    from .train import REAL_DATA_DEFAULTS, TrainConfig, Trainer
 
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(options) - fields)
@@ -49,7 +50,8 @@ def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: b
         raise ValueError("fit: Expect: val_images and val_masks together. Actual: only one.")
     train_set = ArrayDataset(images, masks, weights=weights)
     val_set = None if val_images is None else ArrayDataset(val_images, val_masks)
-    trainer = Trainer(TrainConfig(**options), log=print if verbose else _quiet,
+    trainer = Trainer(TrainConfig(**{**REAL_DATA_DEFAULTS, **options}),
+                      log=print if verbose else _quiet,
                       progress_stream=None if verbose else False,
                       train_set=train_set, val_set=val_set)
     if verbose:

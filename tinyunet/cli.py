@@ -40,6 +40,7 @@ from .memory import keep_freed_memory
 from .train import (
     LOSSES,
     OPTIMIZERS,
+    REAL_DATA_DEFAULTS,
     RUN_DEFINING,
     SCHEDULES,
     TrainConfig,
@@ -83,6 +84,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _both(name: str) -> str:
+    """A train option's default for the synthetic demo and for the user's data."""
+    return f"synthetic: {getattr(DEFAULTS, name)}; your data: {REAL_DATA_DEFAULTS[name]}"
+
+
 def _add_train(commands):
     parser = commands.add_parser(
         "train",
@@ -100,14 +106,16 @@ def _add_train(commands):
         "default: synthetic cells")
     add("--classes", choices=("binary", "multiclass"),
         help=f"synthetic masks: cell/background or background/cell/border [{d.classes}]")
-    add("--epochs", type=_positive_int, help=f"epochs to train (in all) [{d.epochs}]")
-    add("--batch-size", type=_positive_int, help=f"images per step [{d.batch_size}]")
-    add("--lr", type=float, help=f"learning rate [{d.lr}]")
+    add("--epochs", type=_positive_int,
+        help=f"epochs to train (in all) [{_both('epochs')}]")
+    add("--batch-size", type=_positive_int, help=f"crops per step [{_both('batch_size')}]")
+    add("--lr", type=float, help=f"learning rate [{_both('lr')}]")
     add("--optimizer", choices=OPTIMIZERS, help=f"[{d.optimizer}]")
     add("--weight-decay", type=float, help=f"[{d.weight_decay}]")
     add("--schedule", choices=SCHEDULES, help=f"learning-rate schedule [{d.schedule}]")
     add("--loss", choices=LOSSES, help=f"[{d.loss}]")
-    add("--depth", type=_positive_int, help=f"U-Net levels (pooling steps) [{d.depth}]")
+    add("--depth", type=_positive_int,
+        help=f"U-Net levels (pooling steps) [{_both('depth')}]")
     add("--base-channels", type=_positive_int,
         help=f"channels of the first level, doubled per level [{d.base_channels}]")
     add("--padding", choices=("same", "valid"),
@@ -115,7 +123,7 @@ def _add_train(commands):
     add("--up", choices=("transpose", "upsample"),
         help=f"upsampling: transposed conv or bilinear upsample+conv [{d.up}]")
     add("--crop", type=_positive_int, help="side of the training crops' masks; in 'valid' "
-        f"mode the image crops are larger by the network's margins [{d.crop}]")
+        f"mode the image crops are larger by the network's margins [{_both('crop')}]")
     add("--no-augment", dest="augment", action="store_const", const=False,
         help="turn off flips, rotations, elastic deformation and intensity jitter")
     add("--val-fraction", type=float,
@@ -124,12 +132,12 @@ def _add_train(commands):
     add("--val-data", metavar="DIR", help="a separate validation folder (images/, masks/); "
         "then every --data image trains")
     add("--samples-per-epoch", type=_positive_int, metavar="N",
-        help="training crops per epoch [synthetic: one per image; folders: enough to "
-        "cover the training pixels about once, 256-1024]")
+        help="training crops per epoch [synthetic: one per image; your data: "
+        f"{REAL_DATA_DEFAULTS['samples_per_epoch']}]")
     add("--foreground-fraction", type=float, metavar="F",
         help="share of the crops centred on a foreground pixel [1/3]")
     add("--tile", type=_positive_int, help="tile side of the validation's overlap-tile "
-        "prediction [from the network's halo: 512 up to depth 3, 576 at depth 4]")
+        "prediction [from the network's halo: 1024 up to depth 4, 1152 at depth 5]")
     add("--synthetic-train", type=_positive_int,
         help=f"synthetic training images [{d.synthetic_train}]")
     add("--synthetic-val", type=_positive_int,
@@ -215,7 +223,7 @@ def _add_inference_options(parser):
     parser.add_argument("--backend", choices=BACKENDS, help="compute backend")
     parser.add_argument("--tile", type=_positive_int,
                         help="tile side for overlap-tile prediction [from the network's "
-                        "halo: 512 up to depth 3, 576 at depth 4]")
+                        "halo: 1024 up to depth 4, 1152 at depth 5]")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the probabilities of the 8 "
                         "flips and rotations (8 times slower)")
@@ -270,7 +278,7 @@ def _start_training(args) -> Trainer:
     given = _given(args)
     _select_backend(args.backend)
     if args.resume is None:
-        config = TrainConfig(**given)
+        config = TrainConfig(**{**(REAL_DATA_DEFAULTS if "data" in given else {}), **given})
         config.validate()
         # The Trainer first: it checks the data (and, on several ranks, that they agree)
         # before anything is written to --out.

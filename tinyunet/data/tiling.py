@@ -19,13 +19,13 @@ the parts of their outputs that saw enough context are stitched together.
   prediction.
 
 The default tile (``default_tile``) follows from the halo, so prediction works at every
-depth: the smallest multiple of 2**depth that is at least max(512, 4 * halo). At
+depth: the smallest multiple of 2**depth that is at least max(1024, 4 * halo). At
 4 * halo a tile keeps at least half of each side (a quarter of its area) for the
-output; the floor of 512 keeps the recomputed overlap small for shallow nets (a
-depth-3 net's halo is 72: 512-pixel tiles keep 368 of 512 pixels per side, where 288
-would keep 144 of 288) while a batch of 4 such tiles stays a few hundred MB.
-Depth 2-4 give 512, 512 and 576; depth 5 gives 1152. An image no larger than the tile
-is run whole, in one tile.
+output; the floor of 1024 runs most microscopy fields whole, in one tile, with no
+context recomputed (a depth-4 net's halo is 144: 576-pixel tiles would keep 288 of 576
+pixels per side and compute a 1100-pixel image about four times over). A batch of
+four 1024-pixel tiles of a 16-channel U-Net holds about 1.5 GB; give a smaller
+``tile`` on a small machine. Depth 2-4 give 1024; depth 5 gives 1152.
 
 Test-time augmentation (``tta=True``) runs the 8 flips and 90-degree rotations of the
 image (the dihedral group), turns each prediction back, and averages the
@@ -78,7 +78,7 @@ def receptive_halo(depth: int, up: str = "transpose") -> int:
 def default_tile(depth: int) -> int:
     """The tile side ``predict_logits`` uses when none is given (see the module docstring)."""
     align = 2**depth
-    return math.ceil(max(512, 4 * receptive_halo(depth)) / align) * align
+    return math.ceil(max(1024, 4 * receptive_halo(depth)) / align) * align
 
 
 # The dihedral group of the square as (quarter turns, mirror left-right) pairs.
