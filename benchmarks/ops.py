@@ -217,7 +217,7 @@ def main(argv=None):
         return
     # PyTorch runs in a child process: in this one it would share the GNU OpenMP runtime
     # of our kernels and its settings, or, imported first, leave them on numba's
-    # workqueue pool (see fast_ops._start_thread_pool).
+    # workqueue pool (see tinyunet.kernels.cpu.runtime.start_thread_pool).
     threads = compute_threads()
     peer = None
     if not args.no_torch and importlib.util.find_spec("torch") is not None:

@@ -26,12 +26,12 @@ from strategies import (  # noqa: E402
     pool_cases,
     winograd_conv_geometries,
 )
+from tinyunet.kernels.cpu import direct3x3, gemm, im2col, optim, runtime, winograd  # noqa: E402
 
 import tinyunet.functional as F  # noqa: E402
 from tinyunet.backends import (  # noqa: E402
     ConvGeometry,
     PoolGeometry,
-    blas,
     get_backend,
     numba_backend,
 )
@@ -49,7 +49,7 @@ def kernel_mode(request, monkeypatch):
     if request.param == "parallel kernels":
         monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 0)
         # The GEMMs run on the pool too (blas), however small.
-        monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)
+        monkeypatch.setattr(runtime, "MIN_PARALLEL_FLOPS", 0)
     return request.param
 
 DTYPES = st.sampled_from([np.float32, np.float64])
@@ -120,14 +120,14 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
         for name, value in PATHS["direct 3x3 kernels"].items():
             patch.setattr(numba_backend, name, value)
         for name in ("conv3x3_forward", "conv3x3_grad_weight"):
-            kernel = getattr(numba_backend.fast_ops, name)
-            patch.setattr(numba_backend.fast_ops, name,
+            kernel = getattr(direct3x3, name)
+            patch.setattr(direct3x3, name,
                           lambda *args, kernel=kernel, name=name: (calls.append(name),
                                                                    kernel(*args)))
         check_conv(x, weight, geometry, dtype)
     # conv2d and conv2d_bias_relu, and the input gradient when C_in (its conv's output
     # channels) is a multiple of the kernel's block.
-    block = numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK
+    block = direct3x3.DIRECT_OUTPUT_BLOCK
     assert calls.count("conv3x3_forward") == (3 if x_shape[1] % block == 0 else 2)
     assert calls.count("conv3x3_grad_weight") == 1
 
@@ -147,8 +147,8 @@ def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype, need):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS["direct 3x3 kernels"].items():
             patch.setattr(numba_backend, name, value)
-        patch.setattr(numba_backend.fast_ops, "pad_images",
-                      _Spy(numba_backend.fast_ops.pad_images, pads))
+        patch.setattr(im2col, "pad_images",
+                      _Spy(im2col.pad_images, pads))
         dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry, *need)
     assert (dx is None, dw is None) == (not need[0], not need[1])
     if need[0]:
@@ -156,12 +156,12 @@ def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype, need):
     if need[1]:
         assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), dtype)
     # The input gradient is direct (and pads dy) when C_in is a multiple of the block.
-    input_pads = need[0] and x_shape[1] % numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK == 0
+    input_pads = need[0] and x_shape[1] % direct3x3.DIRECT_OUTPUT_BLOCK == 0
     shared = input_pads and need[1] and geometry.padding == (1, 1, 1, 1)
     assert sum(call[0] is dy for call in pads) == (1 if shared else input_pads + need[1])
 
 
-@given(stacks=gram_stacks(numba_backend.fast_ops.GRAM_BLOCK), accumulate=st.booleans())
+@given(stacks=gram_stacks(gemm.GRAM_BLOCK), accumulate=st.booleans())
 def test_stacked_gram_matches_numpy(stacks, accumulate):
     """The weight gradients' a @ b^T kernel, writing or adding to what out holds; a
     spare row of NaN under a and b (as the Winograd bands have) is not read."""
@@ -169,7 +169,7 @@ def test_stacked_gram_matches_numpy(stacks, accumulate):
     expected = np.matmul(a, b.transpose(0, 2, 1)) + (out if accumulate else 0)
     spare = np.full((len(a), 1, a.shape[2]), np.nan, dtype=a.dtype)
     a, b = np.concatenate([a, spare], axis=1), np.concatenate([b, spare], axis=1)
-    kernel = numba_backend.fast_ops.stacked_gram
+    kernel = gemm.stacked_gram
     numba_backend._run(kernel, a.size + b.size, a, b, accumulate, out)
     assert_close(out, expected, a.dtype)
 
@@ -184,7 +184,7 @@ def test_winograd_filter_transforms_match_numpy(bank, flip):
     taps = w[:, :, ::-1, ::-1] if flip else w
     expected = np.einsum("ai,ocij,bj->aboc", g, taps.astype(np.float64), g)
     u = np.empty_like(du)
-    numba_backend._run(numba_backend.fast_ops.winograd_filters, u.size, w.reshape(o, c, 9),
+    numba_backend._run(winograd.winograd_filters, u.size, w.reshape(o, c, 9),
                        g, flip, u)
     assert_close(u, expected.reshape(du.shape).astype(w.dtype), w.dtype)
 
@@ -192,7 +192,7 @@ def test_winograd_filter_transforms_match_numpy(bank, flip):
     expected = np.einsum("ai,aboc,bj->ocij", g, du.reshape(alpha, alpha, o, c).astype(
         np.float64), g)
     dw = np.empty_like(w)
-    numba_backend._run(numba_backend.fast_ops.winograd_filter_gradient, du.size, du, g,
+    numba_backend._run(winograd.winograd_filter_gradient, du.size, du, g,
                        dw.reshape(o, c, 9))
     assert_close(dw, expected.astype(w.dtype), w.dtype)
 
@@ -214,8 +214,8 @@ def test_weight_gradient_gram_rules(batch, c_in, c_out, gram_calls):
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        kernel = numba_backend.fast_ops.stacked_gram
-        patch.setattr(numba_backend.fast_ops, "stacked_gram", _Spy(kernel, calls))
+        kernel = gemm.stacked_gram
+        patch.setattr(gemm, "stacked_gram", _Spy(kernel, calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     assert len(calls) == gram_calls
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
@@ -249,8 +249,8 @@ def test_weight_gradient_through_stacked_gram_matches_numpy(path, dtype):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**settings_, "GRAM_MIN_LENGTH": 0}.items():
             patch.setattr(numba_backend, name, value)
-        kernel = numba_backend.fast_ops.stacked_gram
-        patch.setattr(numba_backend.fast_ops, "stacked_gram", _Spy(kernel, calls))
+        kernel = gemm.stacked_gram
+        patch.setattr(gemm, "stacked_gram", _Spy(kernel, calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
     assert len(calls) == gram_calls
     expected = NUMPY.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
@@ -279,8 +279,8 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
         for name, value in settings_.items():
             patch.setattr(numba_backend, name, value)
         for name in WINOGRAD_KERNELS:
-            kernel = getattr(numba_backend.fast_ops, name)
-            patch.setattr(numba_backend.fast_ops, name, _Spy(kernel, calls[name]))
+            kernel = getattr(winograd, name)
+            patch.setattr(winograd, name, _Spy(kernel, calls[name]))
         check_conv(x, weight, geometry, dtype)
     n, _, h, w = x_shape
     output_rows = (h + geometry.padding[0] + geometry.padding[1] - 2) // tile
@@ -313,10 +313,10 @@ def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     calls, direct_calls = [], []
     with pytest.MonkeyPatch.context() as patch:
-        kernel = numba_backend.fast_ops.winograd4_gradient_tiles
-        patch.setattr(numba_backend.fast_ops, "winograd4_gradient_tiles", _Spy(kernel, calls))
-        direct = numba_backend.fast_ops.conv3x3_grad_weight
-        patch.setattr(numba_backend.fast_ops, "conv3x3_grad_weight",
+        kernel = winograd.winograd4_gradient_tiles
+        patch.setattr(winograd, "winograd4_gradient_tiles", _Spy(kernel, calls))
+        direct = direct3x3.conv3x3_grad_weight
+        patch.setattr(direct3x3, "conv3x3_grad_weight",
                       _Spy(direct, direct_calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     assert len(calls) == winograd_calls
@@ -416,7 +416,7 @@ def test_im2col_of_an_input_narrower_than_the_kernel(compiled):
     the padding. The parallel im2col once stopped at the first of those and left the
     rest of its rows unwritten, so the columns start out as NaN here."""
     x = np.arange(1.0, 5.0, dtype=np.float32).reshape(1, 4, 1, 1)
-    kernel = numba_backend.fast_ops.im2col_rows
+    kernel = im2col.im2col_rows
     cols = np.full((4 * 9, 3), np.nan, dtype=np.float32)
     # 3 output rows, 1 column; padding top 2 and left 2.
     (kernel if compiled == "parallel" else kernel.serial)(x, 0, 1, 0, 3, 3, 3, 1, 1, 2, 2,
@@ -468,8 +468,8 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
     out_hw = (2 * h + extra[0], 2 * w + extra[1])
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "depth_to_space_2x2",
-                      _Spy(numba_backend.fast_ops.depth_to_space_2x2, calls))
+        patch.setattr(im2col, "depth_to_space_2x2",
+                      _Spy(im2col.depth_to_space_2x2, calls))
         assert_close(NUMBA.conv2d_grad_input(x, weight, geometry, out_hw),
                      NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
     assert len(calls) == (1 if extra == (0, 0) else 0)
@@ -492,11 +492,11 @@ def test_up_conv_gradients_share_the_columns_of_dy(dtype, n, c_skip, c_in, c_out
     weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
     geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
     calls, default_calls = [], []
-    kernel = numba_backend.fast_ops.im2col_2x2_stride2
+    kernel = im2col.im2col_2x2_stride2
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
+        patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, calls))
         got = NUMBA.conv_transpose2d_grads(dy, x, weight, geometry, *need)
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, default_calls))
+        patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, default_calls))
         Backend.conv_transpose2d_grads(NUMBA, dy, x, weight, geometry, *need)
     expected = NUMPY.conv_transpose2d_grads(dy, x, weight, geometry, *need)
     for wanted, a, b in zip(need, got, expected, strict=True):
@@ -524,8 +524,8 @@ def test_up_conv_writes_into_the_concatenation(dtype, n, c_skip, c_in, c_out, h,
     geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "depth_to_space_2x2",
-                      _Spy(numba_backend.fast_ops.depth_to_space_2x2, calls))
+        patch.setattr(im2col, "depth_to_space_2x2",
+                      _Spy(im2col.depth_to_space_2x2, calls))
         joined = NUMBA.conv_transpose2d_concat(skip, x, weight, b, geometry, (2 * h, 2 * w))
     assert_close(joined, NUMPY.conv_transpose2d_concat(skip, x, weight, b, geometry,
                                                        (2 * h, 2 * w)), dtype)
@@ -541,11 +541,11 @@ def test_2x2_stride_2_conv_matches_numpy(path, dtype, n, c_in, c_out, h, w, seed
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
     weight = rng.standard_normal((c_out, c_in, 2, 2)).astype(dtype)
-    kernel, calls = numba_backend.fast_ops.im2col_2x2_stride2, []
+    kernel, calls = im2col.im2col_2x2_stride2, []
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[path].items():
             patch.setattr(numba_backend, name, value)
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
+        patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, calls))
         check_conv(x, weight, ConvGeometry((2, 2), (0, 0, 0, 0)), dtype)
     assert calls
 
@@ -838,10 +838,10 @@ def test_an_optimizer_step_is_one_kernel_call_and_follows_new_arrays(monkeypatch
     """Every parameter in one call; the backend keeps its lists of parameters across
     steps, so a parameter whose array is replaced (a loaded checkpoint) must be seen."""
     calls = []
-    kernel = numba_backend.fast_ops.sgd_update
+    kernel = optim.sgd_update
     spy = lambda *args: (calls.append(len(args[0])), kernel(*args))  # noqa: E731
     spy.serial = lambda *args: (calls.append(len(args[0])), kernel.serial(*args))
-    monkeypatch.setattr(numba_backend.fast_ops, "sgd_update", spy)
+    monkeypatch.setattr(optim, "sgd_update", spy)
     backend = numba_backend.NumbaBackend()
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(shape).astype(np.float32) for shape in [(4, 3, 3, 3), (4,)]]

@@ -13,9 +13,9 @@ benchmarks/RESULTS.md; and OpenBLAS splits every GEMM over its threads, which on
 U-Net's 32-256 channels mostly wait for each other (36 GEMMs (64, 32) @ (32, 1792): 54
 GFLOP/s on its 2 threads, 74 on one, 146 with the stack split in two halves). Here the
 work of a call goes to the threads of numba's pool, which then run everything, so its
-workers can spin between calls (fast_ops.OPENMP_SPIN_COUNT) without stealing cores from
+workers can spin between calls (runtime.OPENMP_SPIN_COUNT) without stealing cores from
 BLAS: each thread takes whole matrices of the stack, or, where the stack does not divide
-evenly, a part of each matrix (fast_ops.gemm_parts). Measured on config C's step,
+evenly, a part of each matrix (gemm_kernels.gemm_parts). Measured on config C's step,
 alternating steps in one process: its GEMMs took 3.5 ms here against 4.6 ms in numpy's
 matmul.
 
@@ -41,19 +41,15 @@ import threading
 import numba
 import numpy as np
 
-from ..kernels import fast_ops
-
-# Calls doing less arithmetic than this (2^17 multiply-adds) are numpy's matmul, which
-# costs less to call (1 us against 6) and which OpenBLAS then runs on the calling
-# thread alone (it splits no GEMM under 2^18 multiply-adds).
-MIN_PARALLEL_FLOPS = 1 << 18
+from ..kernels.cpu import gemm as gemm_kernels
+from ..kernels.cpu import runtime
 
 # Symbol name stems of OpenBLAS's functions with 64-bit integers, by build: numpy's
 # wheels (scipy-openblas64), then a plain OpenBLAS built with INTERFACE64 and a suffix.
 _PREFIXES_SUFFIXES = (("scipy_openblas_", "64_", "scipy_cblas_", "64_"),
                       ("openblas_", "64_", "cblas_", "64_"))
 _PTHREADS_BUILD = 1  # what openblas_get_parallel() returns for a pthreads build
-# The names fast_ops declares cblas_sgemm and cblas_dgemm by.
+# The names kernels/cpu/gemm.py declares cblas_sgemm and cblas_dgemm by.
 _KERNEL_SYMBOLS = {"sgemm": "tinyunet_cblas_sgemm", "dgemm": "tinyunet_cblas_dgemm"}
 
 
@@ -75,7 +71,7 @@ def _loaded_openblas():
 
 def _find_openblas():
     """(get_threads, set_threads) of numpy's OpenBLAS when it is a pthreads build with
-    64-bit-integer cblas GEMMs, whose addresses are then registered for fast_ops."""
+    64-bit-integer cblas GEMMs, whose addresses are then registered for gemm_kernels."""
     path = _loaded_openblas()
     if path is None:
         return None
@@ -149,9 +145,9 @@ def _layout(matrices):
     if rows == 1:
         row_step = max(cols, 1) * size
     if col_step == size and row_step % size == 0 and row_step >= max(cols, 1) * size:
-        return fast_ops.CBLAS_NO_TRANS, row_step // size
+        return gemm_kernels.CBLAS_NO_TRANS, row_step // size
     if row_step == size and col_step % size == 0 and col_step >= max(rows, 1) * size:
-        return fast_ops.CBLAS_TRANS, col_step // size
+        return gemm_kernels.CBLAS_TRANS, col_step // size
     return None
 
 
@@ -193,14 +189,14 @@ def _plan(a, b, out, min_flops):
     steps = [_stack_step(x, stack) for x in (a, b, out)]
     if (out.dtype not in (np.float32, np.float64)
             or a.dtype != out.dtype or b.dtype != out.dtype or 0 in (m, n, k, stack)
-            or None in layouts or None in steps or layouts[2][0] != fast_ops.CBLAS_NO_TRANS
+            or None in layouts or None in steps or layouts[2][0] != gemm_kernels.CBLAS_NO_TRANS
             or _matrices_overlap(out, steps[2], layouts[2][1])):
         return None
     (trans_a, lda), (trans_b, ldb), (_, ldc) = layouts
     return (out.dtype == np.float64, *steps, stack, m, n, k, trans_a, lda, trans_b, ldb, ldc)
 
 
-# Plans by the operands' shapes, strides and dtypes, and MIN_PARALLEL_FLOPS. A U-Net
+# Plans by the operands' shapes, strides and dtypes, and runtime.MIN_PARALLEL_FLOPS. A U-Net
 # makes the same few dozen calls every step. Working a plan out costs about 4 us a call
 # when timed alone, but 16 us inside a training step (measured on config C, whose 41
 # calls a step include 33 on the pool), against under 1 us for the lookup.
@@ -222,7 +218,7 @@ def gemm(a, b, out, accumulate=False):
     functions = _blas.thread_functions()
     if not functions or not all(isinstance(x, np.ndarray) for x in (a, b, out)):
         return _numpy_gemm(a, b, out, accumulate)
-    min_flops = MIN_PARALLEL_FLOPS
+    min_flops = runtime.MIN_PARALLEL_FLOPS
     key = (a.shape, a.strides, a.dtype, b.shape, b.strides, b.dtype, out.shape, out.strides,
            out.dtype, min_flops)
     plan = _plans.get(key, False)
@@ -233,15 +229,15 @@ def gemm(a, b, out, accumulate=False):
     if (plan is None or not out.flags.writeable or np.may_share_memory(out, a)
             or np.may_share_memory(out, b)):
         return _numpy_gemm(a, b, out, accumulate)
-    # Outside the lock: a new kind of array compiles (or loads) fast_ops.address first.
-    addresses = fast_ops.address(a), fast_ops.address(b), fast_ops.address(out)
+    # Outside the lock: a new kind of array compiles (or loads) gemm_kernels.address first.
+    addresses = gemm_kernels.address(a), gemm_kernels.address(b), gemm_kernels.address(out)
     if not _blas.lock.acquire(blocking=False):
         return _numpy_gemm(a, b, out, accumulate)
     get_threads, set_threads = functions
     try:
         saved = get_threads()
         parts = min(saved, numba.get_num_threads())
-        run = fast_ops.gemm_parts if parts > 1 else fast_ops.gemm_parts.serial
+        run = gemm_kernels.gemm_parts if parts > 1 else gemm_kernels.gemm_parts.serial
         _blas.saved_threads = saved
         set_threads(1)
         try:

@@ -1,4 +1,4 @@
-"""The GPU backend: CuPy arrays, cuBLAS GEMMs and the Numba CUDA kernels of kernels/cuda_ops.
+"""The GPU backend: CuPy arrays, cuBLAS GEMMs and the Numba CUDA kernels of kernels/cuda/.
 
 Shapes: x (N, C, H, W); w (O, C, kH, kW); columns (N, C, kH, kW, Ho, Wo).
 
@@ -70,9 +70,9 @@ class CudaBackend(Backend):
     def __init__(self):
         self.xp = _require_gpu_stack()
         warnings.filterwarnings("ignore", message=LOW_OCCUPANCY_WARNING)
-        from ..kernels import cuda_ops
+        from ..kernels import cuda as cuda_kernels
 
-        self.kernels = cuda_ops
+        self.kernels = cuda_kernels
 
     def _launch(self, kernel, work, *args):
         blocks, threads = self.kernels.launch_config(work)

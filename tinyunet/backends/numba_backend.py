@@ -28,7 +28,7 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   3x3 neighbourhood (outputs outside those tiles are unaffected).
 * 3x3 stride-1 convs with few channels on wide maps (``DIRECT_RULES``, and
   ``DIRECT_OVER_WINOGRAD_RULES`` where Winograd competes: the U-Net's outer levels)
-  skip im2col and BLAS: a padded copy of the input and the direct kernels of fast_ops,
+  skip im2col and BLAS: a padded copy of the input and the direct kernels of direct3x3,
   for the forward, the input gradient (again a conv, with the flipped weight) and the
   weight gradient. Their GEMMs would be skinny (16 rows over
   65536 pixels) and run far below BLAS's peak. The weight gradient's direct kernel
@@ -63,10 +63,10 @@ How a convolution runs here (``python -m benchmarks.ops`` times each U-Net layer
   whole images, the 1x1 conv's) multiply two matrices of few rows over a long shared
   dimension, which BLAS runs far below its peak. Where one has at most
   ``GRAM_MAX_ROWS`` rows and the shared dimension is long enough (``_gram_wins``),
-  fast_ops.stacked_gram computes them as dot products instead. im2col's bands of rows
+  gemm.stacked_gram computes them as dot products instead. im2col's bands of rows
   of one image and the row-shift path's windows are views with gaps and stay in BLAS.
 
-Every fast_ops kernel but the direct convs goes through ``_run``: calls on fewer than
+Every kernels/cpu kernel but the direct convs goes through ``_run``: calls on fewer than
 ``PARALLEL_MIN_ELEMENTS`` elements take the kernel's serial compile.
 """
 
@@ -77,7 +77,7 @@ import math
 import numpy as np
 from numba import typed
 
-from ..kernels import fast_ops
+from ..kernels.cpu import direct3x3, elementwise, gemm, im2col, optim, pool, winograd
 from . import blas
 from .interface import Backend, ConvGeometry, PoolGeometry
 
@@ -202,7 +202,7 @@ WINOGRAD_SPARE_ROWS = 1
 WINOGRAD_FEW_CHANNELS = 32
 WINOGRAD_FEW_CHANNELS_BUDGET = 1 << 20
 # The weight gradients' GEMMs a @ b^T (a: output channels by tiles or pixels; b: input
-# channels, or channels times taps, by the same) run in fast_ops.stacked_gram when one
+# channels, or channels times taps, by the same) run in gemm.stacked_gram when one
 # operand has at most GRAM_MAX_ROWS rows, the other at most GRAM_MAX_OTHER_ROWS, both a
 # multiple of its block, and their shared length is at least GRAM_MIN_LENGTH; else in
 # BLAS. Measured alone, against BLAS, on shared lengths of 512 or more: 1.3-2.2x faster
@@ -220,7 +220,7 @@ GRAM_MIN_LENGTH = 512
 # in between, on workqueue: a ReLU of 300k float32 values ran faster serially (72 vs 103
 # us), im2col of 130k inputs too, im2col of 260k faster in parallel; on OpenMP with no
 # spinning, 2^16 instead of 2^18 changed nothing on C's step (40 alternated pairs) and
-# 2^20 made it 13% slower. Once OpenMP's workers spun briefly (fast_ops.
+# 2^20 made it 13% slower. Once OpenMP's workers spun briefly (runtime.
 # OPENMP_SPIN_COUNT, then 1000 spins), a call right after another found them awake:
 # against 2^18, 2^16 made C's step 5.6% and A's 3.8% faster (40 and 20 alternated
 # pairs); against 2^16, 2^14 C's 2.4% (A's the same), 2^12 C's 2-2.4%, A's and B's
@@ -235,7 +235,7 @@ ROW_SHIFT_MIN_PIXELS = 32 * 32
 # numba compiles for: rounded up to a multiple of this, a few lengths cover every model.
 GRADIENT_TUPLE_STEP = 16
 # Elements of a sample's row per parallel step of the one-channel Dice/IoU gradient
-# (fast_ops.sigmoid_overlap_backward).
+# (elementwise.sigmoid_overlap_backward).
 OVERLAP_BACKWARD_PIECE = 2048
 # Elements per parallel step of the optimizer updates: big enough to stream, small
 # enough that the pieces of a model's parameters share the threads evenly.
@@ -247,16 +247,16 @@ def _contiguous(a):
 
 
 def _run(kernel, elements, *args):
-    """Call a fast_ops kernel: in parallel, or serially when ``elements`` is too few."""
+    """Call a kernels/cpu kernel: in parallel, or serially when ``elements`` is too few."""
     return (kernel if elements >= PARALLEL_MIN_ELEMENTS else kernel.serial)(*args)
 
 
 def _gram_wins(rows_a, rows_b, length):
     """Whether a @ b^T, for a of ``rows_a`` rows and b of ``rows_b``, both ``length``
-    long, goes to fast_ops.stacked_gram rather than BLAS (see GRAM_MAX_ROWS)."""
+    long, goes to gemm.stacked_gram rather than BLAS (see GRAM_MAX_ROWS)."""
     return (min(rows_a, rows_b) <= GRAM_MAX_ROWS
             and max(rows_a, rows_b) <= GRAM_MAX_OTHER_ROWS and length >= GRAM_MIN_LENGTH
-            and rows_a % fast_ops.GRAM_BLOCK == 0 and rows_b % fast_ops.GRAM_BLOCK == 0)
+            and rows_a % gemm.GRAM_BLOCK == 0 and rows_b % gemm.GRAM_BLOCK == 0)
 
 
 def _add_gram(a, b, out):
@@ -264,7 +264,7 @@ def _add_gram(a, b, out):
     would lose, or where a or b is a view with gaps (a band of rows of an image)."""
     if (_gram_wins(len(a), len(b), a.shape[1])
             and a.flags.c_contiguous and b.flags.c_contiguous):
-        _run(fast_ops.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
+        _run(gemm.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
     else:
         blas.gemm(a, b.T, out, accumulate=True)
 
@@ -281,7 +281,7 @@ def _grad_weight_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     it, and the output tile of the Winograd variant that does (0 for none). Winograd is
     tried first (see conv2d_grad_weight), so at most one of the two is set."""
     tile = _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
-    direct = (not tile and c_out % fast_ops.GRAD_WEIGHT_OUTPUT_BLOCK == 0
+    direct = (not tile and c_out % direct3x3.GRAD_WEIGHT_OUTPUT_BLOCK == 0
               and _direct_3x3(c_in, c_out, kernel_hw, geometry, output_hw[1],
                               GRAD_WEIGHT_DIRECT_RULES))
     return direct, tile
@@ -325,7 +325,7 @@ def _forward_route(c_in, c_out, kernel_hw, geometry, batch, output_hw):
     tile = _winograd_tile(c_in, c_out, kernel_hw, geometry, batch, output_hw)
     rules = DIRECT_OVER_WINOGRAD_RULES if tile else DIRECT_RULES
     direct = (_direct_3x3(c_in, c_out, kernel_hw, geometry, output_hw[1], rules)
-              and c_out % fast_ops.DIRECT_OUTPUT_BLOCK == 0)
+              and c_out % direct3x3.DIRECT_OUTPUT_BLOCK == 0)
     return (True, 0) if direct else (False, tile)
 
 
@@ -347,9 +347,9 @@ def _im2col(x, n0, count, row0, rows, kernel_hw, geometry, wo, cols):
     (kh, kw), (sh, sw), (dh, dw) = kernel_hw, geometry.stride, geometry.dilation
     top, _, left, _ = geometry.padding
     if _is_2x2_stride2(kernel_hw, geometry):
-        _run(fast_ops.im2col_2x2_stride2, cols.size, x, n0, count, row0, rows, wo, cols)
+        _run(im2col.im2col_2x2_stride2, cols.size, x, n0, count, row0, rows, wo, cols)
     else:
-        _run(fast_ops.im2col_rows, cols.size, x, n0, count, row0, rows, kh, kw, sh, sw, top,
+        _run(im2col.im2col_rows, cols.size, x, n0, count, row0, rows, kh, kw, sh, sw, top,
              left, dh, dw, wo, cols)
 
 
@@ -419,7 +419,7 @@ class NumbaBackend(Backend):
             self._conv2d_winograd(x, filters, tile, geometry.padding, relu_bias, y)
             return y
         if direct:
-            fast_ops.conv3x3_forward(self._padded(x, geometry.padding), w, y)
+            direct3x3.conv3x3_forward(self._padded(x, geometry.padding), w, y)
         elif (kh, kw) == (1, 1) and geometry.stride == (1, 1) and not any(geometry.padding):
             # One input channel makes each image's GEMM an outer product, which BLAS ran
             # 10x slower than numpy's broadcast multiply (the input gradient of B's
@@ -433,12 +433,12 @@ class NumbaBackend(Backend):
         else:
             self._conv2d_gemms(x, w2, geometry, (kh, kw), y)
         if relu_bias is not None:
-            _run(fast_ops.bias_relu, y.size, y.reshape(n, o, ho * wo), relu_bias)
+            _run(elementwise.bias_relu, y.size, y.reshape(n, o, ho * wo), relu_bias)
         return y
 
     def _winograd_filters(self, w, tile, adjoint=False):
         """The filters' Winograd transforms G g G^T as (alpha^2, O, C), alpha = tile + 2
-        (fast_ops.winograd_filters).
+        (winograd.winograd_filters).
 
         With ``adjoint``: those of the input gradient's conv, whose filter (c, o) is
         w[o, c] rotated by 180 degrees, as a (alpha^2, C, O) view. A fresh array, not
@@ -447,7 +447,7 @@ class NumbaBackend(Backend):
         """
         o, c = w.shape[:2]
         filters = np.empty(((tile + 2) ** 2, o, c), dtype=w.dtype)
-        _run(fast_ops.winograd_filters, filters.size, w.reshape(o, c, 9),
+        _run(winograd.winograd_filters, filters.size, w.reshape(o, c, 9),
              _WINOGRAD_G[tile][w.dtype], adjoint, filters)
         return filters.transpose(0, 2, 1) if adjoint else filters
 
@@ -470,12 +470,12 @@ class NumbaBackend(Backend):
             top, left = padding[0], padding[2]
 
             def transform(first, v):
-                _run(fast_ops.winograd4_input_tiles, v.size, x, top, left, th, tw, first, v)
+                _run(winograd.winograd4_input_tiles, v.size, x, top, left, th, tw, first, v)
         else:
             padded = self._padded(x, padding)
 
             def transform(first, v):
-                _run(fast_ops.winograd2_input_tiles, v.size, padded, first, v)
+                _run(winograd.winograd2_input_tiles, v.size, padded, first, v)
         budget = (WINOGRAD_BUDGET if min(c, c_out) >= WINOGRAD_FEW_CHANNELS
                   else WINOGRAD_FEW_CHANNELS_BUDGET)
         per_row = values * max(c, c_out) * tw * x.itemsize
@@ -493,9 +493,9 @@ class NumbaBackend(Backend):
         """y = a 3x3 stride-1 conv of x as Winograd F(tile x tile, 3x3), band by band of
         tile rows: input transform, alpha^2 GEMMs with the transformed filters
         (alpha^2, O, C), output transform with relu(y + relu_bias[o]) unless relu_bias
-        is None (see fast_ops)."""
+        is None (see kernels/cpu/winograd.py)."""
         c, o = x.shape[1], y.shape[1]
-        output_tiles = getattr(fast_ops, f"winograd{tile}_output_tiles")
+        output_tiles = getattr(winograd, f"winograd{tile}_output_tiles")
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
         for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
@@ -505,21 +505,21 @@ class NumbaBackend(Backend):
     def _grad_weight_winograd(self, dy, x, tile, padding):
         """dW of a 3x3 stride-1 conv through Winograd F(tile x tile, 3x3): the adjoint of
         the forward's steps. Per band, dU (alpha^2, O, C) += (A dY A^T) @ (B^T d B)^T,
-        alpha^2 GEMMs; then dW = G^T dU G (fast_ops.winograd_filter_gradient)."""
+        alpha^2 GEMMs; then dW = G^T dU G (winograd.winograd_filter_gradient)."""
         o, c = dy.shape[1], x.shape[1]
         if not len(dy):
             return np.zeros((o, c, 3, 3), dtype=dy.dtype)  # no bands: nothing to sum
-        gradient_tiles = getattr(fast_ops, f"winograd{tile}_gradient_tiles")
+        gradient_tiles = getattr(winograd, f"winograd{tile}_gradient_tiles")
         total_du = np.empty(((tile + 2) ** 2, o, c), dtype=dy.dtype)
         for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
             _run(gradient_tiles, dm.size, dy, first, dm)
             if _gram_wins(o, c, dm.shape[2]):
-                _run(fast_ops.stacked_gram, dm.size + v.size, dm, v, first > 0, total_du)
+                _run(gemm.stacked_gram, dm.size + v.size, dm, v, first > 0, total_du)
             else:
                 blas.gemm(dm[:, :o], v[:, :c].transpose(0, 2, 1), total_du,
                           accumulate=first > 0)
         dw = np.empty((o, c, 3, 3), dtype=dy.dtype)
-        _run(fast_ops.winograd_filter_gradient, total_du.size, total_du,
+        _run(winograd.winograd_filter_gradient, total_du.size, total_du,
              _WINOGRAD_G[tile][dy.dtype], dw.reshape(o, c, 9))
         return dw
 
@@ -562,9 +562,9 @@ class NumbaBackend(Backend):
         # stride-2 transposed conv the gather is a pixel shuffle (depth_to_space_2x2).
         cols = self._transposed_columns(dy, w)
         if _is_2x2_stride2((kh, kw), geometry) and tuple(input_hw) == (2 * ho, 2 * wo):
-            _run(fast_ops.depth_to_space_2x2, dx.size, cols, np.zeros(c, dy.dtype), dx, 0)
+            _run(im2col.depth_to_space_2x2, dx.size, cols, np.zeros(c, dy.dtype), dx, 0)
         else:
-            _run(fast_ops.col2im_gather, dx.size, cols, kh, kw, sh, sw, top, left, dh, dw, ho,
+            _run(im2col.col2im_gather, dx.size, cols, kh, kw, sh, sw, top, left, dh, dw, ho,
                  wo, dx)
         return dx
 
@@ -588,7 +588,7 @@ class NumbaBackend(Backend):
         joined = np.empty((n, c_skip + c_up, *output_hw), dtype=x.dtype)
         joined[:, :c_skip] = skip
         bias = np.zeros(c_up, x.dtype) if b is None else _contiguous(b)
-        _run(fast_ops.depth_to_space_2x2, n * c_up * 4 * h * width,
+        _run(im2col.depth_to_space_2x2, n * c_up * 4 * h * width,
              self._transposed_columns(x, w), bias, joined, c_skip)
         return joined
 
@@ -607,7 +607,7 @@ class NumbaBackend(Backend):
                                                   need_bias)
         x, w = _contiguous(x), _contiguous(w)
         cols = self._buffer(dy.dtype, depth * pixels).reshape(depth, pixels)
-        _run(fast_ops.im2col_2x2_stride2, cols.size, dy, 0, n, 0, h, width, cols)
+        _run(im2col.im2col_2x2_stride2, cols.size, dy, 0, n, 0, h, width, cols)
         # dx = conv2d(dy, w): w (C_in, C_up, 2, 2) is that conv's (O, C, kH, kW).
         wide = self._buffer(dy.dtype, c_in * pixels, "product").reshape(c_in, pixels)
         blas.gemm(w.reshape(c_in, depth), cols, wide)
@@ -621,7 +621,7 @@ class NumbaBackend(Backend):
         if need_bias:
             # Rows 4c .. 4c+3 of the columns are channel c's pixels.
             db = np.empty(c_up, dtype=dy.dtype)
-            _run(fast_ops.channel_sums, cols.size, cols.reshape(1, c_up, 4 * pixels), db)
+            _run(elementwise.channel_sums, cols.size, cols.reshape(1, c_up, 4 * pixels), db)
         return dx, dw.reshape(w.shape), db
 
     def conv2d_grads(self, dy, x, w, geometry: ConvGeometry, need_input=True, need_weight=True):
@@ -637,9 +637,9 @@ class NumbaBackend(Backend):
             dy, x, w = _contiguous(dy), _contiguous(x), _contiguous(w)
             padded_dy = self._padded(dy, (1, 1, 1, 1), "gradient")
             dx = np.empty(x.shape, dtype=dy.dtype)
-            fast_ops.conv3x3_forward(padded_dy, _flipped(w), dx)
+            direct3x3.conv3x3_forward(padded_dy, _flipped(w), dx)
             dw = np.zeros(w.shape, dtype=dy.dtype)
-            fast_ops.conv3x3_grad_weight(padded_dy, self._padded(x, geometry.padding), dw)
+            direct3x3.conv3x3_grad_weight(padded_dy, self._padded(x, geometry.padding), dw)
             return dx, dw
         return super().conv2d_grads(dy, x, w, geometry, need_input, need_weight)
 
@@ -661,7 +661,7 @@ class NumbaBackend(Backend):
             return dw.reshape(o, c, kh, kw)
         if direct:
             dw = dw.reshape(o, c, kh, kw)
-            fast_ops.conv3x3_grad_weight(self._padded(dy, (1, 1, 1, 1), "gradient"),
+            direct3x3.conv3x3_grad_weight(self._padded(dy, (1, 1, 1, 1), "gradient"),
                                          self._padded(x, geometry.padding), dw)
             return dw
         if geometry.stride[0] == 1 and kh > 1 and ho * wo >= ROW_SHIFT_MIN_PIXELS:
@@ -717,7 +717,7 @@ class NumbaBackend(Backend):
             shares = self._buffer(x.dtype, kh * o * cols.shape[1], "product")
             shares = shares.reshape(kh * o, cols.shape[1])
             blas.gemm(stacked, cols, shares)
-            _run(fast_ops.row_shift_sum, count * o * rows * wo, shares, count,
+            _run(im2col.row_shift_sum, count * o * rows * wo, shares, count,
                  rows + dh * (kh - 1), dh, y, n0, r0)
 
     def _row_shift_bands(self, x, kernel_hw, geometry, output_hw, batch_images):
@@ -746,7 +746,7 @@ class NumbaBackend(Backend):
                 band_rows = min(rows, ho - r0)
                 span = count * (band_rows + extra) * wo
                 cols = buffer[: depth * span].reshape(depth, span)
-                _run(fast_ops.im2col_rows, cols.size, x, n0, count, r0, band_rows + extra, 1,
+                _run(im2col.im2col_rows, cols.size, x, n0, count, r0, band_rows + extra, 1,
                      kw, 1, sw, top, left, 1, dw, wo, cols)
                 yield cols, count, n0, r0, band_rows
 
@@ -758,7 +758,7 @@ class NumbaBackend(Backend):
         top, bottom, left, right = padding
         shape = (n, c, h + top + bottom, w + left + right)
         padded = self._buffer(x.dtype, math.prod(shape), use).reshape(shape)
-        _run(fast_ops.pad_images, padded.size, x, top, left, padded)
+        _run(im2col.pad_images, padded.size, x, top, left, padded)
         return padded
 
     def _column_bands(self, x, kernel_hw, geometry, output_hw):
@@ -801,34 +801,34 @@ class NumbaBackend(Backend):
         (kh, kw), (sh, sw) = geometry.kernel, geometry.stride
         (ph, pw), (dh, dw) = geometry.padding, geometry.dilation
         if (kh, kw, sh, sw, ph, pw, dh, dw) == (2, 2, 2, 2, 0, 0, 1, 1):
-            _run(fast_ops.max_pool2x2_forward, x.size, x, y, argmax)
+            _run(pool.max_pool2x2_forward, x.size, x, y, argmax)
         else:
-            _run(fast_ops.max_pool2d_forward, x.size, x, kh, kw, sh, sw, ph, pw, dh, dw, y,
+            _run(pool.max_pool2d_forward, x.size, x, kh, kw, sh, sw, ph, pw, dh, dw, y,
                  argmax)
         return y, argmax
 
     def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
         dx = np.empty(input_shape, dtype=dy.dtype)
-        _run(fast_ops.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
+        _run(pool.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
         return dx
 
     # ---- elementwise ----------------------------------------------------------------
     def relu(self, x):
         x = _contiguous(x)
         y = np.empty(x.shape, dtype=x.dtype)
-        _run(fast_ops.relu_forward, x.size, x.reshape(-1), y.reshape(-1))
+        _run(elementwise.relu_forward, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def relu_backward(self, dy, y):
         dy, y = _contiguous(dy), _contiguous(y)
         dx = np.empty(dy.shape, dtype=dy.dtype)
-        _run(fast_ops.relu_backward, dy.size, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+        _run(elementwise.relu_backward, dy.size, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
         return dx
 
     def sigmoid(self, x):
         x = _contiguous(x)
         y = np.empty(x.shape, dtype=x.dtype)
-        _run(fast_ops.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
+        _run(elementwise.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def sigmoid_overlap_sums(self, z, t):
@@ -836,7 +836,7 @@ class NumbaBackend(Backend):
         n = z.shape[0]
         p = np.empty(z.shape, dtype=z.dtype)
         sums = np.empty((n, 3), dtype=np.float64)
-        _run(fast_ops.sigmoid_overlap_sums, z.size, z.reshape(n, -1), t.reshape(n, -1),
+        _run(elementwise.sigmoid_overlap_sums, z.size, z.reshape(n, -1), t.reshape(n, -1),
              p.reshape(n, -1), sums)
         kept = (n,) + (1,) * (z.ndim - 1)
         return (p, *(sums[:, k].astype(z.dtype).reshape(kept) for k in range(3)))
@@ -847,14 +847,14 @@ class NumbaBackend(Backend):
         dz = np.empty(p.shape, dtype=p.dtype)
         coefficients = [np.ascontiguousarray(np.broadcast_to(c, (n,) + (1,) * (p.ndim - 1)),
                                              dtype=p.dtype).reshape(n) for c in (slope, offset)]
-        _run(fast_ops.sigmoid_overlap_backward, p.size, p.reshape(n, -1), t.reshape(n, -1),
+        _run(elementwise.sigmoid_overlap_backward, p.size, p.reshape(n, -1), t.reshape(n, -1),
              *coefficients, OVERLAP_BACKWARD_PIECE, dz.reshape(n, -1))
         return dz
 
     def add_bias(self, y, bias):
         y = _contiguous(y)
         n, c = y.shape[:2]
-        _run(fast_ops.bias_add, y.size, y.reshape(n, c, -1), _contiguous(bias))
+        _run(elementwise.bias_add, y.size, y.reshape(n, c, -1), _contiguous(bias))
         return y
 
     def relu_backward_bias_grad(self, dy, y):
@@ -862,7 +862,7 @@ class NumbaBackend(Backend):
         n, c = dy.shape[:2]
         dz = np.empty(dy.shape, dtype=dy.dtype)
         db = np.empty(c, dtype=dy.dtype)
-        _run(fast_ops.relu_backward_channel_sums, dy.size, dy.reshape(n, c, -1),
+        _run(elementwise.relu_backward_channel_sums, dy.size, dy.reshape(n, c, -1),
              y.reshape(n, c, -1), dz.reshape(n, c, -1), db)
         return dz, db
 
@@ -870,7 +870,7 @@ class NumbaBackend(Backend):
         dy = _contiguous(dy)
         n, c = dy.shape[:2]
         out = np.empty(c, dtype=dy.dtype)
-        return _run(fast_ops.channel_sums, dy.size, dy.reshape(n, c, -1), out)
+        return _run(elementwise.channel_sums, dy.size, dy.reshape(n, c, -1), out)
 
     # ---- optimizer updates ------------------------------------------------------------
     # One fused pass over every parameter (all of a step's arithmetic per element, in
@@ -883,7 +883,7 @@ class NumbaBackend(Backend):
             buffer_list = (self._cached_typed_list("buffers", buffers, chosen) if momentum
                            else gradients)
             sizes = [params[i].size for i in chosen]
-            _run(fast_ops.sgd_update, sum(sizes), self._cached_typed_list("params", params, chosen),
+            _run(optim.sgd_update, sum(sizes), self._cached_typed_list("params", params, chosen),
                  gradients, buffer_list, self._spans(sizes), float(lr), float(momentum),
                  float(1 - dampening), bool(nesterov), float(weight_decay), bool(first_step))
 
@@ -896,7 +896,7 @@ class NumbaBackend(Backend):
                      self._cached_typed_list("exp_avgs", exp_avgs, chosen),
                      self._cached_typed_list("exp_avg_sqs", exp_avg_sqs, chosen))
             sizes = [params[i].size for i in chosen]
-            _run(fast_ops.adam_update, sum(sizes), *lists, self._spans(sizes),
+            _run(optim.adam_update, sum(sizes), *lists, self._spans(sizes),
                  float(lr / bias1), float(beta1), float(1 - beta1), float(beta2),
                  float(1 - beta2), float(bias2), float(eps), float(weight_decay),
                  float(1 - lr * weight_decay), bool(decoupled))
