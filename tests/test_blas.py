@@ -49,6 +49,22 @@ def recording_blas(monkeypatch):
 
 
 @needs_openblas
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_one_row_operand_with_gaps_between_its_entries_runs_on_the_pool(dtype,
+                                                                          recording_blas):
+    """A (1, K) operand cut from the transpose of a wider array (its entries 3 apart):
+    BLAS reads it as a transposed matrix, as the rest of gemm_operands' draws."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 3)).astype(dtype)[:, :1].T  # (1, 5), column stride 3
+    b = rng.standard_normal((5, 4)).astype(dtype)
+    assert blas._layout(a) == (gemm.CBLAS_TRANS, 3)
+    out = np.empty((1, 4), dtype)
+    blas.gemm(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-6)
+    assert recording_blas.set_calls == [1, recording_blas.get()]  # ran on the pool
+
+
+@needs_openblas
 @settings(max_examples=40)
 @given(operands=gemm_operands(), accumulate=st.booleans())
 def test_gemm_equals_numpy_matmul(operands, accumulate):

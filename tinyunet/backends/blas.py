@@ -140,10 +140,11 @@ def _layout(matrices):
     rows, cols = matrices.shape[-2:]
     size = matrices.itemsize
     row_step, col_step = matrices.strides[-2:]
+    # A single column's or row's other stride is free: choose it so the layout fits.
     if cols == 1:
         col_step = size
     if rows == 1:
-        row_step = max(cols, 1) * size
+        row_step = max(cols, 1) * size if col_step == size else size
     if col_step == size and row_step % size == 0 and row_step >= max(cols, 1) * size:
         return gemm_kernels.CBLAS_NO_TRANS, row_step // size
     if row_step == size and col_step % size == 0 and col_step >= max(rows, 1) * size:
