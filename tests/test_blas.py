@@ -1,4 +1,4 @@
-"""GEMMs on numba's thread pool (tinyunet.backends.blas and gemm.gemm_parts) against
+"""GEMMs on numba's thread pool (tinyunet.backends.numba.blas and gemm.gemm_parts) against
 np.matmul, and OpenBLAS's thread setting around a call."""
 
 import os
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from strategies import gemm_operands
 from tinyunet.kernels.cpu import gemm, runtime
 
-from tinyunet.backends import blas
+from tinyunet.backends.numba import blas
 
 needs_openblas = pytest.mark.skipif(
     not blas.available(),

@@ -29,13 +29,12 @@ from strategies import (  # noqa: E402
 from tinyunet.kernels.cpu import direct3x3, gemm, im2col, optim, runtime, winograd  # noqa: E402
 
 import tinyunet.functional as F  # noqa: E402
-from tinyunet.backends import (  # noqa: E402
-    ConvGeometry,
-    PoolGeometry,
-    get_backend,
-    numba_backend,
-)
+from tinyunet.backends import ConvGeometry, PoolGeometry, get_backend  # noqa: E402
 from tinyunet.backends.interface import Backend  # noqa: E402
+from tinyunet.backends.numba import NumbaBackend, policy  # noqa: E402
+from tinyunet.backends.numba import elementwise as numba_elementwise  # noqa: E402
+from tinyunet.backends.numba import optim as numba_optim  # noqa: E402
+from tinyunet.backends.numba import winograd as numba_winograd  # noqa: E402
 
 NUMPY = get_backend("numpy")
 NUMBA = get_backend("numba")
@@ -47,7 +46,7 @@ def kernel_mode(request, monkeypatch):
     default, so the parallel compiles (and GEMMs on the pool) are forced for the
     second run."""
     if request.param == "parallel kernels":
-        monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(runtime, "PARALLEL_MIN_ELEMENTS", 0)
         # The GEMMs run on the pool too (blas), however small.
         monkeypatch.setattr(runtime, "MIN_PARALLEL_FLOPS", 0)
     return request.param
@@ -104,7 +103,7 @@ def test_conv2d_and_its_gradients_match_numpy(path, case, dtype):
     weight = rng.standard_normal(w_shape).astype(dtype)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         check_conv(x, weight, geometry, dtype)
 
 
@@ -118,7 +117,7 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS["direct 3x3 kernels"].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         for name in ("conv3x3_forward", "conv3x3_grad_weight"):
             kernel = getattr(direct3x3, name)
             patch.setattr(direct3x3, name,
@@ -146,7 +145,7 @@ def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype, need):
     pads = []
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS["direct 3x3 kernels"].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         patch.setattr(im2col, "pad_images",
                       _Spy(im2col.pad_images, pads))
         dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry, *need)
@@ -170,7 +169,7 @@ def test_stacked_gram_matches_numpy(stacks, accumulate):
     spare = np.full((len(a), 1, a.shape[2]), np.nan, dtype=a.dtype)
     a, b = np.concatenate([a, spare], axis=1), np.concatenate([b, spare], axis=1)
     kernel = gemm.stacked_gram
-    numba_backend._run(kernel, a.size + b.size, a, b, accumulate, out)
+    runtime.run(kernel, a.size + b.size, a, b, accumulate, out)
     assert_close(out, expected, a.dtype)
 
 
@@ -180,11 +179,11 @@ def test_winograd_filter_transforms_match_numpy(bank, flip):
     dW = G^T dU G, against numpy's products in float64."""
     tile, w, du = bank
     o, c = w.shape[:2]
-    g = numba_backend._WINOGRAD_G[tile][w.dtype]
+    g = numba_winograd._WINOGRAD_G[tile][w.dtype]
     taps = w[:, :, ::-1, ::-1] if flip else w
     expected = np.einsum("ai,ocij,bj->aboc", g, taps.astype(np.float64), g)
     u = np.empty_like(du)
-    numba_backend._run(winograd.winograd_filters, u.size, w.reshape(o, c, 9),
+    runtime.run(winograd.winograd_filters, u.size, w.reshape(o, c, 9),
                        g, flip, u)
     assert_close(u, expected.reshape(du.shape).astype(w.dtype), w.dtype)
 
@@ -192,7 +191,7 @@ def test_winograd_filter_transforms_match_numpy(bank, flip):
     expected = np.einsum("ai,aboc,bj->ocij", g, du.reshape(alpha, alpha, o, c).astype(
         np.float64), g)
     dw = np.empty_like(w)
-    numba_backend._run(winograd.winograd_filter_gradient, du.size, du, g,
+    runtime.run(winograd.winograd_filter_gradient, du.size, du, g,
                        dw.reshape(o, c, 9))
     assert_close(dw, expected.astype(w.dtype), w.dtype)
 
@@ -248,7 +247,7 @@ def test_weight_gradient_through_stacked_gram_matches_numpy(path, dtype):
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**settings_, "GRAM_MIN_LENGTH": 0}.items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         kernel = gemm.stacked_gram
         patch.setattr(gemm, "stacked_gram", _Spy(kernel, calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
@@ -277,7 +276,7 @@ def test_winograd_path_matches_numpy(tile, budget, data, dtype):
     calls = {name: [] for name in WINOGRAD_KERNELS}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in settings_.items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         for name in WINOGRAD_KERNELS:
             kernel = getattr(winograd, name)
             patch.setattr(winograd, name, _Spy(kernel, calls[name]))
@@ -337,7 +336,7 @@ def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
 def test_winograd_variant_rules(batch, side, channels, tile):
     """Which Winograd variant a 3x3 'same' conv takes, by map width, tiles, channels."""
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
-    chosen = numba_backend._winograd_tile(channels, channels, (3, 3), geometry, batch,
+    chosen = policy._winograd_tile(channels, channels, (3, 3), geometry, batch,
                                           (side, side))
     assert chosen == tile
 
@@ -362,7 +361,7 @@ def test_forward_routes(batch, side, c_in, c_out, route):
     levels and a few others (DIRECT_OVER_WINOGRAD_RULES where Winograd applies, else
     DIRECT_RULES)."""
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
-    direct, tile = numba_backend._forward_route(c_in, c_out, (3, 3), geometry, batch,
+    direct, tile = policy._forward_route(c_in, c_out, (3, 3), geometry, batch,
                                                 (side, side))
     assert ("direct" if direct else f"F({tile}x{tile})" if tile else "GEMMs") == route
 
@@ -387,7 +386,7 @@ def test_winograd_gradients_by_finite_differences(tile, n, channels, tiles, padd
         inputs.append(rng.standard_normal(c_out))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[f"Winograd F({tile}x{tile}, 3x3)"].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 
@@ -406,7 +405,7 @@ def test_direct_3x3_gradients_by_finite_differences(n, c_in, c_out, h, w, paddin
         inputs.append(rng.standard_normal(c_out))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS["direct 3x3 kernels"].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 
@@ -544,7 +543,7 @@ def test_2x2_stride_2_conv_matches_numpy(path, dtype, n, c_in, c_out, h, w, seed
     kernel, calls = im2col.im2col_2x2_stride2, []
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, calls))
         check_conv(x, weight, ConvGeometry((2, 2), (0, 0, 0, 0)), dtype)
     assert calls
@@ -626,7 +625,7 @@ def test_one_channel_overlap_loss_kernels_match_numpy(dtype, shape, seed, piece)
     p = reference[0]
     # Same expression, same order per element: bit-for-bit the same.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "OVERLAP_BACKWARD_PIECE", piece)
+        patch.setattr(numba_elementwise, "OVERLAP_BACKWARD_PIECE", piece)
         ours = NUMBA.sigmoid_overlap_backward(p, t, slope, offset)
     np.testing.assert_array_equal(ours, NUMPY.sigmoid_overlap_backward(p, t, slope, offset))
 
@@ -664,7 +663,7 @@ def test_relu_keeps_nan_like_numpy(path):
     bias, geometry = np.zeros(4, dtype=np.float32), ConvGeometry((1, 1), (1, 1, 1, 1))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         fused = NUMBA.conv2d_bias_relu(image, weight, bias, geometry)
     np.testing.assert_array_equal(fused, NUMPY.conv2d_bias_relu(image, weight, bias, geometry))
     assert np.isnan(fused).sum() == 4 * 9 and (fused[~np.isnan(fused)] == 0).all()
@@ -673,7 +672,7 @@ def test_relu_keeps_nan_like_numpy(path):
 def test_winograd_4x4_spreads_a_nan_over_its_tiles():
     """F(4x4, 3x3)'s transforms add values whose coefficients cancel only in exact
     arithmetic, so a NaN input reaches outputs of the 4x4 tiles whose 6x6 input tiles
-    hold it beyond its 3x3 neighbourhood (documented in numba_backend); every output
+    hold it beyond its 3x3 neighbourhood (documented in docs/backend-numba.md); every output
     outside those tiles is as numpy's."""
     image = np.ones((1, 4, 8, 8), dtype=np.float32)
     image[0, 0, 1, 3] = np.nan
@@ -681,7 +680,7 @@ def test_winograd_4x4_spreads_a_nan_over_its_tiles():
     bias, geometry = np.zeros(4, dtype=np.float32), ConvGeometry((1, 1), (1, 1, 1, 1))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS["Winograd F(4x4, 3x3)"].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         fused = NUMBA.conv2d_bias_relu(image, weight, bias, geometry)
     expected = NUMPY.conv2d_bias_relu(image, weight, bias, geometry)
     # Padded input row 2, column 4 lies in the tiles starting at rows 0 and columns 0, 4.
@@ -745,7 +744,7 @@ def test_training_on_numba_matches_numpy_step_by_step(optimizer, path):
     after 4 steps, losses within 2e-6)."""
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         losses_numba, weights_numba = train_tiny_unet("numba", OPTIMIZERS[optimizer])
     losses_numpy, weights_numpy = train_tiny_unet("numpy", OPTIMIZERS[optimizer])
     assert losses_numba[-1] < losses_numba[0]  # it trains at all
@@ -764,7 +763,7 @@ def optimizer_state(draw):
     dtypes (float32 and float64 mixed: each dtype is one kernel call). Up to 18
     parameters: the gradients' tuple is padded to a multiple of GRADIENT_TUPLE_STEP."""
     shapes = draw(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=4),
-                           min_size=1, max_size=numba_backend.GRADIENT_TUPLE_STEP + 2))
+                           min_size=1, max_size=numba_optim.GRADIENT_TUPLE_STEP + 2))
     kinds = [(shape, draw(DTYPES)) for shape in shapes]
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     arrays = [[rng.standard_normal(shape).astype(dtype) for shape, dtype in kinds]
@@ -790,7 +789,7 @@ def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_d
     nesterov = nesterov and momentum > 0 and dampening == 0
     ours, reference = copies(state), copies(state)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "UPDATE_PIECE", piece)
+        patch.setattr(numba_optim, "UPDATE_PIECE", piece)
         for backend, (params, grads, buffers, _) in ((NUMBA, ours), (NUMPY, reference)):
             # Without momentum the optimizer passes the gradients as the buffers.
             buffers = buffers if momentum else grads
@@ -807,7 +806,7 @@ def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_d
 def test_adam_update_matches_numpy(state, step, weight_decay, decoupled, piece):
     ours, reference = copies(state), copies(state)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "UPDATE_PIECE", piece)
+        patch.setattr(numba_optim, "UPDATE_PIECE", piece)
         for backend, (params, grads, m, v) in ((NUMBA, ours), (NUMPY, reference)):
             backend.adam_update(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8,
                                 weight_decay, decoupled)
@@ -842,7 +841,7 @@ def test_an_optimizer_step_is_one_kernel_call_and_follows_new_arrays(monkeypatch
     spy = lambda *args: (calls.append(len(args[0])), kernel(*args))  # noqa: E731
     spy.serial = lambda *args: (calls.append(len(args[0])), kernel.serial(*args))
     monkeypatch.setattr(optim, "sgd_update", spy)
-    backend = numba_backend.NumbaBackend()
+    backend = NumbaBackend()
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(shape).astype(np.float32) for shape in [(4, 3, 3, 3), (4,)]]
     buffers = [np.zeros_like(p) for p in params]
@@ -901,6 +900,6 @@ def test_an_empty_batch_gives_zero_weight_gradients(tile_settings):
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in PATHS[tile_settings].items():
-            patch.setattr(numba_backend, name, value)
+            patch.setattr(policy, name, value)
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     np.testing.assert_array_equal(dw, np.zeros((4, 4, 3, 3), np.float32))

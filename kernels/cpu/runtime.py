@@ -115,6 +115,25 @@ def start_thread_pool():
 
 
 
+# Kernels on fewer elements than this run serially on the calling thread: waking
+# numba's pool (about 0.1 ms on workqueue when GEMMs run in between, 20-45 us on
+# passive OpenMP once its workers sleep) costs more than they take. Measured with GEMMs
+# in between, on workqueue: a ReLU of 300k float32 values ran faster serially (72 vs 103
+# us), im2col of 130k inputs too, im2col of 260k faster in parallel; on OpenMP with no
+# spinning, 2^16 instead of 2^18 changed nothing on C's step (40 alternated pairs) and
+# 2^20 made it 13% slower. Once OpenMP's workers spun briefly (runtime.
+# OPENMP_SPIN_COUNT, then 1000 spins), a call right after another found them awake:
+# against 2^18, 2^16 made C's step 5.6% and A's 3.8% faster (40 and 20 alternated
+# pairs); against 2^16, 2^14 C's 2.4% (A's the same), 2^12 C's 2-2.4%, A's and B's
+# within 1%, 0 C's 2%. Not measured again since they spin for 2-3 ms.
+PARALLEL_MIN_ELEMENTS = 1 << 14
+
+
+def run(kernel, elements, *args):
+    """Call a kernels/cpu kernel: in parallel, or serially when ``elements`` is too few."""
+    return (kernel if elements >= PARALLEL_MIN_ELEMENTS else kernel.serial)(*args)
+
+
 # Calls doing less arithmetic than this (2^17 multiply-adds) are numpy's matmul, which
 # costs less to call (1 us against 6) and which OpenBLAS then runs on the calling
 # thread alone (it splits no GEMM under 2^18 multiply-adds).

@@ -41,8 +41,9 @@ import threading
 import numba
 import numpy as np
 
-from ..kernels.cpu import gemm as gemm_kernels
-from ..kernels.cpu import runtime
+from ...kernels.cpu import gemm as gemm_kernels
+from ...kernels.cpu import runtime
+from . import policy
 
 # Symbol name stems of OpenBLAS's functions with 64-bit integers, by build: numpy's
 # wheels (scipy-openblas64), then a plain OpenBLAS built with INTERFACE64 and a suffix.
@@ -251,3 +252,13 @@ def gemm(a, b, out, accumulate=False):
     finally:
         _blas.lock.release()
     return out
+
+
+def add_gram(a, b, out):
+    """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J); BLAS where the kernel
+    would lose, or where a or b is a view with gaps (a band of rows of an image)."""
+    if (policy._gram_wins(len(a), len(b), a.shape[1])
+            and a.flags.c_contiguous and b.flags.c_contiguous):
+        runtime.run(gemm_kernels.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
+    else:
+        gemm(a, b.T, out, accumulate=True)

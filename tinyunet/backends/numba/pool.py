@@ -1,0 +1,34 @@
+"""Max-pool of the numba backend."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...kernels.cpu import pool as kernels
+from ...kernels.cpu.runtime import run
+from ..interface import PoolGeometry
+from .scratch import _contiguous
+
+
+class MaxPool:
+    """Max-pool forward with argmax, and its backward (mixed into NumbaBackend)."""
+
+    def max_pool2d(self, x, geometry: PoolGeometry):
+        x = _contiguous(x)
+        n, c, h, w = x.shape
+        ho, wo = geometry.output_hw((h, w))
+        y = np.empty((n, c, ho, wo), dtype=x.dtype)
+        argmax = np.empty((n, c, ho, wo), dtype=np.int64)
+        (kh, kw), (sh, sw) = geometry.kernel, geometry.stride
+        (ph, pw), (dh, dw) = geometry.padding, geometry.dilation
+        if (kh, kw, sh, sw, ph, pw, dh, dw) == (2, 2, 2, 2, 0, 0, 1, 1):
+            run(kernels.max_pool2x2_forward, x.size, x, y, argmax)
+        else:
+            run(kernels.max_pool2d_forward, x.size, x, kh, kw, sh, sw, ph, pw, dh, dw, y,
+                argmax)
+        return y, argmax
+
+    def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
+        dx = np.empty(input_shape, dtype=dy.dtype)
+        run(kernels.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
+        return dx
