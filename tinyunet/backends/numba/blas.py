@@ -257,7 +257,7 @@ def gemm(a, b, out, accumulate=False):
 def add_gram(a, b, out):
     """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J); BLAS where the kernel
     would lose, or where a or b is a view with gaps (a band of rows of an image)."""
-    if (policy._gram_wins(len(a), len(b), a.shape[1])
+    if (policy.use_stacked_gram(len(a), len(b), a.shape[1])
             and a.flags.c_contiguous and b.flags.c_contiguous):
         runtime.run(gemm_kernels.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
     else:

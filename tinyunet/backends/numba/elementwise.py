@@ -6,7 +6,7 @@ import numpy as np
 
 from ...kernels.cpu import elementwise as kernels
 from ...kernels.cpu.runtime import run
-from .scratch import _contiguous
+from .scratch import contiguous
 
 # Elements of a sample's row per parallel step of the one-channel Dice/IoU gradient
 # (elementwise.sigmoid_overlap_backward).
@@ -17,25 +17,25 @@ class Elementwise:
     """Fused elementwise kernels (mixed into NumbaBackend)."""
 
     def relu(self, x):
-        x = _contiguous(x)
+        x = contiguous(x)
         y = np.empty(x.shape, dtype=x.dtype)
         run(kernels.relu_forward, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def relu_backward(self, dy, y):
-        dy, y = _contiguous(dy), _contiguous(y)
+        dy, y = contiguous(dy), contiguous(y)
         dx = np.empty(dy.shape, dtype=dy.dtype)
         run(kernels.relu_backward, dy.size, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
         return dx
 
     def sigmoid(self, x):
-        x = _contiguous(x)
+        x = contiguous(x)
         y = np.empty(x.shape, dtype=x.dtype)
         run(kernels.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
     def sigmoid_overlap_sums(self, z, t):
-        z, t = _contiguous(z), _contiguous(t).astype(z.dtype, copy=False)
+        z, t = contiguous(z), contiguous(t).astype(z.dtype, copy=False)
         n = z.shape[0]
         p = np.empty(z.shape, dtype=z.dtype)
         sums = np.empty((n, 3), dtype=np.float64)
@@ -45,7 +45,7 @@ class Elementwise:
         return (p, *(sums[:, k].astype(z.dtype).reshape(kept) for k in range(3)))
 
     def sigmoid_overlap_backward(self, p, t, slope, offset):
-        p, t = _contiguous(p), _contiguous(t)
+        p, t = contiguous(p), contiguous(t)
         n = p.shape[0]
         dz = np.empty(p.shape, dtype=p.dtype)
         coefficients = [np.ascontiguousarray(np.broadcast_to(c, (n,) + (1,) * (p.ndim - 1)),
@@ -55,13 +55,13 @@ class Elementwise:
         return dz
 
     def add_bias(self, y, bias):
-        y = _contiguous(y)
+        y = contiguous(y)
         n, c = y.shape[:2]
-        run(kernels.bias_add, y.size, y.reshape(n, c, -1), _contiguous(bias))
+        run(kernels.bias_add, y.size, y.reshape(n, c, -1), contiguous(bias))
         return y
 
     def relu_backward_bias_grad(self, dy, y):
-        dy, y = _contiguous(dy), _contiguous(y)
+        dy, y = contiguous(dy), contiguous(y)
         n, c = dy.shape[:2]
         dz = np.empty(dy.shape, dtype=dy.dtype)
         db = np.empty(c, dtype=dy.dtype)
@@ -70,7 +70,7 @@ class Elementwise:
         return dz, db
 
     def bias_grad(self, dy):
-        dy = _contiguous(dy)
+        dy = contiguous(dy)
         n, c = dy.shape[:2]
         out = np.empty(c, dtype=dy.dtype)
         return run(kernels.channel_sums, dy.size, dy.reshape(n, c, -1), out)

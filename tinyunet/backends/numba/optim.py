@@ -7,7 +7,7 @@ from numba import typed
 
 from ...kernels.cpu import optim as kernels
 from ...kernels.cpu.runtime import run
-from .scratch import _contiguous
+from .scratch import contiguous
 
 # The optimizer updates take the gradients as a tuple (_gradient_tuple), whose length
 # numba compiles for: rounded up to a multiple of this, a few lengths cover every model.
@@ -93,7 +93,7 @@ def _gradient_tuple(params, grads, chosen):
     and building a typed List of config C's 36 took 68 us (alone; numba unboxes a tuple
     of them in 3 us): C's step 1.7% and 2.3% faster (medians of 250 alternated pairs).
     numba compiles a kernel for each tuple length, hence the padding."""
-    flat = [_flat(_writeable(_contiguous(grads[i]).astype(params[i].dtype, copy=False)))
+    flat = [_flat(_writeable(contiguous(grads[i]).astype(params[i].dtype, copy=False)))
             for i in chosen]
     padding = -len(flat) % GRADIENT_TUPLE_STEP
     return tuple(flat) + (np.empty(0, dtype=params[chosen[0]].dtype),) * padding

@@ -7,14 +7,14 @@ import numpy as np
 from ...kernels.cpu import pool as kernels
 from ...kernels.cpu.runtime import run
 from ..interface import PoolGeometry
-from .scratch import _contiguous
+from .scratch import contiguous
 
 
 class MaxPool:
     """Max-pool forward with argmax, and its backward (mixed into NumbaBackend)."""
 
     def max_pool2d(self, x, geometry: PoolGeometry):
-        x = _contiguous(x)
+        x = contiguous(x)
         n, c, h, w = x.shape
         ho, wo = geometry.output_hw((h, w))
         y = np.empty((n, c, ho, wo), dtype=x.dtype)
@@ -30,5 +30,5 @@ class MaxPool:
 
     def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
         dx = np.empty(input_shape, dtype=dy.dtype)
-        run(kernels.max_pool2d_backward, dx.size, _contiguous(dy), _contiguous(argmax), dx)
+        run(kernels.max_pool2d_backward, dx.size, contiguous(dy), contiguous(argmax), dx)
         return dx

@@ -1,4 +1,11 @@
-"""Scratch buffers reused across calls, and small array helpers of the numba backend."""
+"""Scratch buffers reused across calls, and small array helpers of the numba backend.
+
+Temporaries that scale with the maps (im2col columns, padded copies, GEMM products,
+Winograd tiles) live in one buffer per (dtype, use), grown on demand and reused across
+calls and steps, so each is allocated once and its pages fault in once. Those that scale
+with a layer's weights (Winograd's transformed filters) are fresh arrays each call:
+kept as scratch, the largest layer's would stay resident, and malloc reuses the block.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +17,20 @@ from ...kernels.cpu import im2col
 from ...kernels.cpu.runtime import run
 
 
-def _contiguous(a):
+def contiguous(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _flipped(w):
+def flipped(w: np.ndarray) -> np.ndarray:
     """The weight (C, O, kH, kW) of the adjoint conv of w (O, C, kH, kW): each filter
     rotated by 180 degrees, input and output channels swapped."""
-    return _contiguous(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    return contiguous(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
 class ScratchBuffers:
     """Scratch arrays by (dtype, use), in ``self._scratch``, and padded copies in them."""
+
+    _scratch: dict[tuple[np.dtype, str], np.ndarray]
 
     def _buffer(self, dtype, size, use="columns"):
         """A reusable scratch array of ``size`` elements, valid until the next call for

@@ -1,4 +1,11 @@
-"""The Winograd F(2x2, 3x3) and F(4x4, 3x3) paths of the numba backend."""
+"""The Winograd paths of the numba backend: F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016).
+
+Shapes: x (N, C, H, W); w (O, C, 3, 3); y and dy (N, O, Ho, Wo) with Ho, Wo multiples
+of the output tile m (2 or 4); alpha = m + 2. Per band of tile rows: the input
+transform writes v (alpha^2, C, tiles), alpha^2 GEMMs multiply the transformed filters
+(alpha^2, O, C) with it, and the output transform turns the product back into y. The
+transforms are the kernels of kernels/cpu/winograd.py; the GEMMs run in blas.gemm.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,15 @@ from ...kernels.cpu.runtime import run
 from . import blas, policy
 from .scratch import ScratchBuffers
 
-# G of F(2x2, 3x3) and of F(4x4, 3x3) (Lavin & Gray 2016), by output tile and dtype.
-# F(2x2)'s entries are 0, +-1/2 or 1, so its float32 matrix is exact; F(4x4)'s 1/6,
-# 1/12 and 1/24 are rounded, which the filter transform's error absorbs.
+# Channel rows that a band's transformed tiles and products have beyond the layer's
+# channels, never read. Without them the alpha^2 runs a transform writes together lie
+# C * span floats apart, a multiple of 4 KiB on power-of-two layers, and all map to the
+# same few cache sets; a spare row spreads them.
+WINOGRAD_SPARE_ROWS = 1
+
+# G of F(2x2, 3x3) and of F(4x4, 3x3), by output tile and dtype. F(2x2)'s entries are
+# 0, +-1/2 or 1, so its float32 matrix is exact; F(4x4)'s 1/6, 1/12 and 1/24 are
+# rounded, which the filter transform's error absorbs.
 _WINOGRAD_G = {
     tile: {np.dtype(t): np.array(g, dtype=t) for t in (np.float32, np.float64)}
     for tile, g in (
@@ -24,16 +37,14 @@ _WINOGRAD_G = {
 
 
 class WinogradConvs(ScratchBuffers):
-    """Winograd convs of the numba backend (mixed into NumbaBackend)."""
+    """Winograd convs (mixed into NumbaBackend)."""
 
     def _winograd_filters(self, w, tile, adjoint=False):
         """The filters' Winograd transforms G g G^T as (alpha^2, O, C), alpha = tile + 2
-        (kernels.winograd_filters).
+        (kernels.winograd_filters), a fresh array (see scratch.py).
 
         With ``adjoint``: those of the input gradient's conv, whose filter (c, o) is
-        w[o, c] rotated by 180 degrees, as a (alpha^2, C, O) view. A fresh array, not
-        scratch: kept as scratch, the largest layer's transform stayed resident (A's step
-        peak 93 vs 82 MiB, measured with F(2x2) alone), and malloc reuses the freed block.
+        w[o, c] rotated by 180 degrees, as a (alpha^2, C, O) view.
         """
         o, c = w.shape[:2]
         filters = np.empty(((tile + 2) ** 2, o, c), dtype=w.dtype)
@@ -41,17 +52,16 @@ class WinogradConvs(ScratchBuffers):
             _WINOGRAD_G[tile][w.dtype], adjoint, filters)
         return filters.transpose(0, 2, 1) if adjoint else filters
 
-    def _winograd_bands(self, x, tile, padding, output_hw, c_out):
+    def _winograd_bands(self, x, tile, padding, output_hw, c_out, band_bytes):
         """Yield (first_row, v, m) per band of tile rows of a Winograd conv of x.
 
-        v (alpha^2, C + policy.WINOGRAD_SPARE_ROWS, span) holds the band's transformed input
+        v (alpha^2, C + WINOGRAD_SPARE_ROWS, span) holds the band's transformed input
         tiles in its first C channel rows; m is a scratch (alpha^2, c_out +
-        policy.WINOGRAD_SPARE_ROWS, span) array for the band's other GEMM operand or product,
-        likewise. The spare rows are never read. Both live in reused buffers, so each
-        band must be consumed before the next. Bands keep v and m within policy.WINOGRAD_BUDGET
-        (policy.WINOGRAD_FEW_CHANNELS_BUDGET on layers of few channels), spare rows aside.
-        F(4x4)'s input transform pads x as it reads it; F(2x2)'s reads a padded copy (in
-        "columns"; v is in "gradient", m in "product").
+        WINOGRAD_SPARE_ROWS, span) array for the band's other GEMM operand or product,
+        likewise. Both live in reused buffers, so each band must be consumed before the
+        next. Bands keep v and m within ``band_bytes``, spare rows aside. F(4x4)'s input
+        transform pads x as it reads it; F(2x2)'s reads a padded copy (in "columns"; v
+        is in "gradient", m in "product").
         """
         n, c = x.shape[:2]
         th, tw = output_hw[0] // tile, output_hw[1] // tile
@@ -66,11 +76,9 @@ class WinogradConvs(ScratchBuffers):
 
             def transform(first, v):
                 run(kernels.winograd2_input_tiles, v.size, padded, first, v)
-        budget = (policy.WINOGRAD_BUDGET if min(c, c_out) >= policy.WINOGRAD_FEW_CHANNELS
-                  else policy.WINOGRAD_FEW_CHANNELS_BUDGET)
         per_row = values * max(c, c_out) * tw * x.itemsize
-        rows = max(1, min(n * th, budget // per_row))
-        c_rows, o_rows = c + policy.WINOGRAD_SPARE_ROWS, c_out + policy.WINOGRAD_SPARE_ROWS
+        rows = max(1, min(n * th, band_bytes // per_row))
+        c_rows, o_rows = c + WINOGRAD_SPARE_ROWS, c_out + WINOGRAD_SPARE_ROWS
         tiles = self._buffer(x.dtype, values * c_rows * rows * tw, "gradient")
         product = self._buffer(x.dtype, values * o_rows * rows * tw, "product")
         for first in range(0, n * th, rows):
@@ -79,20 +87,20 @@ class WinogradConvs(ScratchBuffers):
             transform(first, v)
             yield first, v, product[: values * o_rows * span].reshape(values, o_rows, span)
 
-    def _conv2d_winograd(self, x, filters, tile, padding, relu_bias, y):
+    def _conv2d_winograd(self, x, filters, tile, padding, relu_bias, y, band_bytes):
         """y = a 3x3 stride-1 conv of x as Winograd F(tile x tile, 3x3), band by band of
         tile rows: input transform, alpha^2 GEMMs with the transformed filters
         (alpha^2, O, C), output transform with relu(y + relu_bias[o]) unless relu_bias
-        is None (see kernels/cpu/kernels.py)."""
+        is None."""
         c, o = x.shape[1], y.shape[1]
         output_tiles = getattr(kernels, f"winograd{tile}_output_tiles")
         relu = relu_bias is not None
         bias = relu_bias if relu else np.zeros(o, dtype=x.dtype)
-        for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o):
+        for first, v, m in self._winograd_bands(x, tile, padding, y.shape[2:], o, band_bytes):
             blas.gemm(filters, v[:, :c], m[:, :o])
             run(output_tiles, m.size, m, first, bias, relu, y)
 
-    def _grad_weight_winograd(self, dy, x, tile, padding):
+    def _grad_weight_winograd(self, dy, x, tile, padding, band_bytes):
         """dW of a 3x3 stride-1 conv through Winograd F(tile x tile, 3x3): the adjoint of
         the forward's steps. Per band, dU (alpha^2, O, C) += (A dY A^T) @ (B^T d B)^T,
         alpha^2 GEMMs; then dW = G^T dU G (kernels.winograd_filter_gradient)."""
@@ -101,9 +109,10 @@ class WinogradConvs(ScratchBuffers):
             return np.zeros((o, c, 3, 3), dtype=dy.dtype)  # no bands: nothing to sum
         gradient_tiles = getattr(kernels, f"winograd{tile}_gradient_tiles")
         total_du = np.empty(((tile + 2) ** 2, o, c), dtype=dy.dtype)
-        for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o):
+        for first, v, dm in self._winograd_bands(x, tile, padding, dy.shape[2:], o,
+                                                 band_bytes):
             run(gradient_tiles, dm.size, dy, first, dm)
-            if policy._gram_wins(o, c, dm.shape[2]):
+            if policy.use_stacked_gram(o, c, dm.shape[2]):
                 run(gemm.stacked_gram, dm.size + v.size, dm, v, first > 0, total_du)
             else:
                 blas.gemm(dm[:, :o], v[:, :c].transpose(0, 2, 1), total_du,
