@@ -59,3 +59,18 @@ def test_ops_benchmark_smoke_run():
     assert ("in a process of its own" in run.stdout) == have_torch
     assert "Issue 4's bar" in run.stdout and "A bottom, 256->256 bwd" in run.stdout
     assert "A level 0" not in run.stdout
+
+
+def test_ops_benchmark_forces_a_conv_algorithm():
+    """--conv-algo runs the numba backend under the policy's override, and says so."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--repeats", "1",
+                          "--only", "A bottom", "--no-write", "--no-torch",
+                          "--conv-algo", "im2col"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "numba conv algorithm forced wherever it runs: `im2col`" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--repeats", "1",
+                          "--only", "A bottom", "--no-write", "--no-torch",
+                          "--conv-algo", "fft"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "Expect: one of" in bad.stderr

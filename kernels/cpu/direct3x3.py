@@ -14,23 +14,19 @@ from numba import njit, prange
 
 from .jit import kernel
 
-# ---- direct 3x3 stride-1 convolution, for few channels ----------------------------------
-# With 16-32 channels an im2col GEMM is skinny (16 output rows over 65536 pixels): BLAS
-# runs it at a third of its peak and the column matrix is 9x the input, written and read
-# back. These kernels read a zero-padded copy of the input instead and keep the 3x3
-# windows in registers: the forward's pass over two rows of pixels loads 12 shifted
-# vectors (4 input rows) and feeds them to 2 output channels (36 FMAs per 16 loads and 4
-# stores), with the 18 taps held in registers. Measured 1.5-3x faster than im2col + GEMM
-# on maps 128 or more pixels wide with up to 32x32 channels, slower on narrow maps and
-# with many channels, where the backend takes the GEMMs or Winograd (its DIRECT_RULES
-# and DIRECT_OVER_WINOGRAD_RULES).
-# The padded copy pays for itself: a forward kernel that read the unpadded input (zero
-# rows for the border, edge columns summed one by one) ran 1.4-1.7x slower than copy plus
-# kernel on the U-Net's 64- and 128-wide maps (40 alternated calls each), most likely
-# because the planes of a 2^k x 2^k map lie a power of two apart and their rows compete
-# for the same L1 sets; the padded planes (130 x 130) do not.
+# With few channels an im2col GEMM is skinny (16 output rows over tens of thousands of
+# pixels): BLAS runs it far below its peak, and the column matrix is 9x the input. These
+# kernels read a zero-padded copy of the input instead and keep the 3x3 windows in
+# registers: the forward's pass over two rows of pixels loads 12 shifted vectors (4
+# input rows) and feeds them to 2 output channels (36 FMAs per 16 loads and 4 stores),
+# with the 18 taps held in registers. The padded copy pays for itself: the planes of a
+# 2^k-wide map lie a power of two apart and their rows compete for the same L1 sets;
+# the padded planes do not, and the kernels need no border cases.
 # The flags allow contraction to FMA and, in the weight gradient's sums, reassociation
 # (to vectorise them); NaN and Inf still propagate.
+
+# Output channels per parallel step of conv3x3_forward, whose body is written for
+# exactly two; the policy sends it only layers whose O is a multiple.
 DIRECT_OUTPUT_BLOCK = 2
 
 
@@ -54,19 +50,16 @@ def conv3x3_forward(xp, weight, y):
 
     weight: (O, C, 3, 3) with O a multiple of DIRECT_OUTPUT_BLOCK. A parallel step owns
     two output rows (one if Ho is odd and it is the last) of two channels and sums over
-    the input channels in order. Two rows of two channels beat one row of four (the
-    kernel's earlier block), whose 36 taps did not fit in the registers and were
-    reloaded for every FMA: 1.3-1.9x faster alone on nine U-Net layers; four rows of
-    one channel came second (1.2-1.7x) and four rows of two did not vectorise. Bias and
-    ReLU are a separate pass (``bias_relu``): applied here to each finished row, they
-    made the kernel 15% slower, even when switched off (measured with the old block).
+    the input channels in order: its 18 taps fit in the registers (a block of 36 taps
+    did not, and was reloaded for every FMA). Bias and ReLU are a separate pass
+    (``bias_relu``): applied here to each finished row, they slowed the loop even when
+    switched off.
     """
     n_img, o_ch, ho, wo = y.shape
     blocks = o_ch // DIRECT_OUTPUT_BLOCK
     pairs = (ho + 1) // 2
     # Channel blocks vary fastest, so a thread's consecutive steps read the same input
-    # rows from L1 (measured alone on seven U-Net layers with the old block: 1.06-1.16x
-    # faster on five, 0.97-0.98x on two).
+    # rows from L1.
     for task in prange(n_img * pairs * blocks):
         n = task // (pairs * blocks)
         h = 2 * ((task // blocks) % pairs)
@@ -118,7 +111,7 @@ def _conv3x3_last_row(xp, weight, y, n, o, h):
 
 
 # Output channels per parallel step of conv3x3_grad_weight, whose body is written for
-# exactly two (its s.. and t.. sums); the backend needs O to be a multiple.
+# exactly two (its s.. and t.. sums); the policy sends it only layers whose O is a multiple.
 GRAD_WEIGHT_OUTPUT_BLOCK = 2
 
 
@@ -132,13 +125,11 @@ def conv3x3_grad_weight(dyp, xp, dw):
     plane is dy's rows, each followed by two zeros. Tap (i, j) pairs that run with xp's
     flat plane shifted by i*(Wo+2) + j, one long contiguous run per image: the
     vectorised sums are reduced across lanes once per plane instead of once per row
-    (row by row, that reduction cost more than the row's FMAs; measured 1.3-1.6x faster
-    on the U-Net's 64- and 128-wide maps). The zeros add 0 * x, which changes nothing
-    unless x holds Inf or NaN: an Inf or NaN in the first or last columns of the padded
-    input can then make any tap NaN where numpy's is finite or Inf.
+    (row by row, that reduction cost more than the row's FMAs). The zeros add 0 * x,
+    which changes nothing unless x holds Inf or NaN: an Inf or NaN in the first or last
+    columns of the padded input can then make any tap NaN where numpy's is finite or Inf.
     A parallel step owns two output channels and one input channel and keeps their 18
-    sums in registers: each input vector loaded feeds two FMAs (1.11-1.32x faster than
-    one output channel a step, measured alone on six U-Net layers).
+    sums in registers, so each input vector loaded feeds two FMAs.
     """
     n_img, o_ch, hp, wp = dyp.shape
     c_in = xp.shape[1]

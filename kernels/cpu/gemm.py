@@ -22,8 +22,8 @@ GRAM_BLOCK = 4
 
 
 # BLAS's row-major cblas_sgemm and cblas_dgemm with 64-bit integers (an ILP64 build),
-# under the names tinyunet.backends.blas registers their addresses by before calling
-# gemm_parts. Declared by name, not address, so the compiled kernel can be cached.
+# under the names tinyunet/backends/numba/blas.py registers their addresses by before
+# calling gemm_parts. Declared by name, not address, so the compiled kernel can be cached.
 # Matrices are passed as addresses (int64): the C ABIs numba targets pass a pointer
 # and a 64-bit integer alike.
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
@@ -96,13 +96,10 @@ def stacked_gram(a, b, accumulate, out):
     (rows of a and b past I and J are not read: the Winograd bands' spare rows): a
     stack of GEMMs a @ b^T whose shared dimension T is long and whose rows are few, as
     in the weight gradients (T: tiles or pixels; I, J: channels, or channels times
-    taps). BLAS runs those skinny products at 40-100 GFLOP/s on this project's 2-core
-    machine (benchmarks/RESULTS.md). Here a parallel step owns 4 rows of a and 4 of b
-    and keeps their 16 dot products in registers, so each vector loaded feeds 4 FMAs:
-    1.3-2.2x faster than BLAS on the Winograd weight gradients of 16-128 channels and
-    1.35-5x on im2col's of 8-64 output channels (measured alone); slower from 256
-    channels, whose GEMMs BLAS runs near its peak, and on short T (the backend's
-    ``_gram_wins`` says where it is used).
+    taps). BLAS runs such skinny products far below its peak. Here a parallel step owns
+    4 rows of a and 4 of b and keeps their 16 dot products in registers, so each vector
+    loaded feeds 4 FMAs; each block ends in 16 reductions across the vector lanes, which
+    dominate on short T. Where it beats BLAS is the policy's ``use_stacked_gram``.
     """
     stack, i_rows, j_rows = out.shape
     length = a.shape[2]

@@ -18,11 +18,11 @@ runtime.start_thread_pool()
 def kernel(fastmath=False):
     """Compile a kernel twice: parallel (the dispatcher returned) and serial (``.serial``).
 
-    Handing a call to numba's thread pool cost 20-100 us on the 2-core VM of
-    benchmarks/RESULTS.md when its workers had gone to sleep (see _start_thread_pool),
-    and 1.5 us while they spin. A small call is done sooner by the calling thread alone,
-    so the backend sends calls under ``numba_backend.PARALLEL_MIN_ELEMENTS`` to the
-    serial twin, a copy of the function with its own name and so its own cache file.
+    Handing a call to numba's thread pool costs tens of microseconds when its workers
+    have gone to sleep (see runtime.start_thread_pool). A small call is done sooner by
+    the calling thread alone, so ``runtime.run`` sends calls under
+    ``runtime.PARALLEL_MIN_ELEMENTS`` to the serial twin, a copy of the function with
+    its own name and so its own cache file.
     """
 
     def compile_both(function):

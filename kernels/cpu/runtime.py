@@ -22,10 +22,10 @@ import ctypes.util
 import os
 import sys
 
-# After each GEMM, OpenBLAS's idle threads spin for up to 2**28 cycles. On the numba
-# backend GEMMs alternate with numba's parallel kernels, which then share the cores
-# with the spinning threads (measured: a U-Net training step 20-25% slower on 2
-# cores). A timeout of 2**4 cycles puts them to sleep at once.
+# After each GEMM, OpenBLAS's idle threads spin for up to 2**28 cycles over the cores
+# that numba's next parallel kernel needs (the numpy backend's GEMMs, and numpy's
+# matmul where blas.gemm falls back to it, run on OpenBLAS's threads). A timeout of
+# 2**4 cycles puts them to sleep at once.
 OPENBLAS_THREAD_TIMEOUT = "4"
 
 
@@ -52,37 +52,31 @@ def _openmp_loaded():
 OPENMP_WAITS_PASSIVELY = False
 OPENMP_SPINCOUNT_IN_EFFECT = None
 # How long GNU OpenMP's idle workers spin before they sleep, in libgomp's units
-# (GOMP_SPINCOUNT: iterations of a pause loop; 1000 spun for 20-30 us here, so 10^5
-# for 2-3 ms). See start_thread_pool.
+# (GOMP_SPINCOUNT: iterations of a pause loop; 10^5 is a few milliseconds). Long enough
+# that a step's back-to-back kernel calls find their workers awake. See
+# start_thread_pool.
 OPENMP_SPIN_COUNT = 100_000
 
 
 def start_thread_pool():
     """Pick numba's threading layer and start its threads.
 
-    A training step makes about 150-180 parallel calls (configs C and A), many
-    straight after another, so how the pool's idle workers wait matters. Waking a
-    sleeping worker cost 45 us a call on the 2-core VM of benchmarks/RESULTS.md (numba's
-    own workqueue pool: 62-82 us). The GEMMs run on this pool too
-    (tinyunet/backends/blas.py), so no other pool of threads needs the cores while
-    these workers wait, and they spin for 2-3 ms (GOMP_SPINCOUNT=OPENMP_SPIN_COUNT)
-    before they sleep. While BLAS ran on threads of its own, spinning for long stole
-    its cores: 10^5 spins made A 20% slower, and 1000 (20-30 us) was the best; with the
-    GEMMs on this pool, one run of benchmarks/train_step.py each (A / C speed-up over
-    PyTorch): 1000 spins 1.15x / 1.08x, 10^4 1.31x / 1.35x, 3*10^4 1.23x / 1.22x, 10^5
-    1.35x / 1.35x, 3*10^5 1.27x / 1.31x. Without the spin, told to sleep at once
-    (OMP_WAIT_POLICY=passive), OpenMP's workers still woke faster than workqueue's
-    (training steps in fresh processes, alternating, C 32-34 vs 43-48 ms, A 130-172 vs
-    142-190 ms). So on Linux, where we measured it, numba gets the OpenMP layer, falling
-    back to workqueue where libgomp is missing, with OMP_WAIT_POLICY=passive and
-    GOMP_SPINCOUNT set only while the pool starts: libgomp reads them once, when it
-    loads. They then hold for the process's libgomp, which a library loaded later may
-    share (PyTorch's CPU build does: its steps ran 15-50% slower passive). Where an
-    OpenMP runtime is already loaded, its wait policy is set, so workqueue again; a
-    layer, wait policy or spin count the user set (NUMBA_THREADING_LAYER,
-    OMP_WAIT_POLICY, GOMP_SPINCOUNT) is left alone, and a passive policy the user set
-    gets no spinning. If numba's pool was started before this module is first imported,
-    its layer stays.
+    A training step makes a few hundred parallel calls, many straight after another,
+    so how the pool's idle workers wait matters: waking a sleeping worker costs tens of
+    microseconds, a spinning one about one. The GEMMs run on this pool too
+    (tinyunet/backends/numba/blas.py), so no other pool of threads needs the cores
+    while these workers wait, and they spin for a few milliseconds
+    (GOMP_SPINCOUNT=OPENMP_SPIN_COUNT) before they sleep; sleeping, GNU OpenMP's
+    workers still wake faster than those of numba's own workqueue pool. So on Linux
+    numba gets the OpenMP layer, falling back to workqueue where libgomp is missing,
+    with OMP_WAIT_POLICY=passive and GOMP_SPINCOUNT set only while the pool starts:
+    libgomp reads them once, when it loads. They then hold for the process's libgomp,
+    which a library loaded later may share (PyTorch's CPU build does, and runs slower
+    waiting passively). Where an OpenMP runtime is already loaded, its wait policy is
+    set, so workqueue again; a layer, wait policy or spin count the user set
+    (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY, GOMP_SPINCOUNT) is left alone, and a
+    passive policy the user set gets no spinning. If numba's pool was started before
+    the kernels are first imported, its layer stays.
     """
     import numba
 
@@ -114,18 +108,10 @@ def start_thread_pool():
     OPENMP_SPINCOUNT_IN_EFFECT = spincount if OPENMP_WAITS_PASSIVELY else None
 
 
-
-# Kernels on fewer elements than this run serially on the calling thread: waking
-# numba's pool (about 0.1 ms on workqueue when GEMMs run in between, 20-45 us on
-# passive OpenMP once its workers sleep) costs more than they take. Measured with GEMMs
-# in between, on workqueue: a ReLU of 300k float32 values ran faster serially (72 vs 103
-# us), im2col of 130k inputs too, im2col of 260k faster in parallel; on OpenMP with no
-# spinning, 2^16 instead of 2^18 changed nothing on C's step (40 alternated pairs) and
-# 2^20 made it 13% slower. Once OpenMP's workers spun briefly (runtime.
-# OPENMP_SPIN_COUNT, then 1000 spins), a call right after another found them awake:
-# against 2^18, 2^16 made C's step 5.6% and A's 3.8% faster (40 and 20 alternated
-# pairs); against 2^16, 2^14 C's 2.4% (A's the same), 2^12 C's 2-2.4%, A's and B's
-# within 1%, 0 C's 2%. Not measured again since they spin for 2-3 ms.
+# Kernels on fewer elements than this run serially on the calling thread (each kernel's
+# ``.serial`` twin, see jit.py): handing them to the pool costs more than they take,
+# most of all when its workers have gone to sleep. With the workers spinning between
+# calls, the break-even is low.
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
@@ -134,11 +120,22 @@ def run(kernel, elements, *args):
     return (kernel if elements >= PARALLEL_MIN_ELEMENTS else kernel.serial)(*args)
 
 
-# Calls doing less arithmetic than this (2^17 multiply-adds) are numpy's matmul, which
-# costs less to call (1 us against 6) and which OpenBLAS then runs on the calling
-# thread alone (it splits no GEMM under 2^18 multiply-adds).
+# blas.gemm calls doing less arithmetic than this (2^17 multiply-adds) go to numpy's
+# matmul, which costs less to call than a hand-off to the pool, and which OpenBLAS then
+# runs on the calling thread alone (it splits no GEMM under 2^18 multiply-adds).
 MIN_PARALLEL_FLOPS = 1 << 18
 
+
+# ---- malloc ----------------------------------------------------------------------------
+# Every training step allocates the same multi-MB arrays (activations, gradients) and
+# frees them again. By default glibc's malloc gives large freed blocks back to the OS
+# (munmap, or trimming the top of the heap), so the next step faults every 4 KiB page
+# back in and the kernel zeroes it. keep_freed_memory() has malloc serve large arrays
+# from its heap and keep what is freed, so a step reuses the last step's memory and the
+# peak resident set stays what a step holds. It is a setting of the whole process:
+# the library never makes it on import; the tinyunet command and the benchmarks call
+# it. It is skipped where malloc is not glibc's, and when MALLOC_TRIM_THRESHOLD_ or
+# MALLOC_MMAP_THRESHOLD_ is set (glibc then follows those).
 
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1

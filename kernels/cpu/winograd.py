@@ -50,10 +50,8 @@ def winograd_filters(w, g, flip, u):
     w: (O, C, 9), the weight's filters flattened; g: G, (alpha, 3); u: (alpha^2, O, C).
     A parallel step owns one output channel and works across its C filters at once:
     their taps copied channel-minor, then G along the filters' columns and G^T along
-    their rows, each a loop over the channels that vectorises. As one GEMM with the
-    (alpha^2, 9) Kronecker product of G, in numpy, it took a quarter of A's 8x8 256 ->
-    256 forward (0.56 of 2.0 ms); on 256 x 256 filters this kernel takes 240-260 us
-    against that GEMM's 380-400 (F(2x2)), and 440-500 against 970-1030 (F(4x4)).
+    their rows, each a loop over the channels that vectorises (about twice as fast as
+    one GEMM with the (alpha^2, 9) Kronecker product of G).
     """
     o_ch, c_in = w.shape[0], w.shape[1]
     alpha = g.shape[0]
@@ -125,9 +123,8 @@ def winograd2_input_tiles(xp, first_row, v):
 
     xp: the padded input (N, C, 2*th + 2, 2*tw + 2); tile (ty, tx) of image n starts at
     row 2*ty, column 2*tx and overlaps its neighbours by two. A parallel step owns one
-    channel and transforms a tile at a time, its 16 values held in registers (measured
-    on the U-Nets' layers: 1.5-2.5x faster than whole-row sums with one loop per output
-    run, whose loops are only tw long).
+    channel and transforms a tile at a time, its 16 values held in registers (whole-row
+    sums would need one loop per output run, each only tw long).
     """
     n_img, c_in, hp, wp = xp.shape
     th, tw = (hp - 2) // 2, (wp - 2) // 2
@@ -204,7 +201,7 @@ def winograd2_gradient_tiles(dy, first_row, dm):
     on: the adjoint of winograd2_output_tiles, for the weight gradient.
 
     dy: (N, O, 2*th, 2*tw). A parallel step owns one output channel and transforms a
-    tile at a time (1.1-1.5x faster than whole-row sums, measured as for the input's).
+    tile at a time, as the input transform does.
     """
     n_img, o_ch, ho, wo = dy.shape
     th, tw = ho // 2, wo // 2
@@ -278,12 +275,11 @@ def winograd4_input_tiles(x, top, left, th, tw, first_row, v):
 
     x: the input (N, C, H, W), read as if placed at (top, left) in a zero border of
     4*th + 2 rows and 4*tw + 2 columns; tile (ty, tx) of image n starts at padded row
-    4*ty, column 4*tx. The padding is applied here, not copied first (a padded copy
-    took 6-15% of B's Winograd convs). A parallel step owns one channel. Per tile row,
-    B^T runs down the columns of its 6 input rows as whole-row sums (contiguous,
-    vectorised; rows in the border read a zero row), then B along each of the 6
-    resulting rows, one loop per row with 6 output runs (a tile at a time, 36 values in
-    registers, ran 5-10x slower: too many to vectorise).
+    4*ty, column 4*tx. The padding is applied here, saving a padded copy of x. A
+    parallel step owns one channel. Per tile row, B^T runs down the columns of its 6
+    input rows as whole-row sums (contiguous, vectorised; rows in the border read a zero
+    row), then B along each of the 6 resulting rows, one loop per row with 6 output runs
+    (a tile at a time would hold 36 values, too many to vectorise).
     """
     n_img, c_in, h, w = x.shape
     wp = 4 * tw + 2
@@ -293,8 +289,8 @@ def winograd4_input_tiles(x, top, left, th, tw, first_row, v):
     for c in prange(c_in):
         s = np.zeros((6, wp), dtype=x.dtype)
         # The image's columns of each row of s; those outside [left, left + w) stay zero.
-        # Indexed by the loop's own j (s[0, left + j] instead: numba wraps a possibly
-        # negative index, and this loop ran 2-4x slower).
+        # Indexed by the loop's own j: with s[0, left + j] numba wraps a possibly negative
+        # index, and the loop no longer vectorises.
         s0, s1, s2 = s[0, left : left + w], s[1, left : left + w], s[2, left : left + w]
         s3, s4, s5 = s[3, left : left + w], s[4, left : left + w], s[5, left : left + w]
         for k in range(rows):
@@ -309,7 +305,7 @@ def winograd4_input_tiles(x, top, left, th, tw, first_row, v):
             for j in range(w):
                 s0[j], s1[j], s2[j], s3[j], s4[j], s5[j] = _winograd4_bt(
                     d0[j], d1[j], d2[j], d3[j], d4[j], d5[j], two, four, five)
-            # Row by row, written out: a loop over the 6 rows ran 1.4-1.7x slower.
+            # Row by row, written out: a loop over the 6 rows is markedly slower.
             _winograd4_input_row(s, 0, v, c, lo, tw, two, four, five)
             _winograd4_input_row(s, 1, v, c, lo, tw, two, four, five)
             _winograd4_input_row(s, 2, v, c, lo, tw, two, four, five)

@@ -6,18 +6,14 @@ matrix of the stack. An operand may be a transposed view (``x.T``) or a view wit
 stride (``v[:, :c]``), as BLAS takes them; out must have unit column stride.
 
 Why not numpy's matmul: the numba backend alternates GEMMs with its parallel kernels
-many times a step (config C: about 150 parallel kernel calls and 40 GEMM calls).
-OpenBLAS has threads of its own, so each GEMM woke OpenBLAS's sleeping thread and each
-kernel after it woke numba's, at 20-100 us a wake on the 2-core VM of
-benchmarks/RESULTS.md; and OpenBLAS splits every GEMM over its threads, which on the
-U-Net's 32-256 channels mostly wait for each other (36 GEMMs (64, 32) @ (32, 1792): 54
-GFLOP/s on its 2 threads, 74 on one, 146 with the stack split in two halves). Here the
-work of a call goes to the threads of numba's pool, which then run everything, so its
-workers can spin between calls (runtime.OPENMP_SPIN_COUNT) without stealing cores from
-BLAS: each thread takes whole matrices of the stack, or, where the stack does not divide
-evenly, a part of each matrix (gemm_kernels.gemm_parts). Measured on config C's step,
-alternating steps in one process: its GEMMs took 3.5 ms here against 4.6 ms in numpy's
-matmul.
+many times a step. OpenBLAS has threads of its own, so each GEMM would wake OpenBLAS's
+sleeping threads and each kernel after it numba's, tens of microseconds a wake; and
+OpenBLAS splits every GEMM over its threads, which on the U-Net's small matrices mostly
+wait for each other. Here the work of a call goes to the threads of numba's pool,
+which then run everything, so its workers can spin between calls
+(runtime.OPENMP_SPIN_COUNT) without stealing cores from BLAS: each thread takes whole
+matrices of the stack, or, where the stack does not divide evenly, a part of each
+matrix (gemm_kernels.gemm_parts).
 
 OpenBLAS is held to one thread for the length of a call and its setting restored after.
 That setting is process-wide: while a call runs, a GEMM that another thread of the
@@ -198,10 +194,9 @@ def _plan(a, b, out, min_flops):
     return (out.dtype == np.float64, *steps, stack, m, n, k, trans_a, lda, trans_b, ldb, ldc)
 
 
-# Plans by the operands' shapes, strides and dtypes, and runtime.MIN_PARALLEL_FLOPS. A U-Net
-# makes the same few dozen calls every step. Working a plan out costs about 4 us a call
-# when timed alone, but 16 us inside a training step (measured on config C, whose 41
-# calls a step include 33 on the pool), against under 1 us for the lookup.
+# Plans by the operands' shapes, strides and dtypes, and runtime.MIN_PARALLEL_FLOPS: a
+# U-Net makes the same few dozen calls every step, and a lookup costs a fraction of
+# working a plan out.
 _plans: dict = {}
 _MAX_PLANS = 4096  # then start again: sizes that keep changing must not grow it forever
 
@@ -255,8 +250,9 @@ def gemm(a, b, out, accumulate=False):
 
 
 def add_gram(a, b, out):
-    """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J); BLAS where the kernel
-    would lose, or where a or b is a view with gaps (a band of rows of an image)."""
+    """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J): stacked_gram where the
+    policy says it wins, BLAS elsewhere and where a or b is a view with gaps (a band of
+    rows of an image)."""
     if (policy.use_stacked_gram(len(a), len(b), a.shape[1])
             and a.flags.c_contiguous and b.flags.c_contiguous):
         runtime.run(gemm_kernels.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])

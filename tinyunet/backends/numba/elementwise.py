@@ -1,4 +1,9 @@
-"""Elementwise passes of the numba backend: ReLU, sigmoid, bias, Dice/IoU."""
+"""Elementwise passes of the numba backend: ReLU, sigmoid, bias, one-channel Dice/IoU.
+
+Shapes: ReLU and sigmoid take arrays of any shape (one flat pass); the bias passes y
+and dy (N, C, H, W) with a bias (C,); the Dice/IoU passes z, t, p (N, ...), one sample a
+row, with sums and coefficients (N, 1, ..., 1). Kernels: kernels/cpu/elementwise.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Max-pool of the numba backend."""
+"""Max-pool of the numba backend.
+
+Shapes: x and dx (N, C, H, W); y, dy and argmax (N, C, Ho, Wo), argmax holding the flat
+index h*W + w of each window's winner. The U-Net's 2x2 stride-2 pooling has a kernel of
+its own (kernels/cpu/pool.py).
+"""
 
 from __future__ import annotations
 
