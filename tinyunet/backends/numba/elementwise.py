@@ -21,25 +21,26 @@ OVERLAP_BACKWARD_PIECE = 2048
 class Elementwise:
     """Fused elementwise kernels (mixed into NumbaBackend)."""
 
-    def relu(self, x):
+    def relu(self, x: np.ndarray) -> np.ndarray:
         x = contiguous(x)
         y = np.empty(x.shape, dtype=x.dtype)
         run(kernels.relu_forward, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
-    def relu_backward(self, dy, y):
+    def relu_backward(self, dy: np.ndarray, y: np.ndarray) -> np.ndarray:
         dy, y = contiguous(dy), contiguous(y)
         dx = np.empty(dy.shape, dtype=dy.dtype)
         run(kernels.relu_backward, dy.size, dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
         return dx
 
-    def sigmoid(self, x):
+    def sigmoid(self, x: np.ndarray) -> np.ndarray:
         x = contiguous(x)
         y = np.empty(x.shape, dtype=x.dtype)
         run(kernels.sigmoid, x.size, x.reshape(-1), y.reshape(-1))
         return y
 
-    def sigmoid_overlap_sums(self, z, t):
+    def sigmoid_overlap_sums(self, z: np.ndarray, t: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         z, t = contiguous(z), contiguous(t).astype(z.dtype, copy=False)
         n = z.shape[0]
         p = np.empty(z.shape, dtype=z.dtype)
@@ -49,7 +50,8 @@ class Elementwise:
         kept = (n,) + (1,) * (z.ndim - 1)
         return (p, *(sums[:, k].astype(z.dtype).reshape(kept) for k in range(3)))
 
-    def sigmoid_overlap_backward(self, p, t, slope, offset):
+    def sigmoid_overlap_backward(self, p: np.ndarray, t: np.ndarray, slope: np.ndarray,
+                                 offset: np.ndarray) -> np.ndarray:
         p, t = contiguous(p), contiguous(t)
         n = p.shape[0]
         dz = np.empty(p.shape, dtype=p.dtype)
@@ -59,13 +61,14 @@ class Elementwise:
             *coefficients, OVERLAP_BACKWARD_PIECE, dz.reshape(n, -1))
         return dz
 
-    def add_bias(self, y, bias):
+    def add_bias(self, y: np.ndarray, bias: np.ndarray) -> np.ndarray:
         y = contiguous(y)
         n, c = y.shape[:2]
         run(kernels.bias_add, y.size, y.reshape(n, c, -1), contiguous(bias))
         return y
 
-    def relu_backward_bias_grad(self, dy, y):
+    def relu_backward_bias_grad(self, dy: np.ndarray, y: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray]:
         dy, y = contiguous(dy), contiguous(y)
         n, c = dy.shape[:2]
         dz = np.empty(dy.shape, dtype=dy.dtype)
@@ -74,7 +77,7 @@ class Elementwise:
             y.reshape(n, c, -1), dz.reshape(n, c, -1), db)
         return dz, db
 
-    def bias_grad(self, dy):
+    def bias_grad(self, dy: np.ndarray) -> np.ndarray:
         dy = contiguous(dy)
         n, c = dy.shape[:2]
         out = np.empty(c, dtype=dy.dtype)

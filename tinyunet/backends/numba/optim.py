@@ -8,6 +8,8 @@ tuple; ``spans`` rows (list index, start, stop) cut them into pieces for the thr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numba import typed
 
@@ -28,8 +30,10 @@ class OptimizerUpdates:
     place), instead of the reference's several whole-array numpy operations each. Uses
     ``self._lists`` and ``self._piece_tables`` (mixed into NumbaBackend)."""
 
-    def sgd_update(self, params, grads, buffers, lr, momentum, dampening, nesterov,
-                   weight_decay, first_step):
+    def sgd_update(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+                   buffers: Sequence[np.ndarray], lr: float, momentum: float,
+                   dampening: float, nesterov: bool, weight_decay: float,
+                   first_step: bool) -> None:
         for chosen in _by_dtype(params):
             gradients = _gradient_tuple(params, grads, chosen)
             # Without momentum the kernel never touches the buffers.
@@ -40,8 +44,10 @@ class OptimizerUpdates:
                 gradients, buffer_list, self._spans(sizes), float(lr), float(momentum),
                 float(1 - dampening), bool(nesterov), float(weight_decay), bool(first_step))
 
-    def adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                    weight_decay, decoupled):
+    def adam_update(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+                    exp_avgs: Sequence[np.ndarray], exp_avg_sqs: Sequence[np.ndarray],
+                    step: int, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, decoupled: bool) -> None:
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         for chosen in _by_dtype(params):
             lists = (self._cached_typed_list("params", params, chosen),

@@ -18,7 +18,8 @@ from .scratch import contiguous
 class MaxPool:
     """Max-pool forward with argmax, and its backward (mixed into NumbaBackend)."""
 
-    def max_pool2d(self, x, geometry: PoolGeometry):
+    def max_pool2d(self, x: np.ndarray, geometry: PoolGeometry
+                   ) -> tuple[np.ndarray, np.ndarray]:
         x = contiguous(x)
         n, c, h, w = x.shape
         ho, wo = geometry.output_hw((h, w))
@@ -33,7 +34,9 @@ class MaxPool:
                 argmax)
         return y, argmax
 
-    def max_pool2d_backward(self, dy, argmax, input_shape, geometry=None):
+    def max_pool2d_backward(self, dy: np.ndarray, argmax: np.ndarray,
+                            input_shape: tuple[int, ...],
+                            geometry: PoolGeometry | None = None) -> np.ndarray:
         dx = np.empty(input_shape, dtype=dy.dtype)
         run(kernels.max_pool2d_backward, dx.size, contiguous(dy), contiguous(argmax), dx)
         return dx
