@@ -199,11 +199,11 @@ def machine_lines(threads: int, torch_label: str | None) -> list[str]:
 
 def _threading_layer() -> str:
     import numba
-    from tinyunet.kernels import fast_ops
+    from tinyunet.kernels.cpu import jit, runtime  # noqa: F401  (jit starts the pool)
 
-    if not fast_ops.OPENMP_WAITS_PASSIVELY:
+    if not runtime.OPENMP_WAITS_PASSIVELY:
         return numba.threading_layer()
-    spins = fast_ops.OPENMP_SPINCOUNT_IN_EFFECT
+    spins = runtime.OPENMP_SPINCOUNT_IN_EFFECT
     return numba.threading_layer() + ", GNU OpenMP waiting passively" + (
         f" after {spins} spins (GOMP_SPINCOUNT)" if spins and spins != "0" else "")
 

@@ -1,18 +1,21 @@
 """Per-op benchmark: forward and backward of U-Net-typical layers on every CPU backend.
 
-    python -m benchmarks.ops [--repeats 7] [--no-torch] [--no-write]
+    python -m benchmarks.ops [--repeats 7] [--no-torch] [--no-write] [--conv-algo ALGO]
 
 For each layer shape it times tinyunet's ``numpy`` and ``numba`` backends, PyTorch when
 installed (same thread count, in a child process of its own, as in train_step), and,
 for the 3x3 convs, their im2col GEMMs alone, round-robin. Conv rows report GFLOP/s of
 the conv arithmetic (2*N*O*C*kH*kW*Ho*Wo per pass; backward = input + weight
 gradients = 2 passes) and the percentage of a float32 GEMM measured in the same run.
-The table goes into the "ops" section of benchmarks/RESULTS.md.
+The table goes into the "ops" section of benchmarks/RESULTS.md. ``--conv-algo`` forces
+one conv algorithm of the numba backend's policy wherever it can run
+(tinyunet.backends.numba.force_conv_algo), to compare paths on the same layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 from functools import partial
 
@@ -206,6 +209,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--conv-algo", help="force this conv algorithm on the numba backend "
+                        "wherever it can run (one of tinyunet.backends.numba.policy.ALGOS)")
     # Only the cases whose label contains this (a quick check; the tests use it).
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)
     parser.add_argument("--peer-server", action="store_true", help=argparse.SUPPRESS)
@@ -217,14 +222,15 @@ def main(argv=None):
         return
     # PyTorch runs in a child process: in this one it would share the GNU OpenMP runtime
     # of our kernels and its settings, or, imported first, leave them on numba's
-    # workqueue pool (see fast_ops._start_thread_pool).
+    # workqueue pool (see tinyunet.kernels.cpu.runtime.start_thread_pool).
     threads = compute_threads()
     peer = None
     if not args.no_torch and importlib.util.find_spec("torch") is not None:
         peer = PeerProcess(["benchmarks.ops", "--peer-server", "--threads", str(threads),
                             "--only", args.only])
     try:
-        body = _measure(args, threads, peer)
+        with _forced_conv_algo(args.conv_algo):
+            body = _measure(args, threads, peer)
     finally:
         if peer:
             peer.close()
@@ -232,6 +238,15 @@ def main(argv=None):
     if not args.no_write:
         write_section("ops", body)
         print("wrote benchmarks/RESULTS.md (section 'ops')")
+
+
+def _forced_conv_algo(algo):
+    """The numba backend's override for ``--conv-algo`` (nothing without it)."""
+    if not algo:
+        return contextlib.nullcontext()
+    from tinyunet.backends.numba import force_conv_algo
+
+    return force_conv_algo(algo)
 
 
 def _measure(args, threads, peer):
@@ -278,6 +293,8 @@ def _measure(args, threads, peer):
         "## Per-op benchmark (`python -m benchmarks.ops`)",
         "",
         *machine_lines(threads, peer and peer.label),
+        *([f"- numba conv algorithm forced wherever it runs: `{args.conv_algo}`"]
+          if args.conv_algo else []),
         f"- float32 sgemm 1024^3 in numpy, measured in this run before and after the layers: "
         f"{peak:.1f} GFLOP/s, the higher of the two (the % in the table is of this)",
         f"- Medians of {args.repeats} round-robin repeats, each turn a rest, one untimed call "

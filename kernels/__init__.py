@@ -1,5 +1,6 @@
-"""Hand-written kernels, installed as ``tinyunet.kernels``.
+"""Hand-written kernels, installed as ``tinyunet.kernels``, by device and family.
 
-The numba CPU kernels (fast_ops) and numba.cuda GPU kernels (cuda_ops) live here;
-the numpy reference needs none.
+``cpu/``: numba CPU kernels of the ``numba`` backend, and the runtime settings (threads,
+BLAS, malloc) they run under. ``cuda/``: numba.cuda GPU kernels of the ``cuda`` backend.
+The numpy reference needs none.
 """

@@ -118,7 +118,7 @@ def direct_conv_geometries(draw, limit: Limit):
     problems are 'same' convs (padding 1 on every side), whose backward shares a padded
     dy between the two direct kernels.
     """
-    from tinyunet.kernels.fast_ops import DIRECT_OUTPUT_BLOCK
+    from tinyunet.kernels.cpu.direct3x3 import DIRECT_OUTPUT_BLOCK
 
     from tinyunet.backends import ConvGeometry
 

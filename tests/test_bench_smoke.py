@@ -73,3 +73,18 @@ def test_inference_onnx_benchmark_smoke_run():
     rows = [line for line in run.stdout.splitlines() if line.startswith("| C |")]
     assert len(rows) == 2 and all("x** |" in row for row in rows)
     assert all(float(row.split("|")[-2]) < 1e-4 for row in rows)
+
+
+def test_ops_benchmark_forces_a_conv_algorithm():
+    """--conv-algo runs the numba backend under the policy's override, and says so."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--repeats", "1",
+                          "--only", "A bottom", "--no-write", "--no-torch",
+                          "--conv-algo", "im2col"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "numba conv algorithm forced wherever it runs: `im2col`" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.ops", "--repeats", "1",
+                          "--only", "A bottom", "--no-write", "--no-torch",
+                          "--conv-algo", "fft"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "Expect: one of" in bad.stderr

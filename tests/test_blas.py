@@ -1,4 +1,4 @@
-"""GEMMs on numba's thread pool (tinyunet.backends.blas and fast_ops.gemm_parts) against
+"""GEMMs on numba's thread pool (tinyunet.backends.numba.blas and gemm.gemm_parts) against
 np.matmul, and OpenBLAS's thread setting around a call."""
 
 import os
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import gemm_operands
-from tinyunet.kernels import fast_ops
+from tinyunet.kernels.cpu import gemm, runtime
 
-from tinyunet.backends import blas
+from tinyunet.backends.numba import blas
 
 needs_openblas = pytest.mark.skipif(
     not blas.available(),
@@ -44,8 +44,24 @@ class RecordingBlasThreads:
 def recording_blas(monkeypatch):
     recorder = RecordingBlasThreads(blas._blas.thread_functions())
     monkeypatch.setattr(blas._blas, "threads", (recorder.get, recorder.set))
-    monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)
+    monkeypatch.setattr(runtime, "MIN_PARALLEL_FLOPS", 0)
     return recorder
+
+
+@needs_openblas
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_one_row_operand_with_gaps_between_its_entries_runs_on_the_pool(dtype,
+                                                                          recording_blas):
+    """A (1, K) operand cut from the transpose of a wider array (its entries 3 apart):
+    BLAS reads it as a transposed matrix, as the rest of gemm_operands' draws."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 3)).astype(dtype)[:, :1].T  # (1, 5), column stride 3
+    b = rng.standard_normal((5, 4)).astype(dtype)
+    assert blas._layout(a) == (gemm.CBLAS_TRANS, 3)
+    out = np.empty((1, 4), dtype)
+    blas.gemm(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-6)
+    assert recording_blas.set_calls == [1, recording_blas.get()]  # ran on the pool
 
 
 @needs_openblas
@@ -56,7 +72,7 @@ def test_gemm_equals_numpy_matmul(operands, accumulate):
     want = expected(a, b, out.copy(), accumulate)
     recorder = RecordingBlasThreads(blas._blas.thread_functions())
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)  # every call on the pool
+        patch.setattr(runtime, "MIN_PARALLEL_FLOPS", 0)  # every call on the pool
         patch.setattr(blas._blas, "threads", (recorder.get, recorder.set))
         assert blas.gemm(a, b, out, accumulate) is out
     np.testing.assert_allclose(out, want, **tolerance(out.dtype))
@@ -77,7 +93,7 @@ def test_gemm_parts_split_any_way_equals_numpy_matmul(operands, parts, accumulat
     saved = get_threads()
     set_threads(1)
     try:
-        run = fast_ops.gemm_parts if parts > 1 else fast_ops.gemm_parts.serial
+        run = gemm.gemm_parts if parts > 1 else gemm.gemm_parts.serial
         run(out.dtype == np.float64, a.ctypes.data, steps[0], b.ctypes.data,
             steps[1], out.ctypes.data, steps[2], stack, out.shape[-2], out.shape[-1],
             a.shape[-1], trans_a, lda, trans_b, ldb, ldc, 1.0 if accumulate else 0.0, parts)
@@ -134,7 +150,7 @@ def test_calls_blas_cannot_take_go_to_numpy(case, recording_blas, monkeypatch):
     elif case == "1-D operand":
         a, out = a[0], out[0]
     else:
-        monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 2 * 6 * 6 * 5 + 1)
+        monkeypatch.setattr(runtime, "MIN_PARALLEL_FLOPS", 2 * 6 * 6 * 5 + 1)
     want = np.matmul(a, b)
     blas.gemm(a, b, out)
     np.testing.assert_allclose(out, want)
@@ -167,7 +183,7 @@ def test_a_plan_is_worked_out_once_per_layout_and_memory_is_checked_every_call(
     with pytest.raises(ValueError, match="read-only"):
         blas.gemm(a, b, read_only)
     assert len(recording_blas.set_calls) == 2 and worked_out == [1]
-    monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 10**9)  # another threshold, another plan
+    monkeypatch.setattr(runtime, "MIN_PARALLEL_FLOPS", 10**9)  # another threshold, another plan
     blas.gemm(a, b, out)
     assert len(recording_blas.set_calls) == 2 and worked_out == [1, 1]
 
@@ -200,7 +216,7 @@ def test_address_is_the_first_elements(view):
     array = {"contiguous": base, "transposed": base[0].T, "3-D slice": base[1:, 2:, ::2],
              "read-only": np.broadcast_to(base[0], (3, 6, 8)),
              "broadcast": np.broadcast_to(base[:1], (4, 6, 8)), "reversed": base[::-1]}[view]
-    assert fast_ops.address(array) == array.ctypes.data
+    assert gemm.address(array) == array.ctypes.data
 
 
 @needs_openblas
@@ -267,7 +283,7 @@ def test_openblas_thread_setting_is_restored_when_the_kernel_raises(recording_bl
     def failing(*args):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(fast_ops, "gemm_parts", failing)
+    monkeypatch.setattr(gemm, "gemm_parts", failing)
     failing.serial = failing
     with pytest.raises(RuntimeError, match="kernel failed"):
         blas.gemm(np.ones((8, 8)), np.ones((8, 8)), np.empty((8, 8)))

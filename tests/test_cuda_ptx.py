@@ -39,13 +39,13 @@ import json, re, sys
 from numba import cuda
 from numba.core import types
 from numba.types import *  # noqa: F403 - the names used in the signature strings
-from tinyunet.kernels import cuda_ops
+from tinyunet.kernels import cuda as cuda_kernels
 
 signatures, results = json.loads(sys.argv[1]), {}
 for name, template in signatures.items():
     for dtype in ("float32", "float64"):
         for cc in ((8, 0), (9, 0)):
-            ptx, _ = cuda.compile_ptx(getattr(cuda_ops, name).py_func,
+            ptx, _ = cuda.compile_ptx(getattr(cuda_kernels, name).py_func,
                                       eval(template.format(dtype=dtype)), cc=cc)
             results[f"{name}/{dtype}/sm_{cc[0]}{cc[1]}"] = {
                 "target": re.search(r"[.]target (\\w+)", ptx).group(1),
@@ -69,11 +69,19 @@ def compiled():
 
 
 def test_every_kernel_is_covered():
-    from tinyunet.kernels import cuda_ops
+    import importlib
+    import pkgutil
 
-    kernels = {name for name, value in vars(cuda_ops).items()
-               if type(value).__name__ in ("CUDADispatcher", "FakeCUDAKernel")}
+    from tinyunet.kernels import cuda as cuda_kernels
+
+    # Every kernel of every family file, and each exported by the package.
+    kernels = set()
+    for info in pkgutil.iter_modules(cuda_kernels.__path__):
+        module = importlib.import_module(f"{cuda_kernels.__name__}.{info.name}")
+        kernels |= {name for name, value in vars(module).items()
+                    if type(value).__name__ in ("CUDADispatcher", "FakeCUDAKernel")}
     assert kernels == set(SIGNATURES)
+    assert all(hasattr(cuda_kernels, name) for name in kernels)
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))

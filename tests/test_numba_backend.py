@@ -1,13 +1,13 @@
 """The numba backend against the numpy reference, kernel by kernel and on a training run.
 
 Shapes, strides, paddings, dilations and channel counts are drawn by hypothesis. Each
-conv case runs six times: with the backend's own choice of path (on these small
-shapes: im2col and whole-batch GEMMs), with the GEMM paths forced (the row shifts of
-the forward and the weight gradient included), with those on bands of a few output
-rows (a tiny column budget), with the direct 3x3 kernels taking every conv they can,
-and with Winograd F(2x2, 3x3), then F(4x4, 3x3), taking every conv they can, so every
-path of the backend is checked.
+conv case runs with the backend's own choice of path (on these small shapes: im2col on
+whole images) and with each algorithm of the conv policy forced where it can run
+(policy.force_conv_algo), on bands of a few rows or tile rows where it works in bands,
+so every path of the backend is checked.
 """
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -26,16 +26,15 @@ from strategies import (  # noqa: E402
     pool_cases,
     winograd_conv_geometries,
 )
+from tinyunet.kernels.cpu import direct3x3, gemm, im2col, optim, runtime, winograd  # noqa: E402
 
 import tinyunet.functional as F  # noqa: E402
-from tinyunet.backends import (  # noqa: E402
-    ConvGeometry,
-    PoolGeometry,
-    blas,
-    get_backend,
-    numba_backend,
-)
+from tinyunet.backends import ConvGeometry, PoolGeometry, get_backend  # noqa: E402
 from tinyunet.backends.interface import Backend  # noqa: E402
+from tinyunet.backends.numba import NumbaBackend, policy  # noqa: E402
+from tinyunet.backends.numba import elementwise as numba_elementwise  # noqa: E402
+from tinyunet.backends.numba import optim as numba_optim  # noqa: E402
+from tinyunet.backends.numba import winograd as numba_winograd  # noqa: E402
 
 NUMPY = get_backend("numpy")
 NUMBA = get_backend("numba")
@@ -47,9 +46,9 @@ def kernel_mode(request, monkeypatch):
     default, so the parallel compiles (and GEMMs on the pool) are forced for the
     second run."""
     if request.param == "parallel kernels":
-        monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(runtime, "PARALLEL_MIN_ELEMENTS", 0)
         # The GEMMs run on the pool too (blas), however small.
-        monkeypatch.setattr(blas, "MIN_PARALLEL_FLOPS", 0)
+        monkeypatch.setattr(runtime, "MIN_PARALLEL_FLOPS", 0)
     return request.param
 
 DTYPES = st.sampled_from([np.float32, np.float64])
@@ -69,30 +68,25 @@ def assert_close(actual, expected, dtype):
 NUMBA_CONV = Limit(batch=3, channels=4, side=10)
 
 
-# The backend picks its path by size; these settings force each path onto small maps.
+# The backend picks its path by size; each entry forces one onto the small maps here:
+# (algorithm, band bytes). Bands of 64 bytes hold one row (or tile row) each, so the
+# band loops run. Passes the algorithm cannot run take their general path.
 PATHS = {
-    "default": {},
-    "GEMMs only": {"DIRECT_RULES": (), "GRAD_WEIGHT_DIRECT_RULES": (),
-                   "ROW_SHIFT_MIN_PIXELS": 1},
-    "GEMMs on bands of rows": {"DIRECT_RULES": (), "GRAD_WEIGHT_DIRECT_RULES": (),
-                               "ROW_SHIFT_MIN_PIXELS": 1, "COLUMN_BUDGET": 64},
-    "direct 3x3 kernels": {"DIRECT_RULES": ((1, 10**6),),
-                           "GRAD_WEIGHT_DIRECT_RULES": ((1, 10**6),)},
-    # Bands of one tile row each (tiny budgets), so the band loop is exercised; F(2x2)'s
-    # under WINOGRAD_BUDGET, F(4x4)'s under WINOGRAD_FEW_CHANNELS_BUDGET.
-    "Winograd F(2x2, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
-                             "WINOGRAD_4X4_MIN_WIDTH": 10**9, "WINOGRAD_BUDGET": 64,
-                             "WINOGRAD_FEW_CHANNELS": 1,
-                             "WINOGRAD_FEW_CHANNELS_BUDGET": 1 << 30},
-    # F(4x4) wherever the sides allow, F(2x2) where they are only even.
-    "Winograd F(4x4, 3x3)": {"WINOGRAD_MIN_CHANNELS": 1, "WINOGRAD_MIN_WORK": 0,
-                             "WINOGRAD_4X4_MIN_WIDTH": 1, "WINOGRAD_4X4_MIN_TILES": 0,
-                             "WINOGRAD_4X4_MIN_CHANNELS": 1,
-                             "WINOGRAD_4X4_NARROW_MIN_CHANNELS": 1,
-                             "DIRECT_OVER_WINOGRAD_RULES": (), "WINOGRAD_BUDGET": 1 << 30,
-                             "WINOGRAD_FEW_CHANNELS": 10**9,
-                             "WINOGRAD_FEW_CHANNELS_BUDGET": 64},
+    "default": None,
+    "im2col on bands of rows": ("im2col", 64),
+    "row shift": ("row_shift", None),
+    "row shift on bands of rows": ("row_shift", 64),
+    "direct 3x3 kernels": ("direct", None),
+    "Winograd F(2x2, 3x3)": ("winograd2", 64),
+    "Winograd F(4x4, 3x3)": ("winograd4", 64),
+    "col2im input gradients": ("col2im", None),
 }
+
+
+def forced(path):
+    """The override that forces PATHS[path] within its block."""
+    choice = PATHS[path]
+    return contextlib.nullcontext() if choice is None else policy.force_conv_algo(*choice)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -102,9 +96,7 @@ def test_conv2d_and_its_gradients_match_numpy(path, case, dtype):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype(dtype)
     weight = rng.standard_normal(w_shape).astype(dtype)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+    with forced(path):
         check_conv(x, weight, geometry, dtype)
 
 
@@ -116,18 +108,16 @@ def test_direct_3x3_kernels_match_numpy(case, dtype):
     x = rng.standard_normal(x_shape).astype(dtype)
     weight = rng.standard_normal(w_shape).astype(dtype)
     calls = []
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS["direct 3x3 kernels"].items():
-            patch.setattr(numba_backend, name, value)
+    with forced("direct 3x3 kernels"), pytest.MonkeyPatch.context() as patch:
         for name in ("conv3x3_forward", "conv3x3_grad_weight"):
-            kernel = getattr(numba_backend.fast_ops, name)
-            patch.setattr(numba_backend.fast_ops, name,
+            kernel = getattr(direct3x3, name)
+            patch.setattr(direct3x3, name,
                           lambda *args, kernel=kernel, name=name: (calls.append(name),
                                                                    kernel(*args)))
         check_conv(x, weight, geometry, dtype)
     # conv2d and conv2d_bias_relu, and the input gradient when C_in (its conv's output
     # channels) is a multiple of the kernel's block.
-    block = numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK
+    block = direct3x3.DIRECT_OUTPUT_BLOCK
     assert calls.count("conv3x3_forward") == (3 if x_shape[1] % block == 0 else 2)
     assert calls.count("conv3x3_grad_weight") == 1
 
@@ -144,11 +134,9 @@ def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype, need):
     dy = rng.standard_normal((x_shape[0], w_shape[0], *geometry.output_hw(x_shape[2:], (3, 3))))
     dy = dy.astype(dtype)
     pads = []
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS["direct 3x3 kernels"].items():
-            patch.setattr(numba_backend, name, value)
-        patch.setattr(numba_backend.fast_ops, "pad_images",
-                      _Spy(numba_backend.fast_ops.pad_images, pads))
+    with forced("direct 3x3 kernels"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(im2col, "pad_images",
+                      _Spy(im2col.pad_images, pads))
         dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry, *need)
     assert (dx is None, dw is None) == (not need[0], not need[1])
     if need[0]:
@@ -156,12 +144,12 @@ def test_direct_backward_of_a_same_conv_pads_dy_once(case, dtype, need):
     if need[1]:
         assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), dtype)
     # The input gradient is direct (and pads dy) when C_in is a multiple of the block.
-    input_pads = need[0] and x_shape[1] % numba_backend.fast_ops.DIRECT_OUTPUT_BLOCK == 0
+    input_pads = need[0] and x_shape[1] % direct3x3.DIRECT_OUTPUT_BLOCK == 0
     shared = input_pads and need[1] and geometry.padding == (1, 1, 1, 1)
     assert sum(call[0] is dy for call in pads) == (1 if shared else input_pads + need[1])
 
 
-@given(stacks=gram_stacks(numba_backend.fast_ops.GRAM_BLOCK), accumulate=st.booleans())
+@given(stacks=gram_stacks(gemm.GRAM_BLOCK), accumulate=st.booleans())
 def test_stacked_gram_matches_numpy(stacks, accumulate):
     """The weight gradients' a @ b^T kernel, writing or adding to what out holds; a
     spare row of NaN under a and b (as the Winograd bands have) is not read."""
@@ -169,8 +157,8 @@ def test_stacked_gram_matches_numpy(stacks, accumulate):
     expected = np.matmul(a, b.transpose(0, 2, 1)) + (out if accumulate else 0)
     spare = np.full((len(a), 1, a.shape[2]), np.nan, dtype=a.dtype)
     a, b = np.concatenate([a, spare], axis=1), np.concatenate([b, spare], axis=1)
-    kernel = numba_backend.fast_ops.stacked_gram
-    numba_backend._run(kernel, a.size + b.size, a, b, accumulate, out)
+    kernel = gemm.stacked_gram
+    runtime.run(kernel, a.size + b.size, a, b, accumulate, out)
     assert_close(out, expected, a.dtype)
 
 
@@ -180,11 +168,11 @@ def test_winograd_filter_transforms_match_numpy(bank, flip):
     dW = G^T dU G, against numpy's products in float64."""
     tile, w, du = bank
     o, c = w.shape[:2]
-    g = numba_backend._WINOGRAD_G[tile][w.dtype]
+    g = numba_winograd._WINOGRAD_G[tile][w.dtype]
     taps = w[:, :, ::-1, ::-1] if flip else w
     expected = np.einsum("ai,ocij,bj->aboc", g, taps.astype(np.float64), g)
     u = np.empty_like(du)
-    numba_backend._run(numba_backend.fast_ops.winograd_filters, u.size, w.reshape(o, c, 9),
+    runtime.run(winograd.winograd_filters, u.size, w.reshape(o, c, 9),
                        g, flip, u)
     assert_close(u, expected.reshape(du.shape).astype(w.dtype), w.dtype)
 
@@ -192,8 +180,7 @@ def test_winograd_filter_transforms_match_numpy(bank, flip):
     expected = np.einsum("ai,aboc,bj->ocij", g, du.reshape(alpha, alpha, o, c).astype(
         np.float64), g)
     dw = np.empty_like(w)
-    numba_backend._run(numba_backend.fast_ops.winograd_filter_gradient, du.size, du, g,
-                       dw.reshape(o, c, 9))
+    runtime.run(winograd.winograd_filter_gradient, du.size, du, g, dw.reshape(o, c, 9))
     assert_close(dw, expected.astype(w.dtype), w.dtype)
 
 
@@ -214,43 +201,42 @@ def test_weight_gradient_gram_rules(batch, c_in, c_out, gram_calls):
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        kernel = numba_backend.fast_ops.stacked_gram
-        patch.setattr(numba_backend.fast_ops, "stacked_gram", _Spy(kernel, calls))
+        kernel = gemm.stacked_gram
+        patch.setattr(gemm, "stacked_gram", _Spy(kernel, calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     assert len(calls) == gram_calls
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
 
 
 # Weight-gradient paths whose GEMMs stacked_gram can take, on small maps (so with
-# GRAM_MIN_LENGTH off): (kernel size, settings, kernel calls expected for 2 images of
-# 8x8). Winograd takes a band per tile row (8 of F(2x2)'s, 4 of F(4x4)'s), which the
-# kernel adds into the first band's sums; im2col one band of both whole images, or
-# bands of rows, which stay in BLAS (views with gaps); the 1x1 conv one call an image.
+# GRAM_MIN_LENGTH off): (kernel size, forced (algorithm, band bytes), kernel calls
+# expected for 2 images of 8x8). Winograd takes a band per tile row (8 of F(2x2)'s, 4 of
+# F(4x4)'s), which the kernel adds into the first band's sums; im2col one band of both
+# whole images, or bands of rows, which stay in BLAS (views with gaps); the 1x1 conv
+# one call an image.
 GRAM_PATHS = {
-    "Winograd F(2x2) bands": (3, PATHS["Winograd F(2x2, 3x3)"], 8),
-    "Winograd F(4x4) bands": (3, PATHS["Winograd F(4x4, 3x3)"], 4),
-    "im2col": (3, PATHS["GEMMs only"] | {"ROW_SHIFT_MIN_PIXELS": 10**9}, 1),
-    "im2col bands of rows": (3, PATHS["GEMMs on bands of rows"]
-                             | {"ROW_SHIFT_MIN_PIXELS": 10**9}, 0),
-    "1x1": (1, {}, 2),
+    "Winograd F(2x2) bands": (3, ("winograd2", 64), 8),
+    "Winograd F(4x4) bands": (3, ("winograd4", 64), 4),
+    "im2col": (3, ("im2col", None), 1),
+    "im2col bands of rows": (3, ("im2col", 64), 0),
+    "1x1": (1, ("pointwise", None), 2),
 }
 
 
 @pytest.mark.parametrize("path", list(GRAM_PATHS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weight_gradient_through_stacked_gram_matches_numpy(path, dtype):
-    kernel_size, settings_, gram_calls = GRAM_PATHS[path]
+    kernel_size, choice, gram_calls = GRAM_PATHS[path]
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 4, 8, 8)).astype(dtype)
     dy = rng.standard_normal((2, 8, 8, 8)).astype(dtype)
     pad = kernel_size // 2
     geometry = ConvGeometry((1, 1), (pad, pad, pad, pad))
     calls = []
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {**settings_, "GRAM_MIN_LENGTH": 0}.items():
-            patch.setattr(numba_backend, name, value)
-        kernel = numba_backend.fast_ops.stacked_gram
-        patch.setattr(numba_backend.fast_ops, "stacked_gram", _Spy(kernel, calls))
+    with policy.force_conv_algo(*choice), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policy, "GRAM_MIN_LENGTH", 0)
+        kernel = gemm.stacked_gram
+        patch.setattr(gemm, "stacked_gram", _Spy(kernel, calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
     assert len(calls) == gram_calls
     expected = NUMPY.conv2d_grad_weight(dy, x, geometry, (kernel_size, kernel_size))
@@ -266,27 +252,24 @@ WINOGRAD_KERNELS = [f"winograd{tile}_{part}_tiles" for tile in (2, 4)
 @given(data=st.data(), dtype=DTYPES)
 def test_winograd_path_matches_numpy(tile, budget, data, dtype):
     """The Winograd F(2x2, 3x3) and F(4x4, 3x3) paths (transforms + GEMMs) against
-    numpy, and that each call takes the variant its sides allow, band by band."""
+    numpy, forced, and that each pass whose sides allow it takes them, band by band."""
     x_shape, w_shape, geometry, seed = data.draw(winograd_conv_geometries(NUMBA_CONV, tile))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype(dtype)
     weight = rng.standard_normal(w_shape).astype(dtype)
-    settings_ = dict(PATHS[f"Winograd F({tile}x{tile}, 3x3)"])
-    if budget == "one band":
-        settings_["WINOGRAD_BUDGET"] = settings_["WINOGRAD_FEW_CHANNELS_BUDGET"] = 1 << 30
+    band_bytes = 1 << 30 if budget == "one band" else 64
     calls = {name: [] for name in WINOGRAD_KERNELS}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in settings_.items():
-            patch.setattr(numba_backend, name, value)
+    with (policy.force_conv_algo(f"winograd{tile}", band_bytes),
+          pytest.MonkeyPatch.context() as patch):
         for name in WINOGRAD_KERNELS:
-            kernel = getattr(numba_backend.fast_ops, name)
-            patch.setattr(numba_backend.fast_ops, name, _Spy(kernel, calls[name]))
+            kernel = getattr(winograd, name)
+            patch.setattr(winograd, name, _Spy(kernel, calls[name]))
         check_conv(x, weight, geometry, dtype)
     n, _, h, w = x_shape
     output_rows = (h + geometry.padding[0] + geometry.padding[1] - 2) // tile
-    # The input gradient's output is the input: F(4x4) if its sides allow (and F(4x4)
-    # is on), else F(2x2) if they are even, else another path.
-    input_tile = next((t for t in (tile, 2) if h % t == 0 and w % t == 0), 0)
+    # The input gradient's output is the input: Winograd if its sides allow, else the
+    # general path.
+    input_tile = tile if h % tile == 0 and w % tile == 0 else 0
     expected = {name: 0 for name in WINOGRAD_KERNELS}
     forward_bands = 1 if budget == "one band" else n * output_rows
     # conv2d and conv2d_bias_relu; the weight gradient.
@@ -313,10 +296,10 @@ def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
     calls, direct_calls = [], []
     with pytest.MonkeyPatch.context() as patch:
-        kernel = numba_backend.fast_ops.winograd4_gradient_tiles
-        patch.setattr(numba_backend.fast_ops, "winograd4_gradient_tiles", _Spy(kernel, calls))
-        direct = numba_backend.fast_ops.conv3x3_grad_weight
-        patch.setattr(numba_backend.fast_ops, "conv3x3_grad_weight",
+        kernel = winograd.winograd4_gradient_tiles
+        patch.setattr(winograd, "winograd4_gradient_tiles", _Spy(kernel, calls))
+        direct = direct3x3.conv3x3_grad_weight
+        patch.setattr(direct3x3, "conv3x3_grad_weight",
                       _Spy(direct, direct_calls))
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     assert len(calls) == winograd_calls
@@ -324,48 +307,157 @@ def test_weight_gradient_4x4_channel_rules(width, channels, winograd_calls):
     assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, (3, 3)), np.float32)
 
 
-@pytest.mark.parametrize("batch, side, channels, tile", [
-    (4, 16, 128, 4),   # 64 tiles of 4x4: F(4x4) (A's level 3)
-    (2, 16, 512, 2),   # 32 tiles: F(2x2) (B's bottom)
-    (4, 8, 256, 2),    # 8 wide: F(2x2) (A's bottom)
-    (2, 32, 256, 4),   # 128 tiles (B's level 3)
-    (8, 16, 16, 4),    # 128 tiles of few channels, on a map under 64 wide (C's level 2)
-    (8, 8, 64, 2),     # 128 tiles of 2x2 (C's bottom)
-    (8, 8, 16, 0),     # too few channels for F(2x2): GEMMs
-    (2, 8, 32, 0),     # too little work (32 tiles): GEMMs
+@pytest.mark.parametrize("batch, side, channels, algo", [
+    (4, 16, 128, "winograd4"),  # 64 tiles of 4x4 (A's level 3)
+    (2, 16, 512, "winograd2"),  # 32 tiles (B's bottom)
+    (4, 8, 256, "winograd2"),   # 8 wide (A's bottom)
+    (2, 32, 256, "winograd4"),  # 128 tiles (B's level 3)
+    (8, 16, 16, "winograd4"),   # 128 tiles of few channels, on a map under 64 wide (C's level 2)
+    (8, 8, 64, "winograd2"),    # 128 tiles of 2x2 (C's bottom)
+    (8, 8, 16, "im2col"),       # too few channels for F(2x2)
+    (2, 8, 32, "im2col"),       # too little work (32 tiles)
 ])
-def test_winograd_variant_rules(batch, side, channels, tile):
-    """Which Winograd variant a 3x3 'same' conv takes, by map width, tiles, channels."""
+def test_winograd_variant_rules(batch, side, channels, algo):
+    """Which Winograd variant a 3x3 'same' conv's weight gradient takes (Winograd comes
+    first there), by map width, tiles and channels."""
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
-    chosen = numba_backend._winograd_tile(channels, channels, (3, 3), geometry, batch,
-                                          (side, side))
-    assert chosen == tile
+    plan = policy.plan_conv("grad_weight", batch, channels, channels, (side, side), (3, 3),
+                            geometry)
+    assert plan.algo == algo
 
 
 @pytest.mark.parametrize("batch, side, c_in, c_out, route", [
-    (4, 128, 16, 16, "direct"),    # A's level 0
-    (4, 128, 32, 16, "F(4x4)"),    # A's level-0 up layer
-    (4, 64, 16, 32, "F(4x4)"),     # A's level 1
-    (4, 128, 1, 16, "direct"),     # A's first layer
-    (8, 64, 16, 8, "direct"),      # C's level-0 up layer
-    (8, 64, 1, 8, "direct"),       # C's first layer
-    (2, 256, 32, 32, "F(4x4)"),    # B's level 0
-    (4, 64, 16, 16, "F(4x4)"),
-    (4, 64, 8, 32, "direct"),      # F(4x4) needs 16 channels a side: the direct rules
+    (4, 128, 16, 16, "direct"),     # A's level 0
+    (4, 128, 32, 16, "winograd4"),  # A's level-0 up layer
+    (4, 64, 16, 32, "winograd4"),   # A's level 1
+    (4, 128, 1, 16, "direct"),      # A's first layer
+    (8, 64, 16, 8, "direct"),       # C's level-0 up layer
+    (8, 64, 1, 8, "direct"),        # C's first layer
+    (2, 256, 32, 32, "winograd4"),  # B's level 0
+    (4, 64, 16, 16, "winograd4"),
+    (4, 64, 8, 32, "direct"),       # F(4x4) needs 16 channels a side: the direct rules
     (1, 64, 3, 64, "direct"),
-    (1, 64, 3, 256, "GEMMs"),
-    (8, 8, 32, 64, "F(2x2)"),      # C's bottom: 32 channels, 2^18 of work
-    (8, 8, 32, 32, "GEMMs"),       # 2^17 of work
+    (1, 64, 3, 256, "im2col"),
+    (8, 8, 32, 64, "winograd2"),    # C's bottom: 32 channels, 2^18 of work
+    (8, 8, 32, 32, "im2col"),       # 2^17 of work
 ])
 def test_forward_routes(batch, side, c_in, c_out, route):
     """Which path a 3x3 'same' conv's forward takes on the benchmark U-Nets' outer
     levels and a few others (DIRECT_OVER_WINOGRAD_RULES where Winograd applies, else
     DIRECT_RULES)."""
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
-    direct, tile = numba_backend._forward_route(c_in, c_out, (3, 3), geometry, batch,
-                                                (side, side))
-    assert ("direct" if direct else f"F({tile}x{tile})" if tile else "GEMMs") == route
+    plan = policy.plan_conv("forward", batch, c_in, c_out, (side, side), (3, 3), geometry)
+    assert plan.algo == route
 
+
+
+@pytest.mark.parametrize("pass_, batch, c_in, c_out, side, kernel, stride, pad, route", [
+    ("forward", 2, 8, 4, 16, 1, 1, 0, "pointwise"),          # the head
+    ("grad_input", 2, 8, 4, 16, 1, 1, 0, "pointwise"),       # its adjoint: a 1x1 conv too
+    ("grad_weight", 2, 8, 4, 16, 1, 1, 0, "pointwise"),
+    ("forward", 2, 8, 8, 36, 5, 1, 2, "row_shift"),          # 1296 output pixels
+    ("forward", 2, 8, 16, 36, 5, 1, 2, "im2col"),            # C_out > C_in
+    ("grad_weight", 2, 8, 16, 36, 5, 1, 2, "row_shift"),
+    ("forward", 2, 8, 8, 20, 5, 1, 2, "im2col"),             # 400 output pixels
+    ("grad_input", 2, 4, 8, 16, 2, 2, 0, "pixel_shuffle"),   # the up-conv's forward
+    ("grad_input", 2, 4, 8, 16, 3, 2, 1, "col2im"),          # stride 2: no stride-1 adjoint
+    ("grad_input", 2, 4, 8, 16, 3, 1, 3, "col2im"),          # padding beyond the reach
+    ("grad_input", 4, 16, 16, 128, 3, 1, 1, "direct"),       # A's level 0, adjoint conv
+    ("grad_input", 4, 32, 16, 128, 3, 1, 1, "winograd4"),
+])
+def test_routes_of_other_layers(pass_, batch, c_in, c_out, side, kernel, stride, pad, route):
+    """plan_conv on 1x1, 5x5, strided and transposed layers, and on input gradients."""
+    geometry = ConvGeometry((stride, stride), (pad,) * 4)
+    plan = policy.plan_conv(pass_, batch, c_in, c_out, (side, side), (kernel, kernel),
+                            geometry)
+    assert plan.algo == route
+
+
+# For each algorithm: a layer it can run on every pass it applies to (x shape, weight
+# shape, stride, padding), the passes that must take it (the others take their general
+# path), and a kernel that it calls (and, for pointwise, one that it must not call).
+FORCEABLE = {
+    "direct": ((2, 4, 9, 12), (6, 4, 3, 3), 1, (1, 2, 0, 1),
+               policy.PASSES, (direct3x3, "conv3x3_forward", True)),
+    "winograd4": ((2, 3, 8, 12), (5, 3, 3, 3), 1, (1, 1, 1, 1),
+                  policy.PASSES, (winograd, "winograd4_input_tiles", True)),
+    "winograd2": ((2, 3, 6, 10), (5, 3, 3, 3), 1, (1, 1, 1, 1),
+                  policy.PASSES, (winograd, "winograd2_input_tiles", True)),
+    "pointwise": ((2, 3, 5, 7), (4, 3, 1, 1), 1, (0, 0, 0, 0),
+                  policy.PASSES, (im2col, "im2col_rows", False)),
+    "row_shift": ((2, 3, 7, 9), (5, 3, 3, 3), 1, (1, 0, 2, 1),
+                  policy.PASSES, (im2col, "row_shift_sum", True)),
+    "im2col": ((2, 3, 7, 9), (5, 3, 3, 2), 1, (1, 1, 0, 1),
+               policy.PASSES, (im2col, "im2col_rows", True)),
+    "col2im": ((2, 3, 7, 9), (5, 3, 3, 3), 1, (1, 1, 1, 1), ("grad_input",),
+               (im2col, "col2im_gather", True)),
+    "pixel_shuffle": ((2, 3, 8, 10), (5, 3, 2, 2), 2, (0, 0, 0, 0), ("grad_input",),
+                      (im2col, "depth_to_space_2x2", True)),
+}
+
+
+@pytest.mark.parametrize("override", ["force_conv_algo", "TINYUNET_CONV_ALGO"])
+@pytest.mark.parametrize("algo", list(FORCEABLE))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_override_forces_every_algorithm_and_it_matches_numpy(algo, override, dtype,
+                                                                   monkeypatch):
+    """Forced by the context manager or the environment variable, each algorithm takes
+    every pass of a layer it can run (its plan says so and its kernel runs), and the
+    results agree with numpy's to rounding."""
+    x_shape, w_shape, stride, padding, passes, (module, kernel, called) = FORCEABLE[algo]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    weight = rng.standard_normal(w_shape).astype(dtype)
+    geometry = ConvGeometry((stride, stride), padding)
+    layer = (x_shape[0], x_shape[1], w_shape[0], x_shape[2:], w_shape[2:], geometry)
+    calls = []
+    monkeypatch.setattr(module, kernel, _Spy(getattr(module, kernel), calls))
+    if override == "TINYUNET_CONV_ALGO":
+        monkeypatch.setenv("TINYUNET_CONV_ALGO", algo)
+        override_block = contextlib.nullcontext()
+    else:
+        override_block = policy.force_conv_algo(algo)
+    with override_block:
+        plans = {pass_: policy.plan_conv(pass_, *layer).algo
+                 for pass_ in ("forward", "grad_input", "grad_weight")}
+        check_conv(x, weight, geometry, dtype)
+        dy = rng.standard_normal((x_shape[0], w_shape[0],
+                                  *geometry.output_hw(x_shape[2:], w_shape[2:]))).astype(dtype)
+        dx, dw = NUMBA.conv2d_grads(dy, x, weight, geometry)
+    general = {"forward": "im2col", "grad_weight": "im2col",
+               "grad_input": "im2col" if stride == 1 else "col2im"}
+    assert plans == {pass_: algo if pass_ in passes else general[pass_] for pass_ in plans}
+    assert bool(calls) == called
+    assert_close(dx, NUMPY.conv2d_grad_input(dy, weight, geometry, x_shape[2:]), dtype)
+    assert_close(dw, NUMPY.conv2d_grad_weight(dy, x, geometry, w_shape[2:]), dtype)
+
+
+def test_an_algorithm_that_cannot_run_a_layer_falls_back_to_the_general_path(monkeypatch):
+    """Winograd on a 5x5 kernel: im2col for the forward and the weight gradient, the
+    adjoint conv by im2col for the input gradient; the context manager wins over the
+    environment, and the environment is read at each plan."""
+    geometry = ConvGeometry((1, 1), (2, 2, 2, 2))
+    layer = (2, 3, 4, (8, 8), (5, 5), geometry)
+    with policy.force_conv_algo("winograd4"):
+        plans = [policy.plan_conv(pass_, *layer) for pass_ in policy.PASSES]
+    assert [plan.algo for plan in plans] == ["im2col"] * 3
+    monkeypatch.setenv("TINYUNET_CONV_ALGO", "row_shift")
+    assert policy.plan_conv("forward", *layer).algo == "row_shift"
+    with policy.force_conv_algo("im2col", band_bytes=128):
+        assert policy.plan_conv("forward", *layer) == policy.ConvPlan("im2col", 128)
+    monkeypatch.delenv("TINYUNET_CONV_ALGO")
+    assert policy.plan_conv("forward", *layer).algo == "im2col"  # 64 pixels: the default
+
+
+def test_an_unknown_algorithm_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="force_conv_algo: Expect: one of direct, .* "
+                                         "Actual: 'fft'"):
+        with policy.force_conv_algo("fft"):
+            pass
+    monkeypatch.setenv("TINYUNET_CONV_ALGO", "fft")
+    with pytest.raises(ValueError, match="TINYUNET_CONV_ALGO: Expect: one of .* Actual: 'fft'"):
+        NUMBA.conv2d(np.ones((1, 1, 4, 4), np.float32), np.ones((1, 1, 3, 3), np.float32),
+                     ConvGeometry((1, 1), (1, 1, 1, 1)))
 
 @pytest.mark.parametrize("tile", [2, 4])
 @settings(max_examples=6)
@@ -376,8 +468,8 @@ def test_forward_routes(batch, side, c_in, c_out, route):
 def test_winograd_gradients_by_finite_differences(tile, n, channels, tiles, padding, bias,
                                                   seed):
     """F.conv2d through the Winograd F(tile x tile, 3x3) path, against central
-    differences in float64. The input's sides are even, so the input gradient is a
-    Winograd conv too: F(tile x tile) when they are multiples of the tile, else F(2x2)."""
+    differences in float64. The input gradient is a Winograd conv too where the input's
+    sides are multiples of the tile, else the general path."""
     (c_in, c_out), (ph, pw) = channels, padding
     h, w = tile * tiles[0] + 2 - 2 * ph, tile * tiles[1] + 2 - 2 * pw
     h, w = h + tile * (h <= 0), w + tile * (w <= 0)
@@ -385,9 +477,7 @@ def test_winograd_gradients_by_finite_differences(tile, n, channels, tiles, padd
     inputs = [rng.standard_normal((n, c_in, h, w)), rng.standard_normal((c_out, c_in, 3, 3))]
     if bias:
         inputs.append(rng.standard_normal(c_out))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS[f"Winograd F({tile}x{tile}, 3x3)"].items():
-            patch.setattr(numba_backend, name, value)
+    with forced(f"Winograd F({tile}x{tile}, 3x3)"):
         check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 
@@ -404,9 +494,7 @@ def test_direct_3x3_gradients_by_finite_differences(n, c_in, c_out, h, w, paddin
     inputs = [rng.standard_normal((n, c_in, h, w)), rng.standard_normal((c_out, c_in, 3, 3))]
     if bias:
         inputs.append(rng.standard_normal(c_out))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS["direct 3x3 kernels"].items():
-            patch.setattr(numba_backend, name, value)
+    with forced("direct 3x3 kernels"):
         check_gradients(lambda *t: F.conv2d(*t, padding=padding), inputs, "numba", seed)
 
 
@@ -416,7 +504,7 @@ def test_im2col_of_an_input_narrower_than_the_kernel(compiled):
     the padding. The parallel im2col once stopped at the first of those and left the
     rest of its rows unwritten, so the columns start out as NaN here."""
     x = np.arange(1.0, 5.0, dtype=np.float32).reshape(1, 4, 1, 1)
-    kernel = numba_backend.fast_ops.im2col_rows
+    kernel = im2col.im2col_rows
     cols = np.full((4 * 9, 3), np.nan, dtype=np.float32)
     # 3 output rows, 1 column; padding top 2 and left 2.
     (kernel if compiled == "parallel" else kernel.serial)(x, 0, 1, 0, 3, 3, 3, 1, 1, 2, 2,
@@ -468,8 +556,8 @@ def test_transposed_conv_2x2_stride_2_matches_numpy(dtype, n, c_in, c_out, h, w,
     out_hw = (2 * h + extra[0], 2 * w + extra[1])
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "depth_to_space_2x2",
-                      _Spy(numba_backend.fast_ops.depth_to_space_2x2, calls))
+        patch.setattr(im2col, "depth_to_space_2x2",
+                      _Spy(im2col.depth_to_space_2x2, calls))
         assert_close(NUMBA.conv2d_grad_input(x, weight, geometry, out_hw),
                      NUMPY.conv2d_grad_input(x, weight, geometry, out_hw), dtype)
     assert len(calls) == (1 if extra == (0, 0) else 0)
@@ -492,11 +580,11 @@ def test_up_conv_gradients_share_the_columns_of_dy(dtype, n, c_skip, c_in, c_out
     weight = rng.standard_normal((c_in, c_out, 2, 2)).astype(dtype)
     geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
     calls, default_calls = [], []
-    kernel = numba_backend.fast_ops.im2col_2x2_stride2
+    kernel = im2col.im2col_2x2_stride2
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
+        patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, calls))
         got = NUMBA.conv_transpose2d_grads(dy, x, weight, geometry, *need)
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, default_calls))
+        patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, default_calls))
         Backend.conv_transpose2d_grads(NUMBA, dy, x, weight, geometry, *need)
     expected = NUMPY.conv_transpose2d_grads(dy, x, weight, geometry, *need)
     for wanted, a, b in zip(need, got, expected, strict=True):
@@ -524,15 +612,15 @@ def test_up_conv_writes_into_the_concatenation(dtype, n, c_skip, c_in, c_out, h,
     geometry = ConvGeometry((2, 2), (0, 0, 0, 0))
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend.fast_ops, "depth_to_space_2x2",
-                      _Spy(numba_backend.fast_ops.depth_to_space_2x2, calls))
+        patch.setattr(im2col, "depth_to_space_2x2",
+                      _Spy(im2col.depth_to_space_2x2, calls))
         joined = NUMBA.conv_transpose2d_concat(skip, x, weight, b, geometry, (2 * h, 2 * w))
     assert_close(joined, NUMPY.conv_transpose2d_concat(skip, x, weight, b, geometry,
                                                        (2 * h, 2 * w)), dtype)
     assert [call[-1] for call in calls] == [c_skip]  # one shuffle, from channel c_skip on
 
 
-@pytest.mark.parametrize("path", ["default", "GEMMs on bands of rows"])
+@pytest.mark.parametrize("path", ["default", "im2col on bands of rows"])
 @given(dtype=DTYPES, n=st.integers(1, 3), c_in=st.integers(1, 5), c_out=st.integers(1, 5),
        h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))
 def test_2x2_stride_2_conv_matches_numpy(path, dtype, n, c_in, c_out, h, w, seed):
@@ -541,11 +629,9 @@ def test_2x2_stride_2_conv_matches_numpy(path, dtype, n, c_in, c_out, h, w, seed
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
     weight = rng.standard_normal((c_out, c_in, 2, 2)).astype(dtype)
-    kernel, calls = numba_backend.fast_ops.im2col_2x2_stride2, []
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
-        patch.setattr(numba_backend.fast_ops, "im2col_2x2_stride2", _Spy(kernel, calls))
+    kernel, calls = im2col.im2col_2x2_stride2, []
+    with forced(path), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(im2col, "im2col_2x2_stride2", _Spy(kernel, calls))
         check_conv(x, weight, ConvGeometry((2, 2), (0, 0, 0, 0)), dtype)
     assert calls
 
@@ -626,7 +712,7 @@ def test_one_channel_overlap_loss_kernels_match_numpy(dtype, shape, seed, piece)
     p = reference[0]
     # Same expression, same order per element: bit-for-bit the same.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "OVERLAP_BACKWARD_PIECE", piece)
+        patch.setattr(numba_elementwise, "OVERLAP_BACKWARD_PIECE", piece)
         ours = NUMBA.sigmoid_overlap_backward(p, t, slope, offset)
     np.testing.assert_array_equal(ours, NUMPY.sigmoid_overlap_backward(p, t, slope, offset))
 
@@ -653,7 +739,8 @@ def test_fused_relu_backward_and_bias_gradient_match_numpy(dtype, n, c, h, w, se
     assert_close(db, db_ref, dtype)
 
 
-@pytest.mark.parametrize("path", ["direct 3x3 kernels", "GEMMs only", "Winograd F(2x2, 3x3)"])
+@pytest.mark.parametrize("path", ["direct 3x3 kernels", "row shift", "im2col on bands of rows",
+                                  "Winograd F(2x2, 3x3)"])
 def test_relu_keeps_nan_like_numpy(path):
     x = np.array([np.nan, -1.0, 2.0], dtype=np.float32)
     np.testing.assert_array_equal(NUMBA.relu(x), NUMPY.relu(x))
@@ -662,9 +749,7 @@ def test_relu_keeps_nan_like_numpy(path):
     image[0, 0, 1, 3] = np.nan
     weight = -np.ones((4, 4, 3, 3), dtype=np.float32)
     bias, geometry = np.zeros(4, dtype=np.float32), ConvGeometry((1, 1), (1, 1, 1, 1))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+    with forced(path):
         fused = NUMBA.conv2d_bias_relu(image, weight, bias, geometry)
     np.testing.assert_array_equal(fused, NUMPY.conv2d_bias_relu(image, weight, bias, geometry))
     assert np.isnan(fused).sum() == 4 * 9 and (fused[~np.isnan(fused)] == 0).all()
@@ -673,15 +758,13 @@ def test_relu_keeps_nan_like_numpy(path):
 def test_winograd_4x4_spreads_a_nan_over_its_tiles():
     """F(4x4, 3x3)'s transforms add values whose coefficients cancel only in exact
     arithmetic, so a NaN input reaches outputs of the 4x4 tiles whose 6x6 input tiles
-    hold it beyond its 3x3 neighbourhood (documented in numba_backend); every output
+    hold it beyond its 3x3 neighbourhood (documented in docs/backend-numba.md); every output
     outside those tiles is as numpy's."""
     image = np.ones((1, 4, 8, 8), dtype=np.float32)
     image[0, 0, 1, 3] = np.nan
     weight = -np.ones((4, 4, 3, 3), dtype=np.float32)
     bias, geometry = np.zeros(4, dtype=np.float32), ConvGeometry((1, 1), (1, 1, 1, 1))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS["Winograd F(4x4, 3x3)"].items():
-            patch.setattr(numba_backend, name, value)
+    with forced("Winograd F(4x4, 3x3)"):
         fused = NUMBA.conv2d_bias_relu(image, weight, bias, geometry)
     expected = NUMPY.conv2d_bias_relu(image, weight, bias, geometry)
     # Padded input row 2, column 4 lies in the tiles starting at rows 0 and columns 0, 4.
@@ -743,9 +826,7 @@ def test_training_on_numba_matches_numpy_step_by_step(optimizer, path):
     weight by about +-lr either way, and F(4x4)'s rounding (a few 1e-6 of the largest
     gradient) flips such signs (measured: 8-14 of a layer's weights 1e-3 to 9e-3 apart
     after 4 steps, losses within 2e-6)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS[path].items():
-            patch.setattr(numba_backend, name, value)
+    with forced(path):
         losses_numba, weights_numba = train_tiny_unet("numba", OPTIMIZERS[optimizer])
     losses_numpy, weights_numpy = train_tiny_unet("numpy", OPTIMIZERS[optimizer])
     assert losses_numba[-1] < losses_numba[0]  # it trains at all
@@ -764,7 +845,7 @@ def optimizer_state(draw):
     dtypes (float32 and float64 mixed: each dtype is one kernel call). Up to 18
     parameters: the gradients' tuple is padded to a multiple of GRADIENT_TUPLE_STEP."""
     shapes = draw(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=4),
-                           min_size=1, max_size=numba_backend.GRADIENT_TUPLE_STEP + 2))
+                           min_size=1, max_size=numba_optim.GRADIENT_TUPLE_STEP + 2))
     kinds = [(shape, draw(DTYPES)) for shape in shapes]
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     arrays = [[rng.standard_normal(shape).astype(dtype) for shape, dtype in kinds]
@@ -790,7 +871,7 @@ def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_d
     nesterov = nesterov and momentum > 0 and dampening == 0
     ours, reference = copies(state), copies(state)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "UPDATE_PIECE", piece)
+        patch.setattr(numba_optim, "UPDATE_PIECE", piece)
         for backend, (params, grads, buffers, _) in ((NUMBA, ours), (NUMPY, reference)):
             # Without momentum the optimizer passes the gradients as the buffers.
             buffers = buffers if momentum else grads
@@ -807,7 +888,7 @@ def test_sgd_update_matches_numpy(state, momentum, dampening, nesterov, weight_d
 def test_adam_update_matches_numpy(state, step, weight_decay, decoupled, piece):
     ours, reference = copies(state), copies(state)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(numba_backend, "UPDATE_PIECE", piece)
+        patch.setattr(numba_optim, "UPDATE_PIECE", piece)
         for backend, (params, grads, m, v) in ((NUMBA, ours), (NUMPY, reference)):
             backend.adam_update(params, grads, m, v, step, 1e-2, 0.9, 0.999, 1e-8,
                                 weight_decay, decoupled)
@@ -838,11 +919,11 @@ def test_an_optimizer_step_is_one_kernel_call_and_follows_new_arrays(monkeypatch
     """Every parameter in one call; the backend keeps its lists of parameters across
     steps, so a parameter whose array is replaced (a loaded checkpoint) must be seen."""
     calls = []
-    kernel = numba_backend.fast_ops.sgd_update
+    kernel = optim.sgd_update
     spy = lambda *args: (calls.append(len(args[0])), kernel(*args))  # noqa: E731
     spy.serial = lambda *args: (calls.append(len(args[0])), kernel.serial(*args))
-    monkeypatch.setattr(numba_backend.fast_ops, "sgd_update", spy)
-    backend = numba_backend.NumbaBackend()
+    monkeypatch.setattr(optim, "sgd_update", spy)
+    backend = NumbaBackend()
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(shape).astype(np.float32) for shape in [(4, 3, 3, 3), (4,)]]
     buffers = [np.zeros_like(p) for p in params]
@@ -893,14 +974,12 @@ def test_a_gradient_of_another_dtype_is_cast_to_its_parameters():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-@pytest.mark.parametrize("tile_settings", ["Winograd F(2x2, 3x3)", "Winograd F(4x4, 3x3)"])
-def test_an_empty_batch_gives_zero_weight_gradients(tile_settings):
+@pytest.mark.parametrize("path", ["Winograd F(2x2, 3x3)", "Winograd F(4x4, 3x3)"])
+def test_an_empty_batch_gives_zero_weight_gradients(path):
     """No images: no Winograd bands, and a gradient of zeros (not an unfilled array).
     (numpy's reference reshapes with -1, which an empty batch does not allow.)"""
     x, dy = np.zeros((0, 4, 8, 8), np.float32), np.zeros((0, 4, 8, 8), np.float32)
     geometry = ConvGeometry((1, 1), (1, 1, 1, 1))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in PATHS[tile_settings].items():
-            patch.setattr(numba_backend, name, value)
+    with forced(path):
         dw = NUMBA.conv2d_grad_weight(dy, x, geometry, (3, 3))
     np.testing.assert_array_equal(dw, np.zeros((4, 4, 3, 3), np.float32))

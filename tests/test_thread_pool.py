@@ -55,9 +55,9 @@ def test_openmp_layer_with_passive_wait_and_the_environment_left_as_found(clean_
     layer_and_settings, stderr = probe_with_stderr(OMP_DISPLAY_ENV="verbose")
     assert layer_and_settings == ["omp", None, None]
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in stderr
-    from tinyunet.kernels import fast_ops
+    from tinyunet.kernels.cpu import runtime
 
-    assert f"GOMP_SPINCOUNT = '{fast_ops.OPENMP_SPIN_COUNT}'" in stderr
+    assert f"GOMP_SPINCOUNT = '{runtime.OPENMP_SPIN_COUNT}'" in stderr
 
 
 def test_a_passive_policy_or_spin_count_the_user_set_is_kept(clean_env):

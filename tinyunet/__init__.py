@@ -10,15 +10,6 @@ import importlib.util as _importlib_util
 import os as _os
 import sys as _sys
 
-# After each GEMM, OpenBLAS's idle threads spin for up to 2**28 cycles. On the numba
-# backend GEMMs alternate with numba's parallel kernels, which then share the cores
-# with the spinning threads (measured: a U-Net training step 20-25% slower on 2
-# cores). A timeout of 2**4 cycles puts them to sleep at once. OpenBLAS reads the
-# variable when it loads, so this works only when tinyunet is imported before numpy;
-# a value the user set is kept.
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
 
 def _mount_source_kernels():
     """Run from a source checkout, find the hand-written kernels in ../kernels.
@@ -40,6 +31,11 @@ def _mount_source_kernels():
 
 if "tinyunet.kernels" not in _sys.modules:
     _mount_source_kernels()
+
+# Before numpy loads OpenBLAS: its idle threads must sleep at once (see the runtime).
+from .kernels.cpu import runtime as _runtime  # noqa: E402
+
+_runtime.set_openblas_thread_timeout()
 
 from . import functional, nn, optim  # noqa: E402
 from .api import fit, predict  # noqa: E402

@@ -24,7 +24,7 @@ __all__ = [
 # name -> "module:attribute" of a zero-argument factory that returns the Backend.
 _FACTORIES = {
     "numpy": "tinyunet.backends.numpy_backend:NumpyBackend",
-    "numba": "tinyunet.backends.numba_backend:NumbaBackend",
+    "numba": "tinyunet.backends.numba:NumbaBackend",
     "cuda": "tinyunet.backends.cuda_backend:CudaBackend",
 }
 _instances: dict[str, Backend] = {}

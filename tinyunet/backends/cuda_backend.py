@@ -1,4 +1,4 @@
-"""The GPU backend: CuPy arrays, cuBLAS GEMMs and the Numba CUDA kernels of kernels/cuda_ops.
+"""The GPU backend: CuPy arrays, cuBLAS GEMMs and the Numba CUDA kernels of kernels/cuda/.
 
 Shapes: x (N, C, H, W); w (O, C, kH, kW); columns (N, C, kH, kW, Ho, Wo).
 
@@ -11,13 +11,12 @@ Streams and synchronisation: CuPy and Numba both launch on the CUDA default stre
 so kernels and GEMMs run in the order they are issued. A training step copies nothing
 to the host; the loss reaches it only when the caller asks for it
 (``Tensor.item()``/``numpy()``). numba does wait, at each kernel launch, for the stream
-that a CuPy argument's array interface names. Handing it views made without that wait
-(``numba.cuda.as_cuda_array(a, sync=False)``) was measured on an H200 and dropped: a
-step of these small U-Nets is bound by the host's launch overhead, not by the GPU,
-and the views cost more host time than the waits (steps against PyTorch's in the same
-run went from 0.19-0.22x to 0.17-0.18x; benchmarks/RESULTS.md, "GPU notes"). Nor did
-numba's own switch for that wait (``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``) help: 0.17-0.20x
-without the wait against 0.19-0.21x with it, in alternating runs.
+that a CuPy argument's array interface names. Doing without that wait, through views
+made with ``numba.cuda.as_cuda_array(a, sync=False)`` or numba's
+``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``, saves no time: a step of these small U-Nets is
+bound by the host's launch overhead, not by the GPU, and the views cost more host time
+than the waits (docs/backend-cuda.md; the measurements in benchmarks/RESULTS.md, "GPU
+notes").
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) numpy arrays stand in for device
 arrays and numpy's matmul for cuBLAS; the kernel source is the same. That is how the
@@ -70,9 +69,9 @@ class CudaBackend(Backend):
     def __init__(self):
         self.xp = _require_gpu_stack()
         warnings.filterwarnings("ignore", message=LOW_OCCUPANCY_WARNING)
-        from ..kernels import cuda_ops
+        from ..kernels import cuda as cuda_kernels
 
-        self.kernels = cuda_ops
+        self.kernels = cuda_kernels
 
     def _launch(self, kernel, work, *args):
         blocks, threads = self.kernels.launch_config(work)

@@ -18,7 +18,7 @@ corner belongs to it); the border class marks cell pixels with a pixel of anothe
 among their 8 neighbours; seeds (connected pieces of the interior class) are
 4-connected, see ``instances_from_labels``.
 
-Numba, when installed, runs the per-pixel loops (tinyunet/kernels/instance_ops.py);
+Numba, when installed, runs the per-pixel loops (kernels/cpu/instances.py);
 without it the same algorithms run as whole-array numpy operations, slower but with
 identical results.
 """
@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import fail
 
 try:
-    from ..kernels import instance_ops as _kernels
+    from ..kernels.cpu import instances as _kernels
 except ImportError:  # numba is optional
     _kernels = None
 
@@ -67,7 +67,7 @@ def _check_ids(op: str, ids: np.ndarray) -> np.ndarray:
 
 
 def _envelope_lines_numpy(f: np.ndarray) -> np.ndarray:
-    """The numpy twin of instance_ops.lower_envelope_lines: the same lower envelope,
+    """The numpy twin of the numba lower_envelope_lines: the same lower envelope,
     built for all lines at once; each step below is the kernel's step on every line
     that takes it."""
     lines, n = f.shape
@@ -284,7 +284,7 @@ def instance_targets(ids: np.ndarray) -> np.ndarray:
 
 
 def _label_components_numpy(mask: np.ndarray, diagonal: bool) -> tuple[np.ndarray, int]:
-    """The numpy twin of instance_ops.label_pixels: union-find over the horizontal runs
+    """The numpy twin of the numba label_pixels: union-find over the horizontal runs
     of each row instead of over pixels, runs joined where their pixels touch."""
     h, w = mask.shape
     left = np.zeros((h, w), bool)
@@ -340,7 +340,7 @@ def label_components(mask: np.ndarray, connectivity: int = 1) -> tuple[np.ndarra
 
 
 def _flood_numpy(labels: np.ndarray, foreground: np.ndarray) -> None:
-    """The numpy twin of instance_ops.flood_from_seeds: each step labels the unlabelled
+    """The numpy twin of the numba flood_from_seeds: each step labels the unlabelled
     foreground pixels next to a labelled one with the smallest such neighbour's label."""
     h, w = labels.shape
     unset = np.iinfo(np.int64).max

@@ -6,18 +6,14 @@ matrix of the stack. An operand may be a transposed view (``x.T``) or a view wit
 stride (``v[:, :c]``), as BLAS takes them; out must have unit column stride.
 
 Why not numpy's matmul: the numba backend alternates GEMMs with its parallel kernels
-many times a step (config C: about 150 parallel kernel calls and 40 GEMM calls).
-OpenBLAS has threads of its own, so each GEMM woke OpenBLAS's sleeping thread and each
-kernel after it woke numba's, at 20-100 us a wake on the 2-core VM of
-benchmarks/RESULTS.md; and OpenBLAS splits every GEMM over its threads, which on the
-U-Net's 32-256 channels mostly wait for each other (36 GEMMs (64, 32) @ (32, 1792): 54
-GFLOP/s on its 2 threads, 74 on one, 146 with the stack split in two halves). Here the
-work of a call goes to the threads of numba's pool, which then run everything, so its
-workers can spin between calls (fast_ops.OPENMP_SPIN_COUNT) without stealing cores from
-BLAS: each thread takes whole matrices of the stack, or, where the stack does not divide
-evenly, a part of each matrix (fast_ops.gemm_parts). Measured on config C's step,
-alternating steps in one process: its GEMMs took 3.5 ms here against 4.6 ms in numpy's
-matmul.
+many times a step. OpenBLAS has threads of its own, so each GEMM would wake OpenBLAS's
+sleeping threads and each kernel after it numba's, tens of microseconds a wake; and
+OpenBLAS splits every GEMM over its threads, which on the U-Net's small matrices mostly
+wait for each other. Here the work of a call goes to the threads of numba's pool,
+which then run everything, so its workers can spin between calls
+(runtime.OPENMP_SPIN_COUNT) without stealing cores from BLAS: each thread takes whole
+matrices of the stack, or, where the stack does not divide evenly, a part of each
+matrix (gemm_kernels.gemm_parts).
 
 OpenBLAS is held to one thread for the length of a call and its setting restored after.
 That setting is process-wide: while a call runs, a GEMM that another thread of the
@@ -41,19 +37,16 @@ import threading
 import numba
 import numpy as np
 
-from ..kernels import fast_ops
-
-# Calls doing less arithmetic than this (2^17 multiply-adds) are numpy's matmul, which
-# costs less to call (1 us against 6) and which OpenBLAS then runs on the calling
-# thread alone (it splits no GEMM under 2^18 multiply-adds).
-MIN_PARALLEL_FLOPS = 1 << 18
+from ...kernels.cpu import gemm as gemm_kernels
+from ...kernels.cpu import runtime
+from . import policy
 
 # Symbol name stems of OpenBLAS's functions with 64-bit integers, by build: numpy's
 # wheels (scipy-openblas64), then a plain OpenBLAS built with INTERFACE64 and a suffix.
 _PREFIXES_SUFFIXES = (("scipy_openblas_", "64_", "scipy_cblas_", "64_"),
                       ("openblas_", "64_", "cblas_", "64_"))
 _PTHREADS_BUILD = 1  # what openblas_get_parallel() returns for a pthreads build
-# The names fast_ops declares cblas_sgemm and cblas_dgemm by.
+# The names kernels/cpu/gemm.py declares cblas_sgemm and cblas_dgemm by.
 _KERNEL_SYMBOLS = {"sgemm": "tinyunet_cblas_sgemm", "dgemm": "tinyunet_cblas_dgemm"}
 
 
@@ -75,7 +68,7 @@ def _loaded_openblas():
 
 def _find_openblas():
     """(get_threads, set_threads) of numpy's OpenBLAS when it is a pthreads build with
-    64-bit-integer cblas GEMMs, whose addresses are then registered for fast_ops."""
+    64-bit-integer cblas GEMMs, whose addresses are then registered for gemm_kernels."""
     path = _loaded_openblas()
     if path is None:
         return None
@@ -144,14 +137,15 @@ def _layout(matrices):
     rows, cols = matrices.shape[-2:]
     size = matrices.itemsize
     row_step, col_step = matrices.strides[-2:]
+    # A single column's or row's other stride is free: choose it so the layout fits.
     if cols == 1:
         col_step = size
     if rows == 1:
-        row_step = max(cols, 1) * size
+        row_step = max(cols, 1) * size if col_step == size else size
     if col_step == size and row_step % size == 0 and row_step >= max(cols, 1) * size:
-        return fast_ops.CBLAS_NO_TRANS, row_step // size
+        return gemm_kernels.CBLAS_NO_TRANS, row_step // size
     if row_step == size and col_step % size == 0 and col_step >= max(rows, 1) * size:
-        return fast_ops.CBLAS_TRANS, col_step // size
+        return gemm_kernels.CBLAS_TRANS, col_step // size
     return None
 
 
@@ -193,17 +187,16 @@ def _plan(a, b, out, min_flops):
     steps = [_stack_step(x, stack) for x in (a, b, out)]
     if (out.dtype not in (np.float32, np.float64)
             or a.dtype != out.dtype or b.dtype != out.dtype or 0 in (m, n, k, stack)
-            or None in layouts or None in steps or layouts[2][0] != fast_ops.CBLAS_NO_TRANS
+            or None in layouts or None in steps or layouts[2][0] != gemm_kernels.CBLAS_NO_TRANS
             or _matrices_overlap(out, steps[2], layouts[2][1])):
         return None
     (trans_a, lda), (trans_b, ldb), (_, ldc) = layouts
     return (out.dtype == np.float64, *steps, stack, m, n, k, trans_a, lda, trans_b, ldb, ldc)
 
 
-# Plans by the operands' shapes, strides and dtypes, and MIN_PARALLEL_FLOPS. A U-Net
-# makes the same few dozen calls every step. Working a plan out costs about 4 us a call
-# when timed alone, but 16 us inside a training step (measured on config C, whose 41
-# calls a step include 33 on the pool), against under 1 us for the lookup.
+# Plans by the operands' shapes, strides and dtypes, and runtime.MIN_PARALLEL_FLOPS: a
+# U-Net makes the same few dozen calls every step, and a lookup costs a fraction of
+# working a plan out.
 _plans: dict = {}
 _MAX_PLANS = 4096  # then start again: sizes that keep changing must not grow it forever
 
@@ -222,7 +215,7 @@ def gemm(a, b, out, accumulate=False):
     functions = _blas.thread_functions()
     if not functions or not all(isinstance(x, np.ndarray) for x in (a, b, out)):
         return _numpy_gemm(a, b, out, accumulate)
-    min_flops = MIN_PARALLEL_FLOPS
+    min_flops = runtime.MIN_PARALLEL_FLOPS
     key = (a.shape, a.strides, a.dtype, b.shape, b.strides, b.dtype, out.shape, out.strides,
            out.dtype, min_flops)
     plan = _plans.get(key, False)
@@ -233,15 +226,15 @@ def gemm(a, b, out, accumulate=False):
     if (plan is None or not out.flags.writeable or np.may_share_memory(out, a)
             or np.may_share_memory(out, b)):
         return _numpy_gemm(a, b, out, accumulate)
-    # Outside the lock: a new kind of array compiles (or loads) fast_ops.address first.
-    addresses = fast_ops.address(a), fast_ops.address(b), fast_ops.address(out)
+    # Outside the lock: a new kind of array compiles (or loads) gemm_kernels.address first.
+    addresses = gemm_kernels.address(a), gemm_kernels.address(b), gemm_kernels.address(out)
     if not _blas.lock.acquire(blocking=False):
         return _numpy_gemm(a, b, out, accumulate)
     get_threads, set_threads = functions
     try:
         saved = get_threads()
         parts = min(saved, numba.get_num_threads())
-        run = fast_ops.gemm_parts if parts > 1 else fast_ops.gemm_parts.serial
+        run = gemm_kernels.gemm_parts if parts > 1 else gemm_kernels.gemm_parts.serial
         _blas.saved_threads = saved
         set_threads(1)
         try:
@@ -254,3 +247,14 @@ def gemm(a, b, out, accumulate=False):
     finally:
         _blas.lock.release()
     return out
+
+
+def add_gram(a, b, out):
+    """out += a @ b^T for 2-D a (I, T), b (J, T) and out (I, J): stacked_gram where the
+    policy says it wins, BLAS elsewhere and where a or b is a view with gaps (a band of
+    rows of an image)."""
+    if (policy.use_stacked_gram(len(a), len(b), a.shape[1])
+            and a.flags.c_contiguous and b.flags.c_contiguous):
+        runtime.run(gemm_kernels.stacked_gram, a.size + b.size, a[None], b[None], True, out[None])
+    else:
+        gemm(a, b.T, out, accumulate=True)

@@ -14,7 +14,7 @@ independent lines (L, n).
 
 The kernels are serial: each is one linear pass, a fraction of a second on an
 1100 x 1100 image, and leaving numba's parallel pool alone leaves its start-up to
-fast_ops (see ``_start_thread_pool`` there). The numpy twins of these kernels live in
+kernels/cpu/runtime.py (``start_thread_pool``). The numpy twins of these kernels live in
 tinyunet/data/instances.py and give identical results.
 """
 
