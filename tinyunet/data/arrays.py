@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .images import DataError, normalize_percentile
+from .masks import interpret_masks
 
 # A 3-D image's channel axis has at most this many entries (grey, two-channel, RGB, RGBA).
 MAX_CHANNELS = 4
@@ -88,10 +89,15 @@ class ArrayDataset:
     ``prepared=True`` takes lists of images and masks that a dataset already prepared
     (images (C, H, W) float32, normalised; masks checked), as the train/validation
     split passes its parts, and ``num_classes`` then keeps the class count of the whole.
+
+    ``mask_kind``: how to read the masks, 'auto', 'binary', 'classes' or 'instances', by
+    the rule of a folder's masks (``tinyunet.data.masks.interpret_masks``); afterwards
+    the kind decided. Instance ids become 3-class targets and stay in ``instances``;
+    ``notes`` and ``warnings`` say what was decided, as a ``FolderDataset``'s do.
     """
 
     def __init__(self, images, masks, weights=None, names=None, prepared: bool = False,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, mask_kind: str | None = "auto"):
         image_list = _as_list(images, "images", (3, 4))
         mask_list = _as_list(masks, "masks", (3,))
         if not image_list:
@@ -106,6 +112,16 @@ class ArrayDataset:
                           for image, name in zip(image_list, self.names, strict=True)]
             mask_list = [check_mask(mask, f"mask {name}")
                          for mask, name in zip(mask_list, self.names, strict=True)]
+        self.mask_kind, self.instances = mask_kind, None
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+        if not prepared and mask_kind is not None:
+            decided = interpret_masks(mask_list, [f"mask {name}" for name in self.names],
+                                      mask_kind)
+            mask_list, self.mask_kind, self.instances = (decided.masks, decided.kind,
+                                                         decided.instances)
+            self.notes, self.warnings = decided.notes, decided.warnings
+            num_classes = decided.num_classes if num_classes is None else num_classes
         self.images, self.masks = image_list, mask_list
         for image, mask, name in zip(self.images, self.masks, self.names, strict=True):
             if image.shape[1:] != mask.shape:
