@@ -4,8 +4,8 @@
     import tinyunet as tu
 
     images = [np.load("a.npy"), np.load("b.npy")]          # (H, W) or (H, W, C), any dtype
-    masks = [np.load("a_mask.npy"), np.load("b_mask.npy")] # (H, W) labels: 0/1, 0/255, 0..K-1
-    trainer = tu.fit(images, masks, epochs=20, depth=3, out="runs/arrays")
+    masks = [np.load("a_mask.npy"), np.load("b_mask.npy")] # (H, W): 0/1, 0..K-1 or object ids
+    trainer = tu.fit(images, masks, mask_kind="auto", epochs=20, depth=3, out="runs/arrays")
     print(trainer.data_description, trainer.history[-1]["val_dice"])
     probabilities, labels = tu.predict(trainer, np.load("c.npy"), tta=True)
     model = trainer.model                                   # a tu.nn.UNet

@@ -7,7 +7,8 @@
 when its last axis has at most 4 entries and its first more, channels-first in the
 opposite case; any other 3-D shape is an error that asks for one of the two layouts.
 ``masks``: a list of (H, W) label arrays or an (N, H, W) stack; bool, or integers >= 0
-of any integer dtype: 0/1 or 0/255 (binary), or class labels 0..K-1.
+of any integer dtype: 0/1 or 0/255 (binary), class labels 0..K-1 or instance ids,
+read by ``mask_kind`` as a folder's masks are (``tinyunet.data.masks``).
 
 Images are normalised as folder images are (``normalize_percentile``: per image and
 channel, (x - p1) / (p99.8 - p1)); if some images are RGB, grey ones are repeated to
