@@ -202,3 +202,7 @@ def test_evaluate_scores_binary_truth_as_connected_components(tmp_path):
     done = run("evaluate", "--checkpoint", out / "last.npz", "--data", data)
     assert "masks: binary" in done.stdout and "connected components" in done.stdout
     assert "ap50" in done.stdout and done.stdout.count("mean") >= 1
+    # A binary model scores instance truth by its foreground and its objects.
+    ids = instance_folder(tmp_path / "ids", counts=(12, 8))
+    scored = run("evaluate", "--checkpoint", out / "last.npz", "--data", ids)
+    assert "masks: instances" in scored.stdout and "mean_ap" in scored.stdout

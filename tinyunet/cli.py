@@ -532,9 +532,11 @@ def _check_evaluable(dataset, model_kind: str, num_classes: int, where) -> None:
         raise UserError(f"{where}: Expect: instance ids or binary masks for this model, "
                         f"trained on instance masks (--masks instances reads label ids as "
                         f"objects). Actual: masks read as {kind}.")
-    if model_kind == "classes" and num_classes > 1 and kind == "instances":
-        raise UserError(f"{where}: Expect: class labels 0..{num_classes - 1} for this "
-                        f"model, trained on {num_classes} classes. Actual: instance ids.")
+    if kind == "instances":
+        if model_kind == "classes" and num_classes > 1:
+            raise UserError(f"{where}: Expect: class labels 0..{num_classes - 1} for this "
+                            f"model, trained on {num_classes} classes. Actual: instance ids.")
+        return  # scored on the foreground and as objects
     # A binary model (one channel) tells 2 labels apart.
     if max(dataset.num_classes, 2) > max(num_classes, 2):
         raise UserError(f"{where}: Expect: masks with at most {max(num_classes, 2)} "
