@@ -129,7 +129,7 @@ def test_channels_survive_the_checkpoints_json(tmp_path):
         TrainConfig(border_sigma=0.0).validate()
 
 
-def test_fit_reads_instance_arrays_with_weights():
+def test_fit_reads_instance_arrays_with_weights(tmp_path):
     import tinyunet as tu
 
     images = [np.random.default_rng(i).random((48, 48)) for i in range(3)]
@@ -138,7 +138,7 @@ def test_fit_reads_instance_arrays_with_weights():
     trainer = tu.fit(images, masks, val_images=[images[0]], val_masks=[val_ids],
                      mask_kind="instances", depth=1, base_channels=4, crop=16,
                      samples_per_epoch=4, batch_size=4, epochs=1, verbose=False,
-                     out="unused")
+                     out=str(tmp_path / "run"))
     assert trainer.mask_kind == "instances" and trainer.num_classes == 3
     np.testing.assert_array_equal(trainer.train_set.weights[1], weight_map(masks[1]))
 
