@@ -102,11 +102,13 @@ def test_evaluate_scores_each_image_of_a_folder(trained, tmp_path):
     scores = tmp_path / "scores.csv"
     done = run("evaluate", "--checkpoint", out / "best.npz", "--data", data, "--csv", scores)
     lines = done.stdout.splitlines()
-    assert lines[1].startswith("cell0") and lines[2].startswith("cell1")
-    assert lines[3].startswith("mean")
+    assert lines[0].startswith("masks: binary")  # what the folder's masks were read as
+    table = lines[lines.index(next(line for line in lines if line.startswith("image "))):]
+    assert table[1].startswith("cell0") and table[2].startswith("cell1")
+    assert table[3].startswith("mean")
     rows = scores.read_text().splitlines()
-    assert rows[0] == "image,dice,iou" and rows[-1].startswith("mean,")
-    mean_dice = float(lines[3].split()[1])
+    assert rows[0].startswith("image,dice,iou,") and rows[-1].startswith("mean,")
+    mean_dice = float(table[3].split()[1])
     assert 0 <= mean_dice <= 1
 
 

@@ -4,8 +4,8 @@
     import tinyunet as tu
 
     images = [np.load("a.npy"), np.load("b.npy")]          # (H, W) or (H, W, C), any dtype
-    masks = [np.load("a_mask.npy"), np.load("b_mask.npy")] # (H, W) labels: 0/1, 0/255, 0..K-1
-    trainer = tu.fit(images, masks, epochs=20, depth=3, out="runs/arrays")
+    masks = [np.load("a_mask.npy"), np.load("b_mask.npy")] # (H, W): 0/1, 0..K-1 or object ids
+    trainer = tu.fit(images, masks, mask_kind="auto", epochs=20, depth=3, out="runs/arrays")
     print(trainer.data_description, trainer.history[-1]["val_dice"])
     probabilities, labels = tu.predict(trainer, np.load("c.npy"), tta=True)
     model = trainer.model                                   # a tu.nn.UNet
@@ -20,20 +20,24 @@ Images are normalised as folder images are, in ``fit`` and in ``predict`` alike.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
 
 
 def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: bool = True,
-        **options):
+        mask_kind: str = "auto", **options):
     """Train a U-Net on arrays and return the ``Trainer`` (``.model``, ``.history``).
 
     ``options`` are ``TrainConfig`` fields (epochs, depth, lr, out, ...); those not given
     come from ``train.REAL_DATA_DEFAULTS``, then TrainConfig's defaults. Without
     ``val_images`` the images are split as a folder is (``tinyunet.data.sampling``).
+    ``mask_kind``: 'auto', 'binary', 'classes' or 'instances', read by the rule a folder's
+    masks follow (``tinyunet.data.masks``); instance ids train as 3 classes with the
+    paper's weight map (``border_weight``, ``border_sigma``) unless ``weights`` is given.
     ``weights``: optional per-pixel loss weight maps, one (H, W) per image. ``verbose``:
-    print the epoch lines and the progress bar.
+    print what was decided, the epoch lines and the progress bar.
     """
     from .data.arrays import ArrayDataset
     from .train import REAL_DATA_DEFAULTS, TrainConfig, Trainer
@@ -48,14 +52,17 @@ def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: b
                          "Trainer(TrainConfig(data=...)) for folders). Actual: a folder.")
     if (val_images is None) != (val_masks is None):
         raise ValueError("fit: Expect: val_images and val_masks together. Actual: only one.")
-    train_set = ArrayDataset(images, masks, weights=weights)
-    val_set = None if val_images is None else ArrayDataset(val_images, val_masks)
+    train_set = ArrayDataset(images, masks, weights=weights, mask_kind=mask_kind)
+    val_set = None if val_images is None else ArrayDataset(val_images, val_masks,
+                                                           mask_kind=train_set.mask_kind)
     trainer = Trainer(TrainConfig(**{**REAL_DATA_DEFAULTS, **options}),
                       log=print if verbose else _quiet,
                       progress_stream=None if verbose else False,
                       train_set=train_set, val_set=val_set)
     if verbose:
         print(trainer.data_description)
+    for line in trainer.data_warnings:
+        print(line, file=sys.stderr)
     trainer.fit()
     return trainer
 

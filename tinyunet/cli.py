@@ -26,7 +26,15 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data.folder import FolderDataset
-from .data.images import EXTENSIONS, DataError, read_image, require_pillow
+from .data.images import (
+    EXTENSIONS,
+    DataError,
+    parse_channels,
+    read_image,
+    require_pillow,
+    require_tifffile,
+)
+from .data.masks import MASK_KINDS
 from .distributed import DistributedError, from_launcher, launcher_processes, launcher_rank
 from .files import (
     OutputError,
@@ -48,7 +56,6 @@ from .train import (
     TrainingDiverged,
     claim_run_folder,
     config_from_checkpoint,
-    dice_iou,
     one_class_warning,
 )
 
@@ -104,6 +111,12 @@ def _add_train(commands):
     add = parser.add_argument
     add("--data", metavar="DIR", help="folder with images/ and masks/ (matching stems); "
         "default: synthetic cells")
+    _add_reading_options(parser)
+    add("--border-weight", type=float, metavar="W0",
+        help="instance masks: w0 of the paper's loss weight map, which weighs the gaps "
+        f"and borders between touching cells; 0 turns it off [{d.border_weight}]")
+    add("--border-sigma", type=float, metavar="PX",
+        help=f"instance masks: sigma of the weight map, in pixels [{d.border_sigma}]")
     add("--classes", choices=("binary", "multiclass"),
         help=f"synthetic masks: cell/background or background/cell/border [{d.classes}]")
     add("--epochs", type=_positive_int,
@@ -176,9 +189,14 @@ def _add_predict(commands):
     parser.add_argument("--probabilities", action="store_true",
                         help="also write <name>_prob.npy (K, H, W) and, for binary models, "
                         "<name>_prob.png")
+    parser.add_argument("--instances", action="store_true",
+                        help="also write <name>_instances.tif: one id per object (uint16, "
+                        "uint32 beyond 65535 objects), touching cells split by the border "
+                        "class of a model trained on instance masks")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output files that exist (without it they stop the run "
                         "before anything is written)")
+    _add_reading_options(parser, masks=False)
     _add_inference_options(parser)
     parser.set_defaults(run=_predict)
 
@@ -194,6 +212,7 @@ def _add_evaluate(commands):
     parser.add_argument("--checkpoint", required=True, metavar="CKPT")
     parser.add_argument("--data", metavar="DIR", help="folder with images/ and masks/")
     parser.add_argument("--csv", metavar="FILE", help="also write the scores to FILE")
+    _add_reading_options(parser)
     _add_inference_options(parser)
     parser.set_defaults(run=_evaluate)
 
@@ -217,6 +236,26 @@ def _add_export(commands):
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
     parser.set_defaults(run=_export)
+
+
+def _add_reading_options(parser, masks: bool = True):
+    """--masks, --channels and --page: how image and mask files are read."""
+    if masks:
+        parser.add_argument("--masks", choices=MASK_KINDS,
+                            help="what the mask files hold; 'auto' decides for the folder "
+                            "and prints why [auto]")
+    parser.add_argument("--channels", metavar="LIST",
+                        help="image channels to keep, such as 0,2 [all]")
+    parser.add_argument("--page", type=_non_negative_int, metavar="N",
+                        help="the page of multi-page TIFFs to read "
+                        "[single-page files only]")
+
+
+def _parse_channels_option(args) -> None:
+    """--channels text -> a tuple of indices (after argparse, so that a bad value is one
+    clear line)."""
+    if getattr(args, "channels", None) is not None:
+        args.channels = parse_channels(args.channels)
 
 
 def _add_inference_options(parser):
@@ -275,6 +314,7 @@ def _refuse_array_run(meta: dict, path, remedy: str):
 
 def _start_training(args) -> Trainer:
     """The Trainer of a new run, or of the resumed one (restored), announced on stdout."""
+    _parse_channels_option(args)
     given = _given(args)
     _select_backend(args.backend)
     if args.resume is None:
@@ -318,6 +358,8 @@ def _start_training(args) -> Trainer:
           + (f" per process on {trainer.ranks} processes (global batch "
              f"{config.batch_size * trainer.ranks})" if trainer.ranks > 1 else ""))
     print(trainer.data_description)
+    for line in trainer.data_warnings:
+        print(line, file=sys.stderr)
     return trainer
 
 
@@ -395,32 +437,57 @@ def _load(args):
 
 
 def _predictor(args):
-    """The model ``predict`` runs: a checkpoint's U-Net, or an ONNX file's (--model)."""
+    """(model, mask kind) that ``predict`` runs: a checkpoint's U-Net and the kind of masks
+    it trained on, or an ONNX file's (--model), whose kind is not recorded (None)."""
     if args.model is None:
-        return _load(args)[0]
+        model, meta = _load(args)
+        return model, model_mask_kind(model, meta)
     if args.backend is not None:
         raise UserError(f"--backend {args.backend}: applies to --checkpoint; --model "
                         f"{args.model} runs on ONNX Runtime's CPU provider")
     from .onnx_runtime import OnnxModel
 
-    return OnnxModel(args.model)
+    return OnnxModel(args.model), None
+
+
+def model_mask_kind(model, meta: dict) -> str:
+    """The kind of masks a checkpoint's model trained on: recorded since instance masks
+    came; older checkpoints are 'binary' (one channel) or 'classes'."""
+    kind = meta.get("mask_kind")
+    if kind in MASK_KINDS:
+        return kind
+    return "binary" if model.config["num_classes"] == 1 else "classes"
+
+
+def predicted_instances(labels: np.ndarray, mask_kind: str | None) -> np.ndarray:
+    """Object ids (H, W) uint16 (uint32 beyond 65535 objects) from a label map: a model
+    trained on instances splits touching cells by its border class; any other model's
+    objects are the 8-connected components of its foreground (labels > 0)."""
+    from .data.instances import instances_from_foreground, instances_from_labels
+
+    if mask_kind == "instances":
+        return instances_from_labels(labels)
+    return instances_from_foreground(labels > 0)
 
 
 def _predict(args):
     from .data.tiling import logits_to_labels, logits_to_probabilities, predict_logits
 
-    model = _predictor(args)
+    _parse_channels_option(args)
+    model, mask_kind = _predictor(args)
     Image = require_pillow("writing mask PNGs")
+    tifffile = require_tifffile("predict --instances") if args.instances else None
     out = prepare_output_folder(args.out, "--out")
     channels = model.config["in_channels"]
     binary = model.config["num_classes"] == 1
-    suffixes = ["_mask.png"] + (["_prob.npy"] + (["_prob.png"] if binary else [])
-                                if args.probabilities else [])
+    suffixes = (["_mask.png"] + (["_prob.npy"] + (["_prob.png"] if binary else [])
+                                 if args.probabilities else [])
+                + (["_instances.tif"] if args.instances else []))
     # Every input and output is known, and checked, before the first prediction.
     inputs = _input_files(args.inputs)
     plans = plan_outputs(inputs, out, suffixes, args.overwrite)
     for path, outputs in zip(inputs, plans, strict=True):
-        image = match_channels(read_image(path), channels, path)
+        image = match_channels(read_image(path, args.channels, args.page), channels, path)
         logits = predict_logits(model, image, tile=args.tile, batch_size=args.batch_size,
                                 tta=args.tta)
         labels = logits_to_labels(logits)
@@ -434,54 +501,128 @@ def _predict(args):
                 grey = (probabilities[0] * 255).round().astype(np.uint8)
                 contents.append(lambda file, grey=grey: Image.fromarray(grey).save(
                     file, format="PNG"))
+        objects = ""
+        if args.instances:
+            ids = predicted_instances(labels, mask_kind)
+            contents.append(lambda file, ids=ids: file.write(_tiff_bytes(tifffile, ids)))
+            objects = f", {int(ids.max()) if ids.size else 0} objects"
         for output, write in zip(outputs, contents, strict=True):
             atomic_write(output, write, overwrite=args.overwrite)
         share = float((labels > 0).mean())
-        print(f"{path}: {image.shape[2]}x{image.shape[1]}, foreground {share:.1%} -> "
-              f"{', '.join(output.name for output in outputs)}")
+        print(f"{path}: {image.shape[2]}x{image.shape[1]}, foreground {share:.1%}{objects} "
+              f"-> {', '.join(output.name for output in outputs)}")
     return 0
 
 
-def _evaluate(args):
-    from .data.tiling import logits_to_labels, predict_logits
-    from .train import build_datasets
+def _tiff_bytes(tifffile, array: np.ndarray) -> bytes:
+    """``array`` as a TIFF file's bytes (tifffile wants a named file or a buffer, and
+    atomic_write's file has no name)."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array)
+    return buffer.getvalue()
 
+
+OBJECT_COLUMNS = ("precision", "recall", "f1", "ap50", "mean_ap")
+
+
+def _object_columns(scores: dict) -> dict:
+    """The evaluate table's object columns from ``object_scores``' dict: precision,
+    recall, F1 and AP at IoU 0.5, and AP's mean over 0.5:0.05:0.95."""
+    return {"precision": float(scores["precision"][0]), "recall": float(scores["recall"][0]),
+            "f1": float(scores["f1"][0]), "ap50": float(scores["ap"][0]),
+            "mean_ap": float(scores["mean_ap"])}
+
+
+def _check_evaluable(dataset, model_kind: str, num_classes: int, where) -> None:
+    """Refuse masks that the model's classes cannot be scored against."""
+    kind = getattr(dataset, "mask_kind", None)
+    if model_kind == "instances" and kind not in (None, "instances", "binary"):
+        raise UserError(f"{where}: Expect: instance ids or binary masks for this model, "
+                        f"trained on instance masks (--masks instances reads label ids as "
+                        f"objects). Actual: masks read as {kind}.")
+    if kind == "instances":
+        if model_kind == "classes" and num_classes > 1:
+            raise UserError(f"{where}: Expect: class labels 0..{num_classes - 1} for this "
+                            f"model, trained on {num_classes} classes. Actual: instance ids.")
+        return  # scored on the foreground and as objects
+    # A binary model (one channel) tells 2 labels apart.
+    if max(dataset.num_classes, 2) > max(num_classes, 2):
+        raise UserError(f"{where}: Expect: masks with at most {max(num_classes, 2)} "
+                        f"classes for this model. Actual: {dataset.num_classes}.")
+
+
+def _evaluate(args):
+    from .data.instances import instances_from_foreground, instances_from_labels
+    from .data.tiling import logits_to_labels, predict_logits
+    from .metrics import object_scores, summarize_object_scores
+    from .train import build_datasets, pixel_scores
+
+    _parse_channels_option(args)
     model, meta = _load(args)
     if args.csv:
         check_writable_file(args.csv, "--csv")  # before the work, not after it
+    model_kind = model_mask_kind(model, meta)
     if args.data is not None:
-        dataset = FolderDataset(args.data)
+        dataset = FolderDataset(args.data, masks=args.masks or "auto",
+                                channels=args.channels, page=args.page)
+        for line in dataset.notes:
+            print(line)
+        for line in dataset.warnings:
+            print(line, file=sys.stderr)
     else:
         _refuse_array_run(meta, args.checkpoint, "give --data DIR")
         _, dataset = build_datasets(config_from_checkpoint(args.checkpoint, meta.get("config")))
     num_classes = model.config["num_classes"]
-    # A binary model (one channel) tells 2 labels apart.
-    if max(dataset.num_classes, 2) > max(num_classes, 2):
-        raise UserError(f"{args.data}: Expect: masks with at most {max(num_classes, 2)} "
-                        f"classes for this model. Actual: {dataset.num_classes}.")
-    rows, predictions, truths = [], [], []
-    print(f"{'image':<32} {'dice':>7} {'iou':>7}")
+    _check_evaluable(dataset, model_kind, num_classes, args.data or args.checkpoint)
+    truth_kind = getattr(dataset, "mask_kind", None)
+    # Pixel scores of the foreground where either side is instances; objects where the
+    # truth has them (instance ids, or a binary mask's connected components).
+    foreground = "instances" if "instances" in (model_kind, truth_kind) else model_kind
+    objects = truth_kind in ("instances", "binary")
+    if truth_kind == "binary":
+        print("objects: the truth's objects are the connected components (8-neighbour) of "
+              "its binary masks")
+    rows, predictions, truths, per_image = [], [], [], []
+    columns = ("dice", "iou") + (OBJECT_COLUMNS if objects else ())
+    print(f"{'image':<32} " + " ".join(f"{name:>9}" for name in columns))
     for index in range(len(dataset)):
         image, mask = dataset[index]
         image = match_channels(image, model.config["in_channels"], dataset.names[index])
         labels = logits_to_labels(predict_logits(model, image, tile=args.tile,
                                                  batch_size=args.batch_size, tta=args.tta))
-        dice, iou = dice_iou(labels, mask, num_classes)
-        rows.append({"image": dataset.names[index], "dice": dice, "iou": iou})
+        dice, iou = pixel_scores(labels, mask, num_classes, foreground)
+        row = {"image": dataset.names[index], "dice": dice, "iou": iou}
+        if objects:
+            instances = getattr(dataset, "instances", None)
+            if truth_kind == "binary":
+                true_ids = instances_from_foreground(mask > 0)
+            elif instances is not None:
+                true_ids = instances[index]
+            else:  # a split's part keeps the 3-class target, from which the ids follow
+                true_ids = instances_from_labels(mask)
+            scores = object_scores(predicted_instances(labels, model_kind), true_ids)
+            per_image.append(scores)
+            row.update(_object_columns(scores))
+        rows.append(row)
         predictions.append(labels)
         truths.append(mask)
-        print(f"{dataset.names[index]:<32} {dice:7.4f} {iou:7.4f}")
-    mean_dice = float(np.mean([r["dice"] for r in rows]))
-    mean_iou = float(np.mean([r["iou"] for r in rows]))
-    print(f"{'mean':<32} {mean_dice:7.4f} {mean_iou:7.4f}")
+        print(f"{row['image']:<32} " + " ".join(f"{row[name]:9.4f}" for name in columns))
+    summary = {"image": "mean", "dice": float(np.mean([r["dice"] for r in rows])),
+               "iou": float(np.mean([r["iou"] for r in rows]))}
+    if objects:
+        summary.update(_object_columns(summarize_object_scores(per_image)))
+    print(f"{'mean':<32} " + " ".join(f"{summary[name]:9.4f}" for name in columns))
+    if objects:
+        print("mean: Dice and IoU averaged over the images; the object scores from the "
+              "matches (IoU > 0.5; mean_ap over 0.5:0.05:0.95) summed over all images")
     warning = one_class_warning(predictions, truths)
     if warning:
         print(warning, file=sys.stderr)
     if args.csv:
         table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=["image", "dice", "iou"])
+        writer = csv.DictWriter(table, fieldnames=["image", *columns])
         writer.writeheader()
-        writer.writerows(rows + [{"image": "mean", "dice": mean_dice, "iou": mean_iou}])
+        writer.writerows(rows + [summary])
         atomic_write(args.csv, lambda file: file.write(table.getvalue().encode()))
     return 0
 

@@ -61,6 +61,8 @@ from .checkpoint import (
 )
 from .data.augment import Augmenter
 from .data.folder import DataError, FolderDataset
+from .data.instances import weight_map
+from .data.masks import MASK_KINDS
 from .data.sampling import CropSampler, default_samples_per_epoch, split_for_validation
 from .data.synthetic import SyntheticCells
 from .data.tiling import default_tile, logits_to_labels, predict_logits, receptive_halo
@@ -83,7 +85,8 @@ REAL_DATA_DEFAULTS = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3, "epo
 # Options that fix the model or the data; a resumed run must keep them.
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
-                "synthetic_size", "val_fraction", "val_data", "foreground_fraction")
+                "synthetic_size", "val_fraction", "val_data", "foreground_fraction",
+                "masks", "channels", "page", "border_weight", "border_sigma")
 # What a run writes to its output folder.
 RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "curves.png",
              "samples.png")
@@ -100,6 +103,11 @@ class TrainConfig:
     """
 
     data: str | None = None          # folder with images/ and masks/; None: synthetic cells
+    masks: str = "auto"              # how to read mask files: see tinyunet.data.masks
+    channels: tuple[int, ...] | None = None  # image channels to keep; None: all
+    page: int | None = None          # the page of multi-page files; None: single-page only
+    border_weight: float = 10.0      # w0 of the paper's weight map (instances); 0: off
+    border_sigma: float = 5.0        # sigma of the weight map, in pixels
     classes: str = "binary"          # synthetic masks: 'binary' or 'multiclass' (with borders)
     epochs: int = 30
     batch_size: int = 8
@@ -160,6 +168,15 @@ class TrainConfig:
         for name in ("samples_per_epoch", "tile"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"--{name.replace('_', '-')}", ">= 1", value)
+        need(self.masks in MASK_KINDS, "--masks", f"one of {MASK_KINDS}", repr(self.masks))
+        need(self.channels is None or (len(self.channels) > 0 and all(
+            isinstance(c, int) and c >= 0 for c in self.channels)), "--channels",
+             "channel indices >= 0, such as 0,2", self.channels)
+        need(self.page is None or self.page >= 0, "--page", "an integer >= 0", self.page)
+        need(self.border_weight >= 0 and math.isfinite(self.border_weight),
+             "--border-weight", "a number >= 0", self.border_weight)
+        need(self.border_sigma > 0 and math.isfinite(self.border_sigma), "--border-sigma",
+             "a positive number", self.border_sigma)
         need(self.val_data is None or self.data is not None, "--val-data",
              "--data too (the synthetic cells have their own validation images)",
              "--val-data without --data")
@@ -206,6 +223,8 @@ def config_from_checkpoint(path, saved, **changes) -> TrainConfig:
         if not _fits_annotation(fields[name].type, value):
             raise CheckpointError(f"{path}: Expect: config {name} of type "
                                   f"{fields[name].type}. Actual: {value!r}.")
+    if isinstance(saved.get("channels"), list):  # JSON has no tuples
+        saved = {**saved, "channels": tuple(saved["channels"])}
     try:
         TrainConfig(**saved).validate()
     except ValueError as error:
@@ -219,7 +238,9 @@ def _fits_annotation(annotation: str, value) -> bool:
     checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
               "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-              "None": lambda v: v is None}
+              "None": lambda v: v is None,
+              "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(
+                  isinstance(c, int) and not isinstance(c, bool) for c in v)}
     names = [name.strip() for name in str(annotation).split("|")]
     if not all(name in checks for name in names):
         return True
@@ -336,9 +357,26 @@ def prepare_datasets(config: TrainConfig, train_set=None, val_set=None):
                              kind=config.classes)
         return train, val, f"validation: {len(val)} separate synthetic images"
     if train_set is None:
-        train_set = FolderDataset(config.data)
+        train_set = FolderDataset(config.data, masks=config.masks, channels=config.channels,
+                                  page=config.page)
+    add_border_weights(train_set, config)
     if val_set is None and config.val_data is not None:
-        val_set = FolderDataset(config.val_data)
+        # The training folder's decision, so that 'auto' cannot read the two differently.
+        val_set = FolderDataset(config.val_data,
+                                masks=getattr(train_set, "mask_kind", config.masks),
+                                channels=config.channels, page=config.page)
+    notes = list(getattr(train_set, "notes", []))
+    warnings = list(getattr(train_set, "warnings", []))
+    if val_set is not None:
+        notes += [f"validation {line}" for line in getattr(val_set, "notes", [])]
+        warnings += list(getattr(val_set, "warnings", []))
+    train, val, description = _split_or_check(config, train_set, val_set)
+    train.warnings = warnings
+    return train, val, "\n".join([*notes, description])
+
+
+def _split_or_check(config: TrainConfig, train_set, val_set):
+    """prepare_datasets' (train, validation, description) once the data is read."""
     if val_set is None:
         return split_for_validation(train_set, config.val_fraction, config.seed, config.crop)
     source = config.val_data or "validation images"
@@ -352,6 +390,31 @@ def prepare_datasets(config: TrainConfig, train_set=None, val_set=None):
     where = "given separately" if config.val_data is None else f"of {config.val_data}"
     return train_set, val_set, (f"validation: the {len(val_set)} images {where}; all "
                                 f"{len(train_set)} training images train")
+
+
+def add_border_weights(dataset, config: TrainConfig) -> None:
+    """Give an instance dataset (one with ``instances``) the paper's per-pixel loss
+    weights, ``weight_map(ids, config.border_weight, config.border_sigma)`` per image
+    (H, W) float32, computed on whole images so that crops cut them like the masks.
+    Other datasets, and ``border_weight`` 0, keep ``weights`` None."""
+    instances = getattr(dataset, "instances", None)
+    if getattr(dataset, "weights", None) is not None:
+        return
+    dataset.weights = None
+    if instances is not None and config.border_weight > 0:
+        dataset.weights = [weight_map(ids, config.border_weight, config.border_sigma)
+                           for ids in instances]
+
+
+def pixel_scores(prediction: np.ndarray, truth: np.ndarray, num_classes: int,
+                 mask_kind: str | None) -> tuple[float, float]:
+    """Hard Dice and IoU of a label map (H, W) against the truth (H, W): ``dice_iou``,
+    except for a model trained on instances, whose score is the foreground's: classes
+    1 and 2 (interior and border) together against truth > 0 (ids, the 3-class target
+    or a binary mask alike)."""
+    if mask_kind == "instances":
+        return dice_iou(prediction > 0, truth > 0, 1)
+    return dice_iou(prediction, truth, num_classes)
 
 
 def build_datasets(config: TrainConfig):
@@ -395,7 +458,9 @@ class Trainer:
     bar goes to ``progress_stream`` (default stderr), or nowhere when it is False.
     ``train_set`` / ``val_set``: datasets to use instead of ``config.data`` (e.g.
     ``ArrayDataset``s); without ``val_set`` the training set is split as a folder is.
-    ``data_description`` says how the data was split and how long an epoch is.
+    ``data_description`` says what the masks were read as (the datasets' notes), how the
+    data was split and how long an epoch is; ``data_warnings`` lists suspicious data
+    (an all-empty mask set), one line each, for the caller to show.
     ``comm``: a ``tinyunet.distributed.Communicator`` to train on all its ranks (each
     rank builds its Trainer with the same config); only rank 0 logs and writes files.
     """
@@ -427,6 +492,8 @@ class Trainer:
         else:
             self.data_source = "synthetic" if config.data is None else "folder"
         self.num_classes = self.train_set.num_classes
+        self.mask_kind = _mask_kind(self.train_set, config)
+        self.data_warnings = list(getattr(self.train_set, "warnings", []))
         _seed_model_init(config.seed)
         self.model = UNet(in_channels=self.train_set.in_channels,
                           num_classes=self.num_classes, depth=config.depth,
@@ -489,6 +556,7 @@ class Trainer:
             "backend": self.backend.name,
             "ranks": self.ranks,
             "data_source": self.data_source,
+            "mask_kind": self.mask_kind,
         }
 
     def save(self, path, copies=()):
@@ -743,7 +811,7 @@ class Trainer:
                 with no_grad():
                     loss = self.loss_fn(tensor(logits[None], backend=self.backend), mask[None])
                 labels = logits_to_labels(logits)
-                dice, iou = dice_iou(labels, mask, self.num_classes)
+                dice, iou = pixel_scores(labels, mask, self.num_classes, self.mask_kind)
                 scores[index] = (float(loss.item()), dice, iou, labels, mask)
         except Exception as caught:
             if self.comm is None:
@@ -859,6 +927,17 @@ class Trainer:
             if not getattr(self, "_warned_pillow", False):
                 self.log(f"note: {error}; skipping the PNG plots")
                 self._warned_pillow = True
+
+
+def _mask_kind(dataset, config: TrainConfig) -> str:
+    """What the training masks are: a folder's (or arrays') decided kind; the synthetic
+    cells are 'binary' or, with borders, 'classes'."""
+    kind = getattr(dataset, "mask_kind", None)
+    if kind is not None:
+        return kind
+    if isinstance(dataset, SyntheticCells):
+        return "binary" if config.classes == "binary" else "classes"
+    return "binary" if dataset.num_classes == 1 else "classes"
 
 
 def _quiet(*_):

@@ -7,7 +7,8 @@
 when its last axis has at most 4 entries and its first more, channels-first in the
 opposite case; any other 3-D shape is an error that asks for one of the two layouts.
 ``masks``: a list of (H, W) label arrays or an (N, H, W) stack; bool, or integers >= 0
-of any integer dtype: 0/1 or 0/255 (binary), or class labels 0..K-1.
+of any integer dtype: 0/1 or 0/255 (binary), class labels 0..K-1 or instance ids,
+read by ``mask_kind`` as a folder's masks are (``tinyunet.data.masks``).
 
 Images are normalised as folder images are (``normalize_percentile``: per image and
 channel, (x - p1) / (p99.8 - p1)); if some images are RGB, grey ones are repeated to
@@ -25,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .images import DataError, normalize_percentile
+from .masks import interpret_masks
 
 # A 3-D image's channel axis has at most this many entries (grey, two-channel, RGB, RGBA).
 MAX_CHANNELS = 4
@@ -88,10 +90,15 @@ class ArrayDataset:
     ``prepared=True`` takes lists of images and masks that a dataset already prepared
     (images (C, H, W) float32, normalised; masks checked), as the train/validation
     split passes its parts, and ``num_classes`` then keeps the class count of the whole.
+
+    ``mask_kind``: how to read the masks, 'auto', 'binary', 'classes' or 'instances', by
+    the rule of a folder's masks (``tinyunet.data.masks.interpret_masks``); afterwards
+    the kind decided. Instance ids become 3-class targets and stay in ``instances``;
+    ``notes`` and ``warnings`` say what was decided, as a ``FolderDataset``'s do.
     """
 
     def __init__(self, images, masks, weights=None, names=None, prepared: bool = False,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, mask_kind: str | None = "auto"):
         image_list = _as_list(images, "images", (3, 4))
         mask_list = _as_list(masks, "masks", (3,))
         if not image_list:
@@ -106,6 +113,16 @@ class ArrayDataset:
                           for image, name in zip(image_list, self.names, strict=True)]
             mask_list = [check_mask(mask, f"mask {name}")
                          for mask, name in zip(mask_list, self.names, strict=True)]
+        self.mask_kind, self.instances = mask_kind, None
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+        if not prepared and mask_kind is not None:
+            decided = interpret_masks(mask_list, [f"mask {name}" for name in self.names],
+                                      mask_kind)
+            mask_list, self.mask_kind, self.instances = (decided.masks, decided.kind,
+                                                         decided.instances)
+            self.notes, self.warnings = decided.notes, decided.warnings
+            num_classes = decided.num_classes if num_classes is None else num_classes
         self.images, self.masks = image_list, mask_list
         for image, mask, name in zip(self.images, self.masks, self.names, strict=True):
             if image.shape[1:] != mask.shape:

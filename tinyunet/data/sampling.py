@@ -71,7 +71,8 @@ def _part(dataset, pieces, names) -> ArrayDataset:
     images, masks, weights = zip(*pieces, strict=True)
     return ArrayDataset(list(images), list(masks),
                         weights=None if weights[0] is None else list(weights),
-                        names=names, prepared=True, num_classes=dataset.num_classes)
+                        names=names, prepared=True, num_classes=dataset.num_classes,
+                        mask_kind=getattr(dataset, "mask_kind", None))
 
 
 def split_for_validation(dataset, val_fraction: float, seed: int, min_rows: int):
