@@ -1,11 +1,12 @@
-"""tinyunet.memory: the malloc setting the tinyunet command makes."""
+"""The malloc setting the tinyunet command makes (tinyunet.kernels.cpu.runtime, re-exported
+by tinyunet.memory)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from tinyunet import memory
+from tinyunet.kernels.cpu import runtime as memory
 
 
 class RecordingLibc:
@@ -53,7 +54,7 @@ def test_a_refused_setting_is_reported(monkeypatch):
 PROBE = """
 import resource, sys
 import numpy as np
-from tinyunet import memory
+from tinyunet.kernels.cpu import runtime as memory
 if sys.argv[1] == "keep":
     assert memory.keep_freed_memory()
 def faults():
