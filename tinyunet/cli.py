@@ -89,7 +89,8 @@ def _add_train(commands):
         help="training crops per epoch [synthetic: one per image; folders: enough to "
         "cover the training pixels about once, 256-1024]")
     add("--foreground-fraction", type=float, metavar="F",
-        help="share of the crops centred on a foreground pixel [1/3]")
+        help="share of the crops centred on a foreground pixel [1/3; 0 for the synthetic "
+        "cells]")
     add("--tile", type=_positive_int, help="tile side of the validation's overlap-tile "
         "prediction [from the network's halo: 512 up to depth 3, 576 at depth 4]")
     add("--synthetic-train", type=_positive_int,
