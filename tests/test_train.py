@@ -265,7 +265,7 @@ def test_depth_4_validates_on_images_larger_than_256(tmp_path):
     """The default tile follows the halo: depth 4 needs more than 2 * 144 = 288 pixels."""
     data = _write_folder(tmp_path / "data", 2, (300, 300))
     config = tiny_config(tmp_path / "run", data=str(data), depth=4, base_channels=2,
-                         epochs=1, batch_size=2)
+                         epochs=1, batch_size=2, samples_per_epoch=2)
     result = quiet_trainer(config).fit()
     assert 0 <= result["val_dice"] <= 1
 
