@@ -265,7 +265,7 @@ def test_depth_4_validates_on_images_larger_than_256(tmp_path):
     """The default tile follows the halo: depth 4 needs more than 2 * 144 = 288 pixels."""
     data = _write_folder(tmp_path / "data", 2, (300, 300))
     config = tiny_config(tmp_path / "run", data=str(data), depth=4, base_channels=2,
-                         epochs=1, batch_size=2)
+                         epochs=1, batch_size=2, samples_per_epoch=2)
     result = quiet_trainer(config).fit()
     assert 0 <= result["val_dice"] <= 1
 
@@ -329,6 +329,8 @@ def test_weighted_losses_pass_the_gradient_check(backend):
 def test_an_epoch_is_samples_per_epoch_crops(tmp_path):
     synthetic = quiet_trainer(tiny_config(tmp_path / "s", epochs=1))
     assert synthetic.samples_per_epoch == 8  # one crop per synthetic training image
+    assert synthetic.sampler.foreground_fraction == 0  # the demo's crops stay uniform
+    assert "placed uniformly" in synthetic.data_description
     counted = []
     trainer = quiet_trainer(tiny_config(tmp_path / "n", epochs=1, samples_per_epoch=10))
     original = trainer._batch
@@ -344,6 +346,7 @@ def test_a_single_large_image_trains_on_its_top_and_validates_on_its_bottom(tmp_
     train_mask, val_mask = trainer.train_set[0][1], trainer.val_set[0][1]
     assert train_mask.shape == (160, 72) and val_mask.shape == (40, 72)  # 20% of the rows
     assert "last 40 rows" in trainer.data_description
+    assert "33% of them centred on foreground" in trainer.data_description
     # Defaults for folder data: at least 256 crops, even for one small image.
     assert trainer.samples_per_epoch == 256
     trainer.samples_per_epoch = 8  # a shorter epoch keeps the test fast

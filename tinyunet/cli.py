@@ -148,7 +148,8 @@ def _add_train(commands):
         help="training crops per epoch [synthetic: one per image; your data: "
         f"{REAL_DATA_DEFAULTS['samples_per_epoch']}]")
     add("--foreground-fraction", type=float, metavar="F",
-        help="share of the crops centred on a foreground pixel [1/3]")
+        help="share of the crops centred on a foreground pixel [1/3; 0 for the synthetic "
+        "cells]")
     add("--tile", type=_positive_int, help="tile side of the validation's overlap-tile "
         "prediction [from the network's halo: 1024 up to depth 4, 1152 at depth 5]")
     add("--synthetic-train", type=_positive_int,
