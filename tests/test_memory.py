@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tinyunet.kernels.cpu import runtime as memory
 
 
