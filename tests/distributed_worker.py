@@ -1,4 +1,4 @@
-"""Runs that tests/test_distributed.py starts, under ``mpiexec -n P`` or as one process.
+"""Runs that tests/model/test_distributed.py starts, under ``mpiexec -n P`` or as one process.
 
     python tests/distributed_worker.py train CONFIG_JSON RESULT_NPZ
         With a launcher: one run on every rank (Trainer(config, comm=...)); without one:

@@ -1,5 +1,5 @@
 """What a training run's folder must look like after any interruption (issue 19, item 5):
-shared by tests/test_file_safety.py and the kill drill in tests/test_kill_drill.py."""
+shared by tests/files/test_file_safety.py and the kill drill in tests/files/test_kill_drill.py."""
 
 from pathlib import Path
 

@@ -9,7 +9,7 @@ import pytest
 
 import tinyunet as tu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif("cuda" not in tu.available_backends(),

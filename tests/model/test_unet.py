@@ -91,6 +91,7 @@ def blobs(n=4, size=16, seed=0):
     return tu.tensor(images), tu.tensor(masks)
 
 
+@pytest.mark.slow
 def test_tiny_unet_overfits_one_batch():
     tu.manual_seed(0)
     model = nn.UNet(1, 1, depth=2, base_channels=4)

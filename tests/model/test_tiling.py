@@ -114,6 +114,7 @@ def test_default_tile_predicts_a_depth_4_image_larger_than_the_tile():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(h=st.integers(9, 40), w=st.integers(9, 40), seed=st.integers(0, 1000),
        padding=st.sampled_from(["same", "valid"]), classes=st.sampled_from([1, 3]),

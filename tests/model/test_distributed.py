@@ -36,7 +36,7 @@ from tinyunet.distributed import (
 )
 from tinyunet.train import TrainConfig, Trainer
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "distributed_worker.py"
 MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join(
     [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and MPIEXEC is not None
@@ -467,7 +467,7 @@ def test_cuda_backend_step_through_nccl_reducer_under_the_simulator(tmp_path):
     """Under the CUDA simulator, 2 ranks share a batch of 4 on the cuda backend and sum
     their gradients through NcclReducer, whose NCCL calls a stand-in performs over MPI
     on the memory they point at; the result matches one numpy process with the whole
-    batch to float64 rounding (as tests/test_cuda_training.py)."""
+    batch to float64 rounding (as tests/backends/test_cuda_training.py)."""
     if "cuda" not in tu.available_backends():
         pytest.skip("the cuda backend (GPU or simulator) is not available")
     done = run(mpiexec(sys.executable, str(WORKER), "cuda-sim", "sim.npz"), tmp_path,
@@ -501,7 +501,7 @@ def test_cuda_backend_step_through_nccl_reducer_under_the_simulator(tmp_path):
 @needs_mpi
 def test_scaling_benchmark_smoke_run():
     """benchmarks.scaling end to end on the small config C (timings meaningless)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = run([sys.executable, "-m", "benchmarks.scaling", "--configs", "C", "--steps", "1",
                 "--no-write"], root, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

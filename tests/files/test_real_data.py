@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import real_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def brute_force_otsu_split(image: np.ndarray) -> np.ndarray:
