@@ -74,7 +74,7 @@ def _quiet(line: str) -> None:
 def _image_for(model, image) -> np.ndarray:
     """``image`` as the normalised (C, H, W) float32 input of ``model``."""
     from .data.arrays import image_to_chw
-    from .data.images import normalize_percentile
+    from .data.images import match_channels, normalize_percentile
 
     channels = model.config["in_channels"]
     array = np.asarray(image)
@@ -84,15 +84,8 @@ def _image_for(model, image) -> np.ndarray:
         chw = np.moveaxis(array, -1, 0)
     else:
         chw = image_to_chw(array, "predict: image")
-    chw = normalize_percentile(chw.astype(np.float32))
-    if chw.shape[0] == channels:
-        return chw
-    if chw.shape[0] == 1:
-        return np.repeat(chw, channels, axis=0)
-    if channels == 1:
-        return chw.mean(axis=0, keepdims=True)
-    raise ValueError(f"predict: Expect: an image with {channels} channel(s) (or 1) for this "
-                     f"model. Actual: shape {array.shape}.")
+    return match_channels(normalize_percentile(chw.astype(np.float32)), channels,
+                          "predict: image")
 
 
 def predict(model, image, tile: int | None = None, tta: bool = False,

@@ -29,6 +29,7 @@ from .data.folder import FolderDataset
 from .data.images import (
     EXTENSIONS,
     DataError,
+    match_channels,
     parse_channels,
     read_image,
     require_pillow,
@@ -394,20 +395,6 @@ def _train(args):
 
 
 # ---- predict and evaluate ----------------------------------------------------------------
-
-def match_channels(image: np.ndarray, channels: int, name) -> np.ndarray:
-    """``image`` (C, H, W) with the model's channel count: grey is repeated to RGB, RGB is
-    averaged to grey; anything else is an error naming the file.
-    """
-    if image.shape[0] == channels:
-        return image
-    if image.shape[0] == 1:
-        return np.repeat(image, channels, axis=0)
-    if channels == 1:
-        return image.mean(axis=0, keepdims=True)
-    raise UserError(f"{name}: Expect: {channels} channel(s) for this model. "
-                    f"Actual: {image.shape[0]}.")
-
 
 def _input_files(inputs) -> list[Path]:
     files = []

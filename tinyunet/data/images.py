@@ -271,3 +271,17 @@ def read_image(path: Path, channels: Sequence[int] | None = None,
     if not np.isfinite(image).all():
         raise DataError(f"{path}: the image holds NaN or infinite values")
     return normalize_percentile(image)
+
+
+def match_channels(image: np.ndarray, channels: int, name) -> np.ndarray:
+    """``image`` (C, H, W) with a model's channel count: grey is repeated to RGB, RGB is
+    averaged to grey; anything else is a DataError naming ``name`` (a file, or the caller).
+    """
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 1:
+        return np.repeat(image, channels, axis=0)
+    if channels == 1:
+        return image.mean(axis=0, keepdims=True)
+    raise DataError(f"{name}: Expect: {channels} channel(s) for this model (or 1). "
+                    f"Actual: {image.shape[0]}.")
