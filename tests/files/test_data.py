@@ -11,7 +11,6 @@ from tinyunet.data import (
     SyntheticCells,
     normalize_percentile,
     split_indices,
-    train_val_split,
 )
 from tinyunet.data.synthetic import border_classes
 
@@ -219,8 +218,3 @@ def test_split_depends_on_seed_and_needs_two_samples(tmp_path):
     assert len(split_indices(40, 0.25, 0)[1]) == 10
     with pytest.raises(DataError, match="at least 2"):
         split_indices(1, 0.2, 0)
-    dataset = SyntheticCells(10, (16, 16), seed=0)
-    train, val = train_val_split(dataset, 0.3, seed=5)
-    assert len(train) == 7 and len(val) == 3
-    assert not set(train.names) & set(val.names)
-    np.testing.assert_array_equal(val[0][0], dataset[val.indices[0]][0])

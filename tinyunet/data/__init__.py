@@ -6,7 +6,7 @@ Shapes: images (C, H, W) float32, masks (H, W) unsigned integer class labels.
 
 from .arrays import ArrayDataset
 from .augment import Augmenter, elastic_field, flip_rotate, intensity_jitter, random_crop, warp
-from .folder import FolderDataset, Subset, split_indices, train_val_split
+from .folder import FolderDataset, split_indices
 from .images import (
     DataError,
     normalize_percentile,
@@ -27,7 +27,6 @@ __all__ = [
     "DataError",
     "FolderDataset",
     "MaskSet",
-    "Subset",
     "SyntheticCells",
     "elastic_field",
     "flip_rotate",
@@ -44,6 +43,5 @@ __all__ = [
     "split_for_validation",
     "split_indices",
     "to_chw",
-    "train_val_split",
     "warp",
 ]

@@ -138,23 +138,6 @@ class FolderDataset:
         return self.images[index], self.masks[index]
 
 
-class Subset:
-    """The samples of ``dataset`` at ``indices``, with the same attributes."""
-
-    def __init__(self, dataset, indices):
-        self.dataset = dataset
-        self.indices = [int(i) for i in indices]
-        self.in_channels = dataset.in_channels
-        self.num_classes = dataset.num_classes
-        self.names = [dataset.names[i] for i in self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.indices[index]]
-
-
 def split_indices(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A shuffled train/validation split of range(count), the same for the same seed.
 
@@ -170,9 +153,3 @@ def split_indices(count: int, val_fraction: float, seed: int) -> tuple[list[int]
     order = np.random.default_rng(seed).permutation(count)
     n_val = min(count - 1, max(1, int(round(count * val_fraction))))
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
-
-
-def train_val_split(dataset, val_fraction: float = 0.2, seed: int = 0):
-    """(train, validation) Subsets of ``dataset`` split by ``seed``."""
-    train, val = split_indices(len(dataset), val_fraction, seed)
-    return Subset(dataset, train), Subset(dataset, val)
