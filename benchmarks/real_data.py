@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.torch_unet import soft_dice_loss, torch_unet
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 JSON_RESULTS = HERE / "real_data.json"
@@ -186,43 +188,6 @@ def random_crop(image: np.ndarray, truth: np.ndarray, rng: np.random.Generator):
     return np.ascontiguousarray(image), np.ascontiguousarray(truth)
 
 
-def torch_unet(torch, depth: int, base: int):
-    """U-Net with 'same' 3x3 convolutions and ReLU, 2x2 max-pooling, 2x2 transposed
-    convolutions and skip concatenation; (N, 1, H, W) -> one logit map (N, 1, H, W),
-    H and W multiples of 2**depth."""
-    nn = torch.nn
-
-    def double_conv(c_in, c_out):
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())
-
-    class UNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            widths = [base * 2**level for level in range(depth + 1)]
-            self.down = nn.ModuleList([double_conv(1 if level == 0 else widths[level - 1],
-                                                   widths[level]) for level in range(depth)])
-            self.bottom = double_conv(widths[depth - 1], widths[depth])
-            self.up = nn.ModuleList([nn.ConvTranspose2d(widths[level + 1], widths[level], 2,
-                                                        stride=2) for level in range(depth)])
-            self.merge = nn.ModuleList([double_conv(2 * widths[level], widths[level])
-                                        for level in range(depth)])
-            self.head = nn.Conv2d(base, 1, 1)
-
-        def forward(self, x):
-            skips = []
-            for block in self.down:
-                x = block(x)
-                skips.append(x)
-                x = nn.functional.max_pool2d(x, 2)
-            x = self.bottom(x)
-            for level in reversed(range(depth)):
-                x = self.merge[level](torch.cat([skips[level], self.up[level](x)], dim=1))
-            return self.head(x)
-
-    return UNet()
-
-
 def run_torch(set_dir: Path, seed: int, steps: int = STEPS) -> dict:
     """Train the recipe on SET/train and score whole-image predictions on SET/test."""
     import torch
@@ -236,12 +201,6 @@ def run_torch(set_dir: Path, seed: int, steps: int = STEPS) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     bce = torch.nn.BCEWithLogitsLoss()
 
-    def soft_dice_loss(logits, target, smooth=1.0):
-        p = torch.sigmoid(logits)
-        overlap = (p * target).sum(dim=(1, 2, 3))
-        total = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-        return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
-
     start = time.perf_counter()
     model.train()
     for _ in range(steps):
@@ -249,7 +208,7 @@ def run_torch(set_dir: Path, seed: int, steps: int = STEPS) -> dict:
         x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None])
         y = torch.from_numpy(np.stack([c[1] for c in crops])[:, None])
         logits = model(x)
-        loss = bce(logits, y) + soft_dice_loss(logits, y)
+        loss = bce(logits, y) + soft_dice_loss(torch, logits, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

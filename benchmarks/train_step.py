@@ -47,6 +47,7 @@ from .common import (
     torch_label,
     write_section,
 )
+from .torch_unet import soft_dice_loss, torch_unet
 
 
 @dataclass(frozen=True)
@@ -116,53 +117,14 @@ def tinyunet_runs(config: Config, backend: str):
 
 def torch_runs(config: Config, torch, device: str = "cpu"):
     """The same U-Net, loss and optimizer in PyTorch, on ``device``."""
-    nn = torch.nn
-
-    def double_conv(c_in, c_out):
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())
-
-    class UNet(nn.Module):
-        def __init__(self, depth, base):
-            super().__init__()
-            widths = [base * 2**level for level in range(depth + 1)]
-            self.down = nn.ModuleList(
-                [double_conv(1 if level == 0 else widths[level - 1], widths[level])
-                 for level in range(depth)])
-            self.bottom = double_conv(widths[depth - 1], widths[depth])
-            self.up = nn.ModuleList(
-                [nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2)
-                 for level in range(depth)])
-            self.merge = nn.ModuleList(
-                [double_conv(2 * widths[level], widths[level]) for level in range(depth)])
-            self.head = nn.Conv2d(base, 1, 1)
-
-        def forward(self, x):
-            skips = []
-            for block in self.down:
-                x = block(x)
-                skips.append(x)
-                x = nn.functional.max_pool2d(x, 2)
-            x = self.bottom(x)
-            for level in reversed(range(len(skips))):
-                x = self.up[level](x)
-                x = self.merge[level](torch.cat([skips[level], x], dim=1))
-            return self.head(x)
-
-    def dice_loss(logits, target, smooth=1.0):
-        p = torch.sigmoid(logits)
-        intersection = (p * target).sum(dim=(1, 2, 3))
-        total = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-        return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
-
     torch.manual_seed(0)
-    model = UNet(config.depth, config.base).to(device)
+    model = torch_unet(torch, config.depth, config.base).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     image, mask = (torch.from_numpy(a).to(device) for a in make_batch(config))
 
     def train_step():
         optimizer.zero_grad()
-        loss = dice_loss(model(image), mask)
+        loss = soft_dice_loss(torch, model(image), mask)
         loss.backward()
         optimizer.step()
         return loss.item()
