@@ -118,6 +118,9 @@ def _add_train(commands):
         f"and borders between touching cells; 0 turns it off [{d.border_weight}]")
     add("--border-sigma", type=float, metavar="PX",
         help=f"instance masks: sigma of the weight map, in pixels [{d.border_sigma}]")
+    add("--class-balance", action="store_const", const=True,
+        help="instance masks: add the weight map's w_c, which weighs cells and background "
+        "alike in the cross-entropy term (it makes masks larger) [off]")
     add("--classes", choices=("binary", "multiclass"),
         help=f"synthetic masks: cell/background or background/cell/border [{d.classes}]")
     add("--epochs", type=_positive_int,

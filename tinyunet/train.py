@@ -89,7 +89,8 @@ REAL_DATA_DEFAULTS = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3, "epo
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
                 "synthetic_size", "val_fraction", "val_data", "foreground_fraction",
-                "masks", "channels", "page", "border_weight", "border_sigma")
+                "masks", "channels", "page", "border_weight", "border_sigma",
+                "class_balance")
 # What a run writes to its output folder.
 RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "curves.png",
              "samples.png")
@@ -111,6 +112,7 @@ class TrainConfig:
     page: int | None = None          # the page of multi-page files; None: single-page only
     border_weight: float = 10.0      # w0 of the paper's weight map (instances); 0: off
     border_sigma: float = 5.0        # sigma of the weight map, in pixels
+    class_balance: bool = False      # the weight map's w_c: background against cells
     classes: str = "binary"          # synthetic masks: 'binary' or 'multiclass' (with borders)
     epochs: int = 30
     batch_size: int = 8
@@ -398,15 +400,21 @@ def _split_or_check(config: TrainConfig, train_set, val_set):
 
 def add_border_weights(dataset, config: TrainConfig) -> None:
     """Give an instance dataset (one with ``instances``) the paper's per-pixel loss
-    weights, ``weight_map(ids, config.border_weight, config.border_sigma)`` per image
-    (H, W) float32, computed on whole images so that crops cut them like the masks.
-    Other datasets, and ``border_weight`` 0, keep ``weights`` None."""
+    weights, ``weight_map(ids, config.border_weight, config.border_sigma,
+    config.class_balance)`` per image (H, W) float32, computed on whole images so that
+    crops cut them like the masks. Other datasets, and ``border_weight`` 0 without
+    ``class_balance``, keep ``weights`` None.
+
+    w_c is off by default: the Dice half of the loss already copes with imbalance, and
+    weighting the cross-entropy towards the rarer cells moves the boundary outwards
+    (benchmarks/RESULTS.md, "Real microscopy", measures what it costs)."""
     instances = getattr(dataset, "instances", None)
     if getattr(dataset, "weights", None) is not None:
         return
     dataset.weights = None
-    if instances is not None and config.border_weight > 0:
-        dataset.weights = [weight_map(ids, config.border_weight, config.border_sigma)
+    if instances is not None and (config.border_weight > 0 or config.class_balance):
+        dataset.weights = [weight_map(ids, config.border_weight, config.border_sigma,
+                                      class_balance=config.class_balance)
                            for ids in instances]
 
 

@@ -84,10 +84,17 @@ def test_instance_folders_get_the_papers_weight_map(tmp_path):
     assert len(train.weights) == 3
     for ids, weights in zip(train.instances, train.weights, strict=True):
         assert weights.dtype == np.float32
-        np.testing.assert_array_equal(weights, weight_map(ids, 8.0, 3.0))
+        np.testing.assert_array_equal(weights, weight_map(ids, 8.0, 3.0, class_balance=False))
+    balanced, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val),
+                                                  class_balance=True))
+    np.testing.assert_array_equal(balanced.weights[0], weight_map(train.instances[0]))
     off, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val),
                                              border_weight=0.0))
     assert off.weights is None
+    only_balance, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val),
+                                                      border_weight=0.0, class_balance=True))
+    np.testing.assert_array_equal(only_balance.weights[0],
+                                  weight_map(train.instances[0], 0.0))
     binary, _, _ = prepare_datasets(TrainConfig(data=str(binary_folder(tmp_path / "b"))))
     assert binary.weights is None
 
@@ -99,7 +106,7 @@ def test_a_split_instance_folder_keeps_weights_and_kind(tmp_path):
                                   out=str(tmp_path / "run")),
                       log=lambda line: None, progress_stream=False)
     assert trainer.mask_kind == "instances" and trainer.num_classes == 3
-    full = weight_map(cell_ids(48, 12, seed=0))
+    full = weight_map(cell_ids(48, 12, seed=0), class_balance=False)
     rows = trainer.train_set.weights[0].shape[0]
     np.testing.assert_array_equal(trainer.train_set.weights[0], full[:rows])
     trainer.fit()
@@ -140,7 +147,8 @@ def test_fit_reads_instance_arrays_with_weights(tmp_path):
                      samples_per_epoch=4, batch_size=4, epochs=1, verbose=False,
                      out=str(tmp_path / "run"))
     assert trainer.mask_kind == "instances" and trainer.num_classes == 3
-    np.testing.assert_array_equal(trainer.train_set.weights[1], weight_map(masks[1]))
+    np.testing.assert_array_equal(trainer.train_set.weights[1],
+                                  weight_map(masks[1], class_balance=False))
 
 
 def test_the_cli_trains_evaluates_and_predicts_instances(tmp_path):
@@ -206,3 +214,11 @@ def test_evaluate_scores_binary_truth_as_connected_components(tmp_path):
     ids = instance_folder(tmp_path / "ids", counts=(12, 8))
     scored = run("evaluate", "--checkpoint", out / "last.npz", "--data", ids)
     assert "masks: instances" in scored.stdout and "mean_ap" in scored.stdout
+
+
+def test_class_balance_is_a_train_option():
+    from tinyunet.cli import _given, build_parser
+
+    parser = build_parser()
+    assert _given(parser.parse_args(["train", "--class-balance"]))["class_balance"] is True
+    assert "class_balance" not in _given(parser.parse_args(["train"]))
