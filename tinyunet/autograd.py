@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import numpy as np
 
@@ -238,7 +239,7 @@ class Tensor:
             _accumulate_leaf(self, seed)
             return
         grads = {id(self._node): seed}
-        leaf_grads = {}
+        leaf_grads: dict[int, tuple[Tensor, Any]] = {}
         for node in reversed(_topological_order(self._node)):
             g = grads.pop(id(node), None)
             if g is None:

@@ -85,7 +85,8 @@ def save_checkpoint(path, model, meta: dict, optimizer=None, scheduler=None, cop
     if scheduler is not None:
         record["scheduler"] = encode_tree(scheduler.state_dict(), arrays, "sched/")
     arrays["meta"] = np.array(json.dumps(record))
-    atomic_write(path, lambda file: np.savez(file, **arrays), copies=copies)
+    # numpy's stubs let **arrays fill savez's allow_pickle: bool; no key here is that.
+    atomic_write(path, lambda file: np.savez(file, **arrays), copies=copies)  # type: ignore[arg-type]
 
 
 # What a checkpoint may declare; everything is checked before any array is read, so a
@@ -258,7 +259,8 @@ def _read_arrays(path, archive, entries, meta) -> dict:
     if stray:
         raise CheckpointError(f"{path}: its weights do not fit this U-Net "
                               f"({describe_config(config)}): unexpected members {stray[:5]}")
-    state = {}  # the optimizer's and schedule's arrays, each named in their state tree
+    # the optimizer's and schedule's arrays, each named in their state tree
+    state: dict[str, None] = {}
     for key, prefix in (("optimizer", "optim/"), ("scheduler", "sched/")):
         for name in _array_names(meta.get(key)):
             if not name.startswith(prefix):

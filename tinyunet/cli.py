@@ -416,7 +416,7 @@ def _input_files(inputs) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or folder")
     # A file named twice (alone and in its folder) is predicted once.
-    unique = {}
+    unique: dict[str, Path] = {}
     for path in files:
         unique.setdefault(os.path.realpath(path), path)
     return list(unique.values())

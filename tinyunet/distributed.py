@@ -206,7 +206,9 @@ class NcclReducer:
 
     def __init__(self, mpi_comm, nccl=None, stream: Callable[[], int] | None = None):
         if nccl is None:
-            from cupy.cuda import nccl
+            from cupy.cuda import nccl as cupy_nccl
+
+            nccl = cupy_nccl
         self.nccl = nccl
         self.stream = stream if stream is not None else _current_stream_pointer
         uid = nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None

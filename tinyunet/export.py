@@ -52,7 +52,7 @@ MODEL_MARKER = "tinyunet-unet"
 INSTALL_HINT = "pip install 'tinyunet[export]'"
 # The safetensors format caps the header at 100 MB; a larger one is not such a file.
 MAX_SAFETENSORS_HEADER = 100_000_000
-SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),

@@ -100,7 +100,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
             os.fsync(file.fileno())
 
 
-def atomic_write(path, write: Callable[[BinaryIO], None], overwrite: bool = True,
+def atomic_write(path, write: Callable[[BinaryIO], object], overwrite: bool = True,
                  copies: Iterable = ()) -> None:
     """Write ``path`` whole or not at all: ``write(file)`` fills a temporary file beside
     it, which is synced and renamed to ``path``.
@@ -146,7 +146,7 @@ def remove_stale_temporaries(folder) -> list[Path]:
     """Delete the temporary files that atomic_write left in ``folder`` in processes that
     are no longer running (killed during a write); the paths deleted."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in os.scandir(folder):
@@ -218,7 +218,8 @@ def plan_outputs(inputs: list[Path], out: Path, suffixes: list[str],
     """For each input, its outputs ``out/<stem><suffix>``; an OutputError, before anything
     is written, when two inputs would write one file (naming both), an output is also an
     input, or (without ``overwrite``) an output exists, a link included."""
-    plan, writers = [], {}
+    plan: list[list[Path]] = []
+    writers: dict[Path, Path] = {}
     sources = {os.path.realpath(path) for path in inputs}
     for source in inputs:
         outputs = [out / f"{source.stem}{suffix}" for suffix in suffixes]

@@ -103,17 +103,17 @@ class Optimizer:
         entries = list(state["state"])
         check(len(entries) == len(self.params), name,
               f"state for {len(self.params)} parameters", f"state for {len(entries)}")
-        restored = []
+        restored: list[dict] = []
         for index, (entry, p) in enumerate(zip(entries, self.params, strict=True)):
             if not entry:
                 restored.append({})
                 continue
-            keys, allowed = set(entry), {"step", *self.buffer_names}
-            check({"step", *self.required_buffers} <= keys <= allowed, name,
+            entry_keys, allowed = set(entry), {"step", *self.buffer_names}
+            check({"step", *self.required_buffers} <= entry_keys <= allowed, name,
                   f"parameter {index} state with 'step' and buffers among {self.buffer_names}",
-                  f"keys {sorted(keys)}")
+                  f"keys {sorted(entry_keys)}")
             new = {"step": int(entry["step"])}
-            for key in sorted(keys - {"step"}):
+            for key in sorted(entry_keys - {"step"}):
                 value = np.asarray(entry[key])
                 check(value.shape == p.shape, name,
                       f"'{key}' of parameter {index} with shape {p.shape}",

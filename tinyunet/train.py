@@ -238,7 +238,7 @@ def config_from_checkpoint(path, saved, **changes) -> TrainConfig:
     return TrainConfig(**{**saved, **changes})
 
 
-def _fits_annotation(annotation: str, value) -> bool:
+def _fits_annotation(annotation: object, value) -> bool:
     """Whether ``value`` (from JSON) has a type the annotation ("int", "str | None", ...)
     allows; an annotation of other types is not checked here (validate() still runs)."""
     checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -790,6 +790,7 @@ class Trainer:
         """Forward and backward on this rank's shard of the global batch, then the sum of
         every rank's gradients; returns the global batch's mean loss. An error here
         reaches every rank through the sum, and each raises RankFailure."""
+        assert self.comm is not None  # called only in a distributed run
         shard = self.comm.shard(len(images))
         loss, error = None, None
         self.optimizer.zero_grad()
@@ -855,6 +856,7 @@ class Trainer:
                     (labels, mask) if index < shown else (np.unique(labels), np.unique(mask))))
                 for index, (loss, dice, iou, labels, mask) in scores.items()}
         weights = digest(*(p.numpy() for p in self.model.parameters()))
+        assert self.comm is not None  # called only in a distributed run
         gathered = self.comm.gather((weights, sent), error, "the validation")
         differ = [rank for rank, (w, _) in enumerate(gathered) if w != gathered[0][0]]
         if differ:

@@ -114,7 +114,7 @@ class FolderDataset:
 
     def _match_channels(self, paths: list[Path]) -> None:
         """One channel count for all images: grey is repeated beside RGB, else an error."""
-        first_of = {}
+        first_of: dict[int, Path] = {}
         for path, image in zip(paths, self.images, strict=True):
             first_of.setdefault(image.shape[0], path)
         if set(first_of) == {1, 3}:

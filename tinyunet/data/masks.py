@@ -311,7 +311,7 @@ def _guess(paths, labels, values, palette) -> MaskSet:
     return _as_classes(paths, labels, values, f"{why}; {override}")
 
 
-def interpret_masks(labels: Sequence[np.ndarray], paths: Sequence[Path], kind: str = "auto",
+def interpret_masks(labels: Sequence[np.ndarray], paths: Sequence[Path | str], kind: str = "auto",
                     palette: Sequence[bool] | None = None) -> MaskSet:
     """Read the ``labels`` (H, W) of a folder's masks (``read_mask``'s arrays, or any
     arrays of non-negative whole numbers) as ``kind``.

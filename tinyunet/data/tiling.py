@@ -247,11 +247,12 @@ def predict_tiled(model, image: np.ndarray, tile=None, halo=None, batch_size: in
     if not tta:
         return logits_to_probabilities(_predict_view(model, image, tile, halo, batch_size))
     image = _checked_image(model, image)
-    total = None
+    total: np.ndarray | None = None
     for turns, mirror in DIHEDRAL:
         view = np.ascontiguousarray(dihedral_transform(image, turns, mirror))
         logits = _predict_view(model, view, tile, halo, batch_size)
         probabilities = dihedral_inverse(logits_to_probabilities(logits), turns, mirror)
         # Summed in float64, so that the order of the views hardly changes the rounding.
         total = probabilities.astype(np.float64) if total is None else total + probabilities
+    assert total is not None  # DIHEDRAL holds 8 views
     return (total / len(DIHEDRAL)).astype(np.float32)

@@ -38,6 +38,10 @@ class Module:
     ("encoders.0.conv1.weight"). ``model(x)`` calls ``forward``.
     """
 
+    _parameters: dict[str, Parameter]
+    _modules: dict[str, Module]
+    training: bool
+
     def __init__(self):
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_modules", {})

@@ -28,6 +28,7 @@ padding='valid': the paper's unpadded convs. Each conv loses 2 pixels, each skip
 from __future__ import annotations
 
 import numbers
+from typing import cast
 
 from .. import functional as F
 from ..errors import ShapeError, check
@@ -103,7 +104,7 @@ class UNetGeometry:
                 f"{self.depth} can use: each side minus 4 per conv pair must be even before "
                 f"every pool, e.g. {suggestion}. Actual: {tuple(input_hw)}."
             )
-        return tuple(sides)
+        return cast("tuple[int, int]", tuple(sides))  # no None, checked above
 
     def valid_input_hw(self, min_hw) -> tuple[int, int]:
         """The smallest usable input size at least ``min_hw`` (a multiple of 2**depth in 'same')."""

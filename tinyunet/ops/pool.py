@@ -54,7 +54,8 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     if not all(0 <= p <= k // 2 for p, k in zip(padding, kernel, strict=True)):
         fail(op, f"0 <= padding <= kernel_size // 2 for kernel {kernel}", f"padding {padding}")
     geometry = PoolGeometry(kernel, stride, padding, dilation)
-    ho, wo = geometry.output_hw(input.shape[2:])
+    h, w = input.shape[2:]  # rank 4, checked above
+    ho, wo = geometry.output_hw((h, w))
     if ho < 1 or wo < 1:
         fail(op, f"an input of at least the (dilated) window, kernel {kernel}",
              f"input {input.shape} with padding {padding}")

@@ -163,7 +163,7 @@ class NumbaBackend(DirectConvs, WinogradConvs, Im2colConvs, MaxPool, Elementwise
     def conv_transpose2d_grads(self, dy: np.ndarray, x: np.ndarray, w: np.ndarray,
                                geometry: ConvGeometry, need_input: bool = True,
                                need_weight: bool = True, need_bias: bool = True
-                               ) -> tuple[np.ndarray | None, ...]:
+                               ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         if not (need_input and need_weight and policy.share_up_conv_columns(
                 dy.shape[0], dy.shape[1], x.shape[2:], dy.shape[2:], w.shape[2:], geometry,
                 dy.itemsize)):

@@ -48,7 +48,8 @@ class Elementwise:
         run(kernels.sigmoid_overlap_sums, z.size, z.reshape(n, -1), t.reshape(n, -1),
             p.reshape(n, -1), sums)
         kept = (n,) + (1,) * (z.ndim - 1)
-        return (p, *(sums[:, k].astype(z.dtype).reshape(kept) for k in range(3)))
+        s0, s1, s2 = (sums[:, k].astype(z.dtype).reshape(kept) for k in range(3))
+        return p, s0, s1, s2
 
     def sigmoid_overlap_backward(self, p: np.ndarray, t: np.ndarray, slope: np.ndarray,
                                  offset: np.ndarray) -> np.ndarray:

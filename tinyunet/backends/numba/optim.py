@@ -94,7 +94,7 @@ class OptimizerUpdates:
         return spans
 
 
-def _by_dtype(arrays):
+def _by_dtype(arrays) -> list[list[int]]:
     """Index lists of ``arrays`` grouped by dtype: a typed List holds one array type."""
     groups: dict[np.dtype, list[int]] = {}
     for i, a in enumerate(arrays):
