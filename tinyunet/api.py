@@ -34,8 +34,9 @@ def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: b
     come from ``train.REAL_DATA_DEFAULTS``, then TrainConfig's defaults. Without
     ``val_images`` the images are split as a folder is (``tinyunet.data.sampling``).
     ``mask_kind``: 'auto', 'binary', 'classes' or 'instances', read by the rule a folder's
-    masks follow (``tinyunet.data.masks``); instance ids train as 3 classes with the
-    paper's weight map (``border_weight``, ``border_sigma``) unless ``weights`` is given.
+    masks follow (``tinyunet.data.masks``); instance ids train as 3 classes, with the
+    paper's weight map when ``border_weight`` > 0 (``border_sigma``, ``class_balance``)
+    and ``weights`` is not given.
     ``weights``: optional per-pixel loss weight maps, one (H, W) per image. ``verbose``:
     print what was decided, the epoch lines and the progress bar.
     """

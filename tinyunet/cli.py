@@ -115,12 +115,12 @@ def _add_train(commands):
     _add_reading_options(parser)
     add("--border-weight", type=float, metavar="W0",
         help="instance masks: w0 of the paper's loss weight map, which weighs the gaps "
-        f"and borders between touching cells; 0 turns it off [{d.border_weight}]")
+        f"and borders between touching cells (the paper: 10); 0: no map [{d.border_weight:g}]")
     add("--border-sigma", type=float, metavar="PX",
         help=f"instance masks: sigma of the weight map, in pixels [{d.border_sigma}]")
     add("--class-balance", action="store_const", const=True,
-        help="instance masks: add the weight map's w_c, which weighs cells and background "
-        "alike in the cross-entropy term (it makes masks larger) [off]")
+        help="instance masks: add the weight map's w_c (the paper's), which weighs cells "
+        "and background alike in the cross-entropy term; it makes masks larger [off]")
     add("--classes", choices=("binary", "multiclass"),
         help=f"synthetic masks: cell/background or background/cell/border [{d.classes}]")
     add("--epochs", type=_positive_int,

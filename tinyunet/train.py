@@ -110,7 +110,7 @@ class TrainConfig:
     masks: str = "auto"              # how to read mask files: see tinyunet.data.masks
     channels: tuple[int, ...] | None = None  # image channels to keep; None: all
     page: int | None = None          # the page of multi-page files; None: single-page only
-    border_weight: float = 10.0      # w0 of the paper's weight map (instances); 0: off
+    border_weight: float = 0.0       # w0 of the paper's weight map (instances); 0: off
     border_sigma: float = 5.0        # sigma of the weight map, in pixels
     class_balance: bool = False      # the weight map's w_c: background against cells
     classes: str = "binary"          # synthetic masks: 'binary' or 'multiclass' (with borders)
@@ -405,9 +405,9 @@ def add_border_weights(dataset, config: TrainConfig) -> None:
     crops cut them like the masks. Other datasets, and ``border_weight`` 0 without
     ``class_balance``, keep ``weights`` None.
 
-    w_c is off by default: the Dice half of the loss already copes with imbalance, and
-    weighting the cross-entropy towards the rarer cells moves the boundary outwards
-    (benchmarks/RESULTS.md, "Real microscopy", measures what it costs)."""
+    The map is off by default (``border_weight`` 0, ``class_balance`` False): on real
+    nuclei it cost pixel Dice, and w_c made masks larger (docs/real-data.md has the
+    figures); the border class alone keeps touching cells apart."""
     instances = getattr(dataset, "instances", None)
     if getattr(dataset, "weights", None) is not None:
         return

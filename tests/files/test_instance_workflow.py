@@ -86,13 +86,12 @@ def test_instance_folders_get_the_papers_weight_map(tmp_path):
         assert weights.dtype == np.float32
         np.testing.assert_array_equal(weights, weight_map(ids, 8.0, 3.0, class_balance=False))
     balanced, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val),
-                                                  class_balance=True))
+                                                  border_weight=10.0, class_balance=True))
     np.testing.assert_array_equal(balanced.weights[0], weight_map(train.instances[0]))
-    off, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val),
-                                             border_weight=0.0))
-    assert off.weights is None
+    off, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val)))
+    assert off.weights is None                      # the map is off by default
     only_balance, _, _ = prepare_datasets(TrainConfig(data=str(data), val_data=str(val),
-                                                      border_weight=0.0, class_balance=True))
+                                                      class_balance=True))
     np.testing.assert_array_equal(only_balance.weights[0],
                                   weight_map(train.instances[0], 0.0))
     binary, _, _ = prepare_datasets(TrainConfig(data=str(binary_folder(tmp_path / "b"))))
@@ -103,7 +102,7 @@ def test_a_split_instance_folder_keeps_weights_and_kind(tmp_path):
     data = instance_folder(tmp_path / "data")
     trainer = Trainer(TrainConfig(data=str(data), depth=1, base_channels=4, crop=16,
                                   samples_per_epoch=4, batch_size=4, epochs=1,
-                                  out=str(tmp_path / "run")),
+                                  border_weight=10.0, out=str(tmp_path / "run")),
                       log=lambda line: None, progress_stream=False)
     assert trainer.mask_kind == "instances" and trainer.num_classes == 3
     full = weight_map(cell_ids(48, 12, seed=0), class_balance=False)
@@ -145,7 +144,7 @@ def test_fit_reads_instance_arrays_with_weights(tmp_path):
     trainer = tu.fit(images, masks, val_images=[images[0]], val_masks=[val_ids],
                      mask_kind="instances", depth=1, base_channels=4, crop=16,
                      samples_per_epoch=4, batch_size=4, epochs=1, verbose=False,
-                     out=str(tmp_path / "run"))
+                     border_weight=10.0, out=str(tmp_path / "run"))
     assert trainer.mask_kind == "instances" and trainer.num_classes == 3
     np.testing.assert_array_equal(trainer.train_set.weights[1],
                                   weight_map(masks[1], class_balance=False))
