@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import tinyunet as tu
 from tinyunet.data.tiling import (
     DIHEDRAL,
+    _same_windows,
+    balanced_tile,
     default_tile,
     dihedral_inverse,
     dihedral_transform,
@@ -104,6 +106,26 @@ def test_default_tile_covers_twice_the_halo_at_every_depth():
         tile = default_tile(depth)
         assert tile % 2**depth == 0 and tile >= max(1024, 4 * receptive_halo(depth))
         assert tile - 2**depth < max(1024, 4 * receptive_halo(depth))  # the smallest such
+
+
+@given(padded=st.integers(1, 3000), tile=st.integers(1, 1200), halo=st.integers(0, 200),
+       depth=st.integers(0, 5))
+def test_balanced_tiles_are_no_more_and_no_larger(padded, tile, halo, depth):
+    align = 2**depth
+    padded, tile = padded * align, tile * align
+    assume(tile > 2 * halo)
+    balanced = balanced_tile(padded, tile, halo, align)
+    assert balanced % align == 0
+    if padded <= tile:
+        assert balanced == padded                                  # one tile, the whole side
+    else:
+        assert 2 * halo < balanced <= tile
+        windows = _same_windows(padded, padded, balanced, halo)
+        assert len(windows) <= len(_same_windows(padded, padded, tile, halo))
+        assert windows[0][2] == 0 and windows[-1][3] == padded   # the whole side is kept
+        pairs = zip(windows, windows[1:], strict=False)
+        assert all(b[2] <= a[3] for a, b in pairs)                 # with no gap
+    assert balanced_tile(1104, 1024, 144, 16) == 704   # a 1100-px image at depth 4
 
 
 def test_default_tile_predicts_a_depth_4_image_larger_than_the_tile():

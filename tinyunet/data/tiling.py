@@ -25,7 +25,9 @@ output; the floor of 1024 runs most microscopy fields whole, in one tile, with n
 context recomputed (a depth-4 net's halo is 144: 576-pixel tiles would keep 288 of 576
 pixels per side and compute a 1100-pixel image about four times over). A batch of
 four 1024-pixel tiles of a 16-channel U-Net holds about 1.5 GB; give a smaller
-``tile`` on a small machine. Depth 2-4 give 1024; depth 5 gives 1152.
+``tile`` on a small machine. Depth 2-4 give 1024; depth 5 gives 1152. A side that
+needs several tiles gets tiles of equal size, the smallest that needs no more of them
+(``balanced_tile``), so that little is computed twice.
 
 Test-time augmentation (``tta=True``) runs the 8 flips and 90-degree rotations of the
 image (the dihedral group), turns each prediction back, and averages the
@@ -104,6 +106,20 @@ def _valid_windows(size, out_tile, stride):
     while starts[-1] + out_tile < size:
         starts.append(starts[-1] + stride)
     return [(s, s, s, min(s + out_tile, size)) for s in starts]
+
+
+def balanced_tile(padded_size: int, tile: int, halo: int, align: int) -> int:
+    """The smallest multiple of ``align``, at most ``tile``, whose windows cover
+    ``padded_size`` in as few tiles as ``tile``'s do ('same' padding, overlap 2 * halo).
+
+    Tiles of ``tile`` would compute the overlap of their last window again: 1104 rows
+    in tiles of 1024 with a halo of 144 run two 1024-row windows, while two of 704 do.
+    """
+    if padded_size <= tile:
+        return padded_size
+    count = len(_same_windows(padded_size, padded_size, tile, halo))
+    need = math.ceil((padded_size + (count - 1) * 2 * halo) / count)
+    return min(tile, math.ceil(need / align) * align)
 
 
 def _same_windows(padded_size, size, tile, halo):
@@ -190,6 +206,8 @@ def _predict_view(model, image, tile, halo, batch_size):
                     f"kept out of each tile). Actual: tile {side}; use a tile of at least "
                     f"{smallest}{remedy}."
                 )
+        in_hw = tuple(balanced_tile(p, t, halo, align) for p, t in zip(padded_hw, in_hw,
+                                                                        strict=True))
         rows = _same_windows(padded_hw[0], H, in_hw[0], halo)
         cols = _same_windows(padded_hw[1], W, in_hw[1], halo)
         padded = np.pad(image, ((0, 0), (0, padded_hw[0] - H), (0, padded_hw[1] - W)))
