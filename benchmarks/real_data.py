@@ -302,6 +302,9 @@ def run_child(method: str, python: str, set_dir: Path, work: Path, timeout: floa
     # shared machine's other processes need and stall each other: on 2 busy cores a
     # training step took 8 s so against 1 s waiting passively, as tinyunet's kernels do.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # The child runs this file as a script; the repository root lets it import
+    # benchmarks.torch_unet.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               env=env)
