@@ -12,6 +12,7 @@ from tinyunet.data.sampling import (
     default_samples_per_epoch,
     foreground_points,
     split_for_validation,
+    split_indices,
     strip_rows,
 )
 
@@ -168,6 +169,39 @@ def test_five_or_more_images_are_split_by_image():
     train, val, description = split_for_validation(dataset, 0.2, seed=0, min_rows=32)
     assert len(train) == 5 and len(val) == 1 and "1 of 6 images" in description
     assert sorted(train.names + val.names) == sorted(dataset.names)
+
+
+@given(sizes=st.lists(st.integers(1, 50), min_size=2, max_size=30),
+       fraction=st.floats(0.05, 0.95), seed=st.integers(0, 2**31), cap=st.integers(0, 400))
+def test_held_out_pixels_are_capped_but_one_image_always_validates(sizes, fraction, seed, cap):
+    train, val = split_indices(len(sizes), fraction, seed, sizes, cap)
+    _, uncapped = split_indices(len(sizes), fraction, seed)
+    assert sorted(train + val) == list(range(len(sizes))) and train and val
+    assert set(val) <= set(uncapped)
+    assert len(val) == 1 or sum(sizes[i] for i in val) <= cap
+    # Only the cap stops it: one more image of the uncapped draw would pass it.
+    if len(val) < len(uncapped):
+        assert sum(sizes[i] for i in uncapped) > cap
+
+
+def test_large_folders_hold_out_fewer_images():
+    dataset = _dataset([(20, 20)] * 10)
+    train, val, description = split_for_validation(dataset, 0.5, seed=0, min_rows=8,
+                                                   max_pixels=900)
+    assert len(val) == 2 and len(train) == 8
+    assert "2 of 10 images" in description and "at most 0.0009 Mpx" in description
+    _, val, description = split_for_validation(dataset, 0.5, seed=0, min_rows=8)
+    assert len(val) == 5 and "Mpx" not in description
+
+
+def test_large_images_give_shorter_strips():
+    dataset = _dataset([(100, 50)] * 3)
+    _, val, description = split_for_validation(dataset, 0.2, seed=0, min_rows=8,
+                                               max_pixels=1500)
+    assert [m.shape for m in val.masks] == [(10, 50)] * 3  # 1500 px / 3 images / 50 columns
+    assert "at most 0.0015 Mpx" in description
+    _, val, _ = split_for_validation(dataset, 0.2, seed=0, min_rows=16, max_pixels=1500)
+    assert [m.shape for m in val.masks] == [(16, 50)] * 3  # never under a crop's rows
 
 
 def test_default_samples_per_epoch_scales_with_the_pixels():

@@ -6,7 +6,7 @@ Shapes: images (C, H, W) float32, masks (H, W) unsigned integer class labels.
 
 from .arrays import ArrayDataset
 from .augment import Augmenter, elastic_field, flip_rotate, intensity_jitter, random_crop, warp
-from .folder import FolderDataset, split_indices
+from .folder import FolderDataset
 from .images import (
     DataError,
     normalize_percentile,
@@ -16,7 +16,7 @@ from .images import (
     to_chw,
 )
 from .masks import MASK_KINDS, MaskSet, interpret_masks, read_mask, regions_per_label
-from .sampling import CropSampler, split_for_validation
+from .sampling import CropSampler, split_for_validation, split_indices
 from .synthetic import SyntheticCells, make_sample
 
 __all__ = [

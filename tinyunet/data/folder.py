@@ -137,19 +137,3 @@ class FolderDataset:
     def __getitem__(self, index: int):
         return self.images[index], self.masks[index]
 
-
-def split_indices(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A shuffled train/validation split of range(count), the same for the same seed.
-
-    At least one sample goes to each side, so ``count`` must be 2 or more.
-    """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"split: Expect: 0 < val_fraction < 1. Actual: {val_fraction}.")
-    if count < 2:
-        raise DataError(
-            f"split: Expect: at least 2 image/mask pairs (one for training, one for "
-            f"validation). Actual: {count}."
-        )
-    order = np.random.default_rng(seed).permutation(count)
-    n_val = min(count - 1, max(1, int(round(count * val_fraction))))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())

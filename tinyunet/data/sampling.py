@@ -11,6 +11,13 @@ rows, at least ``min_rows`` (the training crop's side) where the image has twice
 and never all of it. The training part is the rows above the strip, so no training
 crop ever sees a validation pixel. Both parts are views of the same arrays.
 
+Every epoch predicts the whole validation part, so its cost grows with the held-out
+pixels while the training steps stay fixed. The held-out pixels are therefore capped at
+``MAX_VALIDATION_PIXELS`` (2 Mpx, 1.7 images of 1100x1100): fewer images are held out
+(never fewer than one), or shorter strips (never under ``min_rows``). Twenty images of
+1100x1100 keep one for validation instead of four; that run's validation took a fifth
+of its time.
+
 **Crops** (``CropSampler``). An epoch is ``samples`` crops. Images are drawn in
 proportion to their area, so every training pixel is equally likely to be seen;
 within an epoch each image gets the floor or the ceiling of its share (systematic
@@ -40,11 +47,11 @@ import numpy as np
 
 from .arrays import ArrayDataset
 from .augment import mirror_to_size
-from .folder import split_indices
 from .images import DataError
 
 STRIP_SPLIT_BELOW = 5
 MAX_FOREGROUND_POINTS = 10_000
+MAX_VALIDATION_PIXELS = 2_000_000
 MIN_SAMPLES_PER_EPOCH = 256
 MAX_SAMPLES_PER_EPOCH = 1024
 # Pixels per row block when foreground pixels are listed.
@@ -58,9 +65,37 @@ def _weights(dataset):
     return getattr(dataset, "weights", None)
 
 
-def strip_rows(height: int, val_fraction: float, min_rows: int) -> int:
-    """Rows at the bottom of an image of ``height`` rows that are held out for validation."""
+def split_indices(count: int, val_fraction: float, seed: int, pixels=None,
+                  max_val_pixels: int = 0) -> tuple[list[int], list[int]]:
+    """A shuffled train/validation split of range(count), the same for the same seed.
+
+    The validation images are the first ``round(val_fraction * count)`` of a seeded
+    permutation; given ``pixels`` (of image i: ``pixels[i]``), fewer where theirs would
+    add up to more than ``max_val_pixels``. At least one sample goes to each side, so ``count``
+    must be 2 or more.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"split: Expect: 0 < val_fraction < 1. Actual: {val_fraction}.")
+    if count < 2:
+        raise DataError(
+            f"split: Expect: at least 2 image/mask pairs (one for training, one for "
+            f"validation). Actual: {count}."
+        )
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = min(count - 1, max(1, int(round(count * val_fraction))))
+    if pixels is not None:
+        held = np.cumsum([pixels[i] for i in order[:n_val]])
+        n_val = max(1, int(np.count_nonzero(held <= max_val_pixels)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def strip_rows(height: int, val_fraction: float, min_rows: int,
+               max_rows: int | None = None) -> int:
+    """Rows at the bottom of an image of ``height`` rows that are held out for validation;
+    no more than ``max_rows`` unless that is under ``min_rows``."""
     rows = math.ceil(val_fraction * height - 1e-9)  # 0.2 * 1100 is 220.00000000000003
+    if max_rows is not None:
+        rows = min(rows, max_rows)
     if height >= 2 * min_rows:
         rows = min(max(rows, min_rows), height - min_rows)
     return min(max(rows, 1), height - 1)
@@ -75,7 +110,8 @@ def _part(dataset, pieces, names) -> ArrayDataset:
                         mask_kind=getattr(dataset, "mask_kind", None))
 
 
-def split_for_validation(dataset, val_fraction: float, seed: int, min_rows: int):
+def split_for_validation(dataset, val_fraction: float, seed: int, min_rows: int,
+                         max_pixels: int = MAX_VALIDATION_PIXELS):
     """(train, validation, description) for ``dataset``; see the module docstring.
 
     ``description`` is one line that says what was held out.
@@ -83,20 +119,27 @@ def split_for_validation(dataset, val_fraction: float, seed: int, min_rows: int)
     count = len(dataset)
     weights = _weights(dataset)
     samples = [(*dataset[i], None if weights is None else weights[i]) for i in range(count)]
+    cap = f"; at most {max_pixels / 1e6:g} Mpx, to keep validation short"
     if count >= STRIP_SPLIT_BELOW:
-        train, val = split_indices(count, val_fraction, seed)
+        pixels = [mask.size for _, mask, _ in samples]
+        train, val = split_indices(count, val_fraction, seed, pixels, max_pixels)
+        uncapped = len(split_indices(count, val_fraction, seed)[1])
         description = (f"validation: {len(val)} of {count} images held out, drawn by the "
-                       f"seed (--val-fraction {val_fraction:g})")
+                       f"seed (--val-fraction {val_fraction:g}"
+                       f"{cap if len(val) < uncapped else ''})")
         return (_part(dataset, [samples[i] for i in train], [dataset.names[i] for i in train]),
                 _part(dataset, [samples[i] for i in val], [dataset.names[i] for i in val]),
                 description)
     train_pieces, val_pieces, train_names, val_names, held = [], [], [], [], []
+    capped = False
     for (image, mask, weight), name in zip(samples, dataset.names, strict=True):
         height = mask.shape[0]
         if height < 2:
             raise DataError(f"{name}: Expect: at least 2 rows to hold some out for "
                             f"validation. Actual: {height}. Give --val-data DIR.")
-        rows = strip_rows(height, val_fraction, min_rows)
+        rows = strip_rows(height, val_fraction, min_rows,
+                          max_rows=max_pixels // (count * mask.shape[1]))
+        capped = capped or rows < strip_rows(height, val_fraction, min_rows)
         cut = height - rows
         train_pieces.append((image[:, :cut], mask[:cut], None if weight is None else weight[:cut]))
         val_pieces.append((image[:, cut:], mask[cut:], None if weight is None else weight[cut:]))
@@ -107,7 +150,8 @@ def split_for_validation(dataset, val_fraction: float, seed: int, min_rows: int)
     description = (f"validation: {count} image{'s' if count > 1 else ''} (fewer than "
                    f"{STRIP_SPLIT_BELOW}), so the last {spread} rows of each (--val-fraction "
                    f"{val_fraction:g}, at least {min_rows} rows where the image has twice "
-                   "that) are held out; training crops never reach them")
+                   f"that{cap if capped else ''}) are held out; training crops never reach "
+                   "them")
     return (_part(dataset, train_pieces, train_names), _part(dataset, val_pieces, val_names),
             description)
 
