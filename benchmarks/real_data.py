@@ -3,6 +3,7 @@ threshold, scored alike on held-out test images.
 
     python -m benchmarks.real_data --data /work/data/SET [--data DIR2 ...] [--set NAME ...]
         [--methods tinyunet,torch,otsu] [--torch-python PATH] [--timeout S]
+    python -m benchmarks.real_data --synthetic 20x1100 [...]
 
 Each data folder holds ``train/`` and ``test/``, each with ``images/`` and ``masks/`` whose
 files share stems (TIFF, PNG or NPY; grey, or channels last and averaged to grey). Every
@@ -24,6 +25,12 @@ method runs in a process of its own:
   pixels); foreground is the brighter side, as for fluorescence (on transmitted-light
   images that choice is often wrong, and the score shows it).
 
+``--synthetic COUNTxSIZE`` writes a set of synthetic 16-bit nuclei
+(``tinyunet.data.make_nuclei``): COUNT training and max(2, COUNT // 10) test images of
+SIZE x SIZE pixels with instance-id masks, drawn from fixed seeds, into the work folder,
+and runs it like the others under the name ``synthetic-COUNTxSIZE``. It times the
+defaults on the largest folders they are meant for (20 images of 1100 px) anywhere.
+
 Scoring is the same for all: foreground is ``mask > 0`` (instance ids and class labels
 alike) and, for predictions, any label above 0; Dice = 2|P & T| / (|P| + |T|) per test
 image (1 when both are empty), averaged over the test images.
@@ -41,6 +48,7 @@ import csv
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -331,6 +339,25 @@ def machine_line() -> str:
             f"{platform.system()} {platform.release()}")
 
 
+def write_synthetic_set(spec: str, root: Path) -> Path:
+    """The set ``synthetic-COUNTxSIZE`` under ``root`` (module docstring); its folder."""
+    import tifffile
+
+    from tinyunet.data import make_nuclei
+
+    count, size = (int(part) for part in spec.lower().split("x"))
+    set_dir = root / f"synthetic-{count}x{size}"
+    for split, seeds in (("train", range(count)),
+                         ("test", range(10_000, 10_000 + max(2, count // 10)))):
+        for folder in ("images", "masks"):
+            (set_dir / split / folder).mkdir(parents=True, exist_ok=True)
+        for seed in seeds:
+            image, ids = make_nuclei(np.random.default_rng(seed), size, size)
+            tifffile.imwrite(set_dir / split / "images" / f"n{seed:05d}.tif", image)
+            tifffile.imwrite(set_dir / split / "masks" / f"n{seed:05d}.tif", ids)
+    return set_dir
+
+
 def count_images(set_dir: Path) -> tuple[int, int]:
     return len(pairs(set_dir / "train")), len(pairs(set_dir / "test"))
 
@@ -387,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a set with train/ and test/ (repeat for more sets)")
     parser.add_argument("--set", action="append", metavar="NAME",
                         help="the set's name in the table (default: the folder's name)")
+    parser.add_argument("--synthetic", action="append", default=[], metavar="COUNTxSIZE",
+                        help="also a set of synthetic 16-bit nuclei, such as 20x1100 "
+                        "(repeat for more)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} [all]")
     parser.add_argument("--torch-python", default=sys.executable, metavar="PATH",
@@ -415,11 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result))
         return 0
 
-    if not args.data:
-        parser.error("--data DIR is required")
-    names = args.set or [path.name for path in args.data]
-    if len(names) != len(args.data):
+    if not args.data and not args.synthetic:
+        parser.error("give --data DIR or --synthetic COUNTxSIZE")
+    data = args.data or []
+    names = args.set or [path.name for path in data]
+    if len(names) != len(data):
         parser.error("give one --set per --data, or none")
+    for spec in args.synthetic:
+        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", spec.lower()):
+            parser.error(f"--synthetic: Expect: COUNTxSIZE, such as 20x1100. Actual: {spec!r}.")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -429,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
               "recipe (give --torch-python PATH of an interpreter that has it)")
         methods.remove("torch")
     work_root = args.work or Path(tempfile.mkdtemp(prefix="real_data_"))
+    for spec in args.synthetic:
+        print(f"writing the synthetic set {spec} to {work_root}", file=sys.stderr, flush=True)
+        data.append(write_synthetic_set(spec, work_root))
+        names.append(data[-1].name)
     train_args = shlex.split(args.train_args)
     machine = machine_line()
     command = "python -m benchmarks.real_data " + shlex.join(argv if argv is not None
@@ -436,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = json.loads(JSON_RESULTS.read_text()) if JSON_RESULTS.exists() else {}
     rows = []
-    for name, set_dir in zip(names, args.data, strict=True):
+    for name, set_dir in zip(names, data, strict=True):
         set_dir = set_dir.resolve()
         n_train, n_test = count_images(set_dir)
         for method in methods:

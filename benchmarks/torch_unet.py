@@ -8,8 +8,8 @@ interpreter that has PyTorch and not tinyunet's dependencies (``real_data``'s ch
 def torch_unet(torch, depth: int, base: int):
     """U-Net with 'same' 3x3 convolutions and ReLU, 2x2 max-pooling, 2x2 transposed
     convolutions and skip concatenation, no normalisation: (N, 1, H, W) -> one logit map
-    (N, 1, H, W), H and W multiples of 2**depth. The layers are built in tinyunet's order,
-    so ``torch.manual_seed`` draws them in a fixed order."""
+    (N, 1, H, W), H and W multiples of 2**depth. The layers are built in a fixed order, so
+    one ``torch.manual_seed`` gives one set of initial weights."""
     nn = torch.nn
 
     def double_conv(c_in, c_out):

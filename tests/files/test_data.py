@@ -12,7 +12,7 @@ from tinyunet.data import (
     normalize_percentile,
     split_indices,
 )
-from tinyunet.data.synthetic import border_classes
+from tinyunet.data.synthetic import border_classes, make_nuclei
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -67,6 +67,41 @@ def test_border_classes_separate_touching_cells():
     # Each 4x3 cell keeps an interior of 2x1 pixels.
     assert (classes[2:4, 2] == 1).all() and (classes[2:4, 5] == 1).all()
     assert (classes == 1).sum() == 4
+
+
+def test_synthetic_nuclei_are_16_bit_instances_of_a_fixed_size():
+    image, ids = make_nuclei(np.random.default_rng(5), 96, 120)
+    assert image.dtype == ids.dtype == np.uint16 and image.shape == ids.shape == (96, 120)
+    again, same_ids = make_nuclei(np.random.default_rng(5), 96, 120)
+    np.testing.assert_array_equal(image, again)
+    np.testing.assert_array_equal(ids, same_ids)
+    # Every id that survives the overlaps is drawn, and nuclei are brighter than the rest.
+    assert image[ids > 0].mean() > image[ids == 0].mean() + 200
+    # Touching nuclei: some pixels have a right or lower neighbour with another id.
+    right = (ids[:, :-1] > 0) & (ids[:, 1:] > 0) & (ids[:, :-1] != ids[:, 1:])
+    below = (ids[:-1] > 0) & (ids[1:] > 0) & (ids[:-1] != ids[1:])
+    assert right.any() or below.any()
+    # The nuclei's size does not grow with the image: a 4x larger field, 4x more nuclei.
+    counts = []
+    for side in (100, 200):
+        areas = [np.bincount(make_nuclei(np.random.default_rng(seed), side, side,
+                                         coverage=(0.3, 0.3))[1].ravel())[1:]
+                 for seed in range(3)]
+        counts.append(np.mean([np.count_nonzero(a) for a in areas]))
+        assert 50 < np.mean([a[a > 0].mean() for a in areas]) < 400  # pi * 8**2 ~ 200
+    assert 3 < counts[1] / counts[0] < 5
+
+
+def test_a_folder_of_synthetic_nuclei_reads_as_instances(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    root = _folder(tmp_path, "nuclei")
+    for i in range(3):
+        image, ids = make_nuclei(np.random.default_rng(i), 64, 64, coverage=(0.4, 0.4))
+        tifffile.imwrite(root / "images" / f"n{i}.tif", image)
+        tifffile.imwrite(root / "masks" / f"n{i}.tif", ids)
+    dataset = FolderDataset(root)
+    assert dataset.mask_kind == "instances"
+    assert any(note.startswith("masks: instances") for note in dataset.notes)
 
 
 def test_synthetic_rejects_bad_arguments():

@@ -128,3 +128,20 @@ def test_script_runs_tinyunet_train_evaluate_and_predict(tmp_path):
     assert cells[-1] == "ok", row
     assert 0.0 <= float(cells[2]) <= 1.0 and 0.0 <= float(cells[3]) <= 1.0
     assert (tmp_path / "work" / "tiny" / "tinyunet" / "test.csv").exists()
+
+
+def test_script_writes_and_scores_a_synthetic_nuclei_set(tmp_path):
+    pytest.importorskip("tifffile")
+    out = run_script("--synthetic", "3x64", "--methods", "otsu", "--work", str(tmp_path))
+    set_dir = tmp_path / "synthetic-3x64"
+    assert real_data.count_images(set_dir) == (3, 2)
+    image = real_data.read_pixels(next((set_dir / "train" / "images").iterdir()))
+    assert image.dtype == np.uint16 and image.shape == (64, 64)
+    row = next(line for line in out.splitlines() if line.startswith("| synthetic-3x64 | otsu |"))
+    assert float(row.split("|")[3]) > 0.5  # bright nuclei on a dark background
+
+
+def test_script_refuses_a_malformed_synthetic_set():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.real_data", "--synthetic", "20",
+                           "--no-write"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Expect: COUNTxSIZE" in done.stderr

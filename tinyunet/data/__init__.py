@@ -17,7 +17,7 @@ from .images import (
 )
 from .masks import MASK_KINDS, MaskSet, interpret_masks, read_mask, regions_per_label
 from .sampling import CropSampler, split_for_validation, split_indices
-from .synthetic import SyntheticCells, make_sample
+from .synthetic import SyntheticCells, make_nuclei, make_sample
 
 __all__ = [
     "MASK_KINDS",
@@ -32,6 +32,7 @@ __all__ = [
     "flip_rotate",
     "interpret_masks",
     "intensity_jitter",
+    "make_nuclei",
     "make_sample",
     "normalize_percentile",
     "parse_channels",

@@ -21,6 +21,10 @@ another cell, which is what separates touching cells (the paper's touching-cells
 problem).
 
 Shapes: ``image`` is (1, H, W) float32, ``mask`` is (H, W) int64.
+
+``make_nuclei`` draws the same kind of scene as a user's data: a 16-bit image of nuclei
+of a fixed size in pixels, however large the field, sparse or dense, with their
+instance ids (H, W) uint16; ``benchmarks/real_data.py --synthetic`` writes folders of them.
 """
 
 from __future__ import annotations
@@ -75,13 +79,12 @@ def _cell_shape(rng, ys, xs, cy, cx, radius):
     return rho <= 1.0
 
 
-def _place_cells(rng, height, width, radius_range):
+def _place_cells(rng, height, width, radius_range, coverage_range=(0.25, 0.45)):
     """Instance labels (H, W) int64 (0 = background) and each cell's brightness."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
     labels = np.zeros((height, width), dtype=np.int64)
     mean_radius = float(np.mean(radius_range))
-    # Cover roughly a quarter to a half of the field with cells.
-    coverage = rng.uniform(0.25, 0.45)
+    # Cover a share of the field drawn from coverage_range (less where cells overlap).
+    coverage = rng.uniform(*coverage_range)
     count = max(1, int(round(coverage * height * width / (np.pi * mean_radius**2))))
     centres, radii, brightness = [], [], []
     for _ in range(count):
@@ -95,6 +98,11 @@ def _place_cells(rng, height, width, radius_range):
             cx = centres[k][1] + distance * np.cos(direction)
         else:
             cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        # A cell reaches at most 1.25 / sqrt(0.65) < 1.6 radii from its centre
+        # (_cell_shape), so its footprint is drawn in a window of that reach.
+        (y0, y1), (x0, x1) = _window(cy, radius * 1.6, height), _window(cx, radius * 1.6, width)
+        ys = np.arange(y0, y1, dtype=np.float64)[:, None]
+        xs = np.arange(x0, x1, dtype=np.float64)[None, :]
         footprint = _cell_shape(rng, ys, xs, cy, cx, radius)
         if not footprint.any():
             continue
@@ -102,8 +110,61 @@ def _place_cells(rng, height, width, radius_range):
         radii.append(radius)
         brightness.append(rng.uniform(0.3, 1.0))
         # A later cell lies on top of an earlier one where they overlap.
-        labels[footprint] = len(centres)
+        labels[y0:y1, x0:x1][footprint] = len(centres)
     return labels, np.array([0.0, *brightness])
+
+
+def _window(centre: float, reach: float, size: int) -> tuple[int, int]:
+    """The pixel range [start, stop) within [0, size) of centre - reach .. centre + reach."""
+    start = min(max(int(np.floor(centre - reach)), 0), size)
+    return start, max(min(int(np.ceil(centre + reach)) + 1, size), start)
+
+
+def _disks(rng, height, width, count, radius_range, amplitude_range):
+    """(H, W) float64: ``count`` disks at random places, each of a random amplitude."""
+    out = np.zeros((height, width))
+    for _ in range(count):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        radius = rng.uniform(*radius_range)
+        amplitude = rng.uniform(*amplitude_range)
+        (y0, y1), (x0, x1) = _window(cy, radius, height), _window(cx, radius, width)
+        ys = np.arange(y0, y1, dtype=np.float64)[:, None]
+        xs = np.arange(x0, x1, dtype=np.float64)[None, :]
+        out[y0:y1, x0:x1] += amplitude * ((ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2)
+    return out
+
+
+def _render(rng, labels, brightness, scale, fields=1.0):
+    """The light a microscope records of cells ``labels`` (H, W) float64, before
+    normalisation; ``scale`` sizes the clutter, ``fields`` (the image's area in 96x96
+    fields of that scale) multiplies its amount."""
+    height, width = labels.shape
+    # Cell bodies: each cell's brightness, a brighter core, and a fine texture.
+    signal = brightness[labels]
+    texture = gaussian_blur(rng.normal(0, 1, (height, width)), 1.5)
+    signal = signal * (1 + 0.15 * texture) * (labels > 0)
+    signal = signal + 0.25 * gaussian_blur((labels > 0).astype(float), 2.5) * signal
+
+    # Things that are not cells: out-of-focus haze (large, faint, very blurred blobs) and
+    # small bright debris. Both belong to the background class.
+    haze = _disks(rng, height, width, rng.integers(0, max(1, round(4 * fields))),
+                  (10 * scale, 18 * scale), (0.1, 0.25))
+    clutter = gaussian_blur(haze, 5 * scale) + _disks(
+        rng, height, width, rng.integers(0, max(1, round(6 * fields))),
+        (0.8 * scale, 2.0 * scale), (0.5, 1.0))
+
+    # Uneven illumination: a tilted plane times a broad hot spot, between ~0.5 and ~1.5.
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) / max(height, width)
+    tilt = 1 + rng.uniform(-0.5, 0.5) * (ys - 0.5) + rng.uniform(-0.5, 0.5) * (xs - 0.5)
+    hy, hx = rng.uniform(0, 1, 2)
+    hot_spot = 0.7 + 0.5 * np.exp(-((ys - hy) ** 2 + (xs - hx) ** 2) / 0.2)
+    background = rng.uniform(0.05, 0.2)
+    image = (background + signal + clutter) * tilt * hot_spot
+
+    image = gaussian_blur(image, rng.uniform(0.7, 1.6))
+    photons = rng.uniform(60, 250)
+    image = rng.poisson(np.clip(image, 0, None) * photons) / photons
+    return image + rng.normal(0, rng.uniform(0.02, 0.05), image.shape)
 
 
 def border_classes(labels: np.ndarray) -> np.ndarray:
@@ -132,42 +193,28 @@ def make_sample(rng: np.random.Generator, height: int = 96, width: int = 96,
         raise ValueError(f"synthetic: Expect: kind in {KINDS}. Actual: '{kind}'.")
     scale = min(height, width) / 96
     labels, brightness = _place_cells(rng, height, width, (6 * scale + 2, 12 * scale + 2))
-
-    # Cell bodies: each cell's brightness, a brighter core, and a fine texture.
-    signal = brightness[labels]
-    texture = gaussian_blur(rng.normal(0, 1, (height, width)), 1.5)
-    signal = signal * (1 + 0.15 * texture) * (labels > 0)
-    signal = signal + 0.25 * gaussian_blur((labels > 0).astype(float), 2.5) * signal
-
-    # Things that are not cells: out-of-focus haze (large, faint, very blurred blobs) and
-    # small bright debris. Both belong to the background class.
-    clutter = np.zeros((height, width))
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    for _ in range(rng.integers(0, 4)):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        radius = rng.uniform(10, 18) * scale
-        haze = ((ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2).astype(float)
-        clutter += rng.uniform(0.1, 0.25) * gaussian_blur(haze, 5 * scale)
-    for _ in range(rng.integers(0, 6)):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        radius = rng.uniform(0.8, 2.0) * scale
-        clutter += rng.uniform(0.5, 1.0) * ((ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2)
-
-    # Uneven illumination: a tilted plane times a broad hot spot, between ~0.5 and ~1.5.
-    ys, xs = ys / max(height, width), xs / max(height, width)
-    tilt = 1 + rng.uniform(-0.5, 0.5) * (ys - 0.5) + rng.uniform(-0.5, 0.5) * (xs - 0.5)
-    hy, hx = rng.uniform(0, 1, 2)
-    hot_spot = 0.7 + 0.5 * np.exp(-((ys - hy) ** 2 + (xs - hx) ** 2) / 0.2)
-    background = rng.uniform(0.05, 0.2)
-    image = (background + signal + clutter) * tilt * hot_spot
-
-    image = gaussian_blur(image, rng.uniform(0.7, 1.6))
-    photons = rng.uniform(60, 250)
-    image = rng.poisson(np.clip(image, 0, None) * photons) / photons
-    image = image + rng.normal(0, rng.uniform(0.02, 0.05), image.shape)
-
+    image = _render(rng, labels, brightness, scale)
     mask = (labels > 0).astype(np.int64) if kind == "binary" else border_classes(labels)
     return normalize_percentile(image[None].astype(np.float32)), mask
+
+
+def make_nuclei(rng: np.random.Generator, height: int = 256, width: int = 256,
+                radius: tuple[float, float] = (5.0, 11.0),
+                coverage: tuple[float, float] = (0.05, 0.45)) -> tuple[np.ndarray, np.ndarray]:
+    """A 16-bit fluorescence image of nuclei and their instance ids, both (H, W) uint16.
+
+    Nuclei keep their size (``radius``, in pixels) whatever the image's size, so a large
+    image holds many of them: they cover a share of the field drawn from ``coverage``
+    (sparse to dense), a third of them touching another. The image is the camera's
+    counts: an offset of 400-600 plus a gain of 500-3000 counts per unit of light.
+    """
+    scale = float(np.mean(radius)) / 9  # make_sample's cells at 96 px have a radius of 9
+    labels, brightness = _place_cells(rng, height, width, radius, coverage)
+    fields = height * width / (96 * scale) ** 2
+    light = _render(rng, labels, brightness, scale, fields)
+    counts = rng.uniform(400, 600) + rng.uniform(500, 3000) * light
+    return (np.clip(np.rint(counts), 0, 65535).astype(np.uint16),
+            labels.astype(np.uint16))
 
 
 class SyntheticCells:
