@@ -1,6 +1,7 @@
 """Real microscopy: tinyunet's defaults against a PyTorch U-Net recipe and a global Otsu
 threshold, scored alike on held-out test images.
 
+    python -m benchmarks.real_data_sets --out /work/data     # the three real sets
     python -m benchmarks.real_data --data /work/data/SET [--data DIR2 ...] [--set NAME ...]
         [--methods tinyunet,torch,otsu] [--torch-python PATH] [--timeout S]
     python -m benchmarks.real_data --synthetic 20x1100 [...]
@@ -397,8 +398,9 @@ def results_section(results: dict) -> str:
         "definition for every method; 'tinyunet evaluate Dice' is the mean of `tinyunet "
         "evaluate --csv`, its own definition). Train seconds: the wall clock of `tinyunet "
         "train` (start-up, kernel compilation, validation and checkpoints included); the "
-        "training loop alone for PyTorch; 0 for Otsu. The sets' sources, sizes and splits: "
-        "README.md beside the sets (on the machine that ran them, /work/data/README.md).",
+        "training loop alone for PyTorch; 0 for Otsu. The real sets' sources, sizes and "
+        "splits: `benchmarks/real_data_sets.py`, which builds them; the synthetic ones: "
+        "`--synthetic` in `benchmarks/real_data.py`.",
         "",
         table(HEADER, rows),
         "",

@@ -145,3 +145,36 @@ def test_script_refuses_a_malformed_synthetic_set():
     done = subprocess.run([sys.executable, "-m", "benchmarks.real_data", "--synthetic", "20",
                            "--no-write"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Expect: COUNTxSIZE" in done.stderr
+
+
+def test_real_sets_are_built_from_their_sources_as_stored(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from benchmarks import real_data_sets
+
+    rng = np.random.default_rng(0)
+    time_lapse = rng.integers(0, 4000, size=(4, 10, 5, 7), dtype=np.uint16)
+    confocal = rng.integers(0, 4000, size=(48, 6, 4), dtype=np.uint16)
+    confocal_ids = rng.integers(0, 21, size=(48, 6, 4), dtype=np.uint32)
+    real_data_sets.build_sets(time_lapse, confocal, confocal_ids, tmp_path)
+
+    def read(set_name, split, sub, stem):
+        return tifffile.imread(tmp_path / set_name / split / sub / f"{stem}.tif")
+
+    for set_name, image_channel, id_channel in (("ndev_nuclei", 0, 2),
+                                                ("ndev_oblique_cells", 1, 3)):
+        assert [stem for stem, _, _ in real_data.pairs(tmp_path / set_name / "test")] == [
+            "t07", "t08", "t09"]
+        assert len(real_data.pairs(tmp_path / set_name / "train")) == 7
+        for t in (0, 6, 9):
+            split = "train" if t < 7 else "test"
+            assert np.array_equal(read(set_name, split, "images", f"t{t:02d}"),
+                                  time_lapse[image_channel, t])
+            ids = read(set_name, split, "masks", f"t{t:02d}")
+            assert ids.dtype == np.uint16 and np.array_equal(ids, time_lapse[id_channel, t])
+    train = [stem for stem, _, _ in real_data.pairs(tmp_path / "cells3d_nuclei" / "train")]
+    test = [stem for stem, _, _ in real_data.pairs(tmp_path / "cells3d_nuclei" / "test")]
+    assert train == [f"z{z}" for z in range(22, 39, 2)] and test == ["z40", "z42", "z44", "z46"]
+    ids = read("cells3d_nuclei", "test", "masks", "z46")
+    assert ids.dtype == np.uint32 and np.array_equal(ids, confocal_ids[46])
+    with pytest.raises(ValueError, match=r"Expect: \(C=4, T, Y, X\)"):
+        real_data_sets.build_sets(time_lapse[:2], confocal, confocal_ids, tmp_path / "x")
