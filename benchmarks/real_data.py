@@ -342,20 +342,16 @@ def machine_line() -> str:
 
 def write_synthetic_set(spec: str, root: Path) -> Path:
     """The set ``synthetic-COUNTxSIZE`` under ``root`` (module docstring); its folder."""
-    import tifffile
-
+    from benchmarks.real_data_sets import write_pair
     from tinyunet.data import make_nuclei
 
     count, size = (int(part) for part in spec.lower().split("x"))
     set_dir = root / f"synthetic-{count}x{size}"
     for split, seeds in (("train", range(count)),
                          ("test", range(10_000, 10_000 + max(2, count // 10)))):
-        for folder in ("images", "masks"):
-            (set_dir / split / folder).mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             image, ids = make_nuclei(np.random.default_rng(seed), size, size)
-            tifffile.imwrite(set_dir / split / "images" / f"n{seed:05d}.tif", image)
-            tifffile.imwrite(set_dir / split / "masks" / f"n{seed:05d}.tif", ids)
+            write_pair(set_dir, split, f"n{seed:05d}", image, ids)
     return set_dir
 
 

@@ -72,6 +72,7 @@ def read_member(wheel: Path, member: str) -> np.ndarray:
 
 
 def write_pair(set_dir: Path, split: str, stem: str, image: np.ndarray, ids: np.ndarray):
+    """``image`` and its ``ids``, both (H, W), as SET/SPLIT/{images,masks}/STEM.tif."""
     import tifffile
 
     if image.ndim != 2 or ids.shape != image.shape:

@@ -69,6 +69,14 @@ def test_border_classes_separate_touching_cells():
     assert (classes == 1).sum() == 4
 
 
+@pytest.mark.slow
+def test_synthetic_nuclei_past_65535_keep_distinct_ids():
+    # About 77,000 nuclei of radius 1: uint16 would wrap the ids past 65535.
+    _, ids = make_nuclei(np.random.default_rng(0), 1100, 1100, radius=(1.0, 1.0),
+                         coverage=(0.2, 0.2))
+    assert ids.dtype == np.uint32 and ids.max() > 65535
+
+
 def test_synthetic_nuclei_are_16_bit_instances_of_a_fixed_size():
     image, ids = make_nuclei(np.random.default_rng(5), 96, 120)
     assert image.dtype == ids.dtype == np.uint16 and image.shape == ids.shape == (96, 120)

@@ -201,7 +201,8 @@ def make_sample(rng: np.random.Generator, height: int = 96, width: int = 96,
 def make_nuclei(rng: np.random.Generator, height: int = 256, width: int = 256,
                 radius: tuple[float, float] = (5.0, 11.0),
                 coverage: tuple[float, float] = (0.05, 0.45)) -> tuple[np.ndarray, np.ndarray]:
-    """A 16-bit fluorescence image of nuclei and their instance ids, both (H, W) uint16.
+    """A 16-bit fluorescence image of nuclei, (H, W) uint16, and their instance ids,
+    (H, W) uint16 (uint32 past 65535 nuclei).
 
     Nuclei keep their size (``radius``, in pixels) whatever the image's size, so a large
     image holds many of them: they cover a share of the field drawn from ``coverage``
@@ -213,8 +214,8 @@ def make_nuclei(rng: np.random.Generator, height: int = 256, width: int = 256,
     fields = height * width / (96 * scale) ** 2
     light = _render(rng, labels, brightness, scale, fields)
     counts = rng.uniform(400, 600) + rng.uniform(500, 3000) * light
-    return (np.clip(np.rint(counts), 0, 65535).astype(np.uint16),
-            labels.astype(np.uint16))
+    ids_dtype = np.uint16 if labels.max() < 2**16 else np.uint32
+    return np.clip(np.rint(counts), 0, 65535).astype(np.uint16), labels.astype(ids_dtype)
 
 
 class SyntheticCells:
