@@ -56,6 +56,7 @@ DEFAULT_TIMEOUT = 600.0  # seconds; a first step also compiles the numba kernels
 # Ranks other than 0 wait this much longer before they abort, so that rank 0's line
 # is the one printed when every rank is left waiting.
 OTHER_RANKS_GRACE = 10.0
+ABORT_OUTPUT_GRACE_S = 0.5  # time for the launcher to forward a rank's last lines
 
 
 class DistributedError(RuntimeError):
@@ -274,6 +275,12 @@ class Communicator:
         if message is not None:
             print(f"tinyunet: error: rank {self.rank} of {self.size}: {message}",
                   file=sys.__stderr__, flush=True)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        # The launcher forwards each rank's output through pipes, and MPI_Abort ends
+        # that forwarding: without a pause the last lines written were lost at times.
+        time.sleep(ABORT_OUTPUT_GRACE_S)
         self.comm.Abort(code)
         os._exit(code)  # MPI_Abort called from a thread may return before the end comes
 
