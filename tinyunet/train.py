@@ -77,6 +77,10 @@ from .reports import ProgressBar, save_curves, save_sample_grid, write_history
 LOSSES = ("dice", "iou", "bce", "ce", "dice+bce")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
+# --augment: 'full' deforms half the crops elastically (the paper's deformation).
+AUGMENTATION_WORDS = {"full": "flips, turns, elastic deformation, intensity jitter",
+                      "flips": "flips and turns only", "none": "none"}
+AUGMENTATIONS = tuple(AUGMENTATION_WORDS)
 # TrainConfig's defaults are the built-in demo's (96 small synthetic images, about a
 # minute). Real images (a --data folder, or arrays through tinyunet.fit) start from these
 # instead: the paper's depth and 128-pixel crops for context around cells of 10-50 px,
@@ -84,7 +88,7 @@ SCHEDULES = ("none", "cosine", "step")
 # (1600 steps), so that the run takes minutes on 2 cores whatever the number and size
 # of the images; more data gives more varied crops, not more steps.
 REAL_DATA_DEFAULTS = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3, "epochs": 20,
-                      "samples_per_epoch": 320}
+                      "samples_per_epoch": 320, "augment": "full"}
 # Options that fix the model or the data; a resumed run must keep them.
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
@@ -127,7 +131,7 @@ class TrainConfig:
     padding: str = "same"
     up: str = "transpose"
     crop: int = 64                   # side of the training crops' masks (see _crop_sizes)
-    augment: bool = True
+    augment: str = "full"            # one of AUGMENTATIONS
     elastic_sigma: float = 4.0
     val_fraction: float = 0.2        # folder data without val_data only
     val_data: str | None = None      # a separate validation folder
@@ -153,6 +157,8 @@ class TrainConfig:
              repr(self.optimizer))
         need(self.schedule in SCHEDULES, "--schedule", f"one of {SCHEDULES}",
              repr(self.schedule))
+        need(self.augment in AUGMENTATIONS, "--augment", f"one of {AUGMENTATIONS}",
+             repr(self.augment))
         need(self.classes in ("binary", "multiclass"), "--classes",
              "'binary' or 'multiclass'", repr(self.classes))
         need(self.padding in ("same", "valid"), "--padding", "'same' or 'valid'",
@@ -225,6 +231,8 @@ def config_from_checkpoint(path, saved, **changes) -> TrainConfig:
     if unknown:
         raise CheckpointError(f"{path}: Expect: a run config of known options. "
                               f"Actual: unknown {unknown}.")
+    if isinstance(saved.get("augment"), bool):  # written before the choice of three
+        saved = {**saved, "augment": "full" if saved["augment"] else "none"}
     for name, value in saved.items():
         if not _fits_annotation(fields[name].type, value):
             raise CheckpointError(f"{path}: Expect: config {name} of type "
@@ -532,17 +540,18 @@ class Trainer:
             f"{split}\nan epoch is {self.samples_per_epoch} crops of "
             f"{self.input_hw[0]}x{self.input_hw[1]} ({steps} steps of {config.batch_size}), "
             + (f"{foreground_fraction:.0%} of them centred on foreground"
-               if foreground_fraction > 0 else "placed uniformly"))
+               if foreground_fraction > 0 else "placed uniformly")
+            + f"; augmentation: {AUGMENTATION_WORDS[config.augment]}")
         if getattr(self.train_set, "weights", None) is not None and config.loss in ("dice",
                                                                                     "iou"):
             self.data_description += (f"\nnote: --loss {config.loss} has no cross-entropy "
                                       "term, so the per-pixel weights are not used")
         self.augment = Augmenter(
             crop=None,  # the sampler cuts the crops
-            flip=config.augment,
-            elastic_p=0.5 if config.augment else 0.0,
+            flip=config.augment != "none",
+            elastic_p=0.5 if config.augment == "full" else 0.0,
             elastic_sigma=config.elastic_sigma,
-            jitter=config.augment,
+            jitter=config.augment == "full",
         )
         # One generator for batch order and augmentation; its state is checkpointed.
         self.rng = np.random.default_rng([config.seed, 1])

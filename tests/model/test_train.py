@@ -16,9 +16,11 @@ from tinyunet.checkpoint import (
     read_checkpoint,
 )
 from tinyunet.train import (
+    AUGMENTATIONS,
     TrainConfig,
     Trainer,
     TrainingDiverged,
+    config_from_checkpoint,
     dice_iou,
     loss_function,
     one_class_warning,
@@ -330,7 +332,7 @@ def test_an_epoch_is_samples_per_epoch_crops(tmp_path):
     synthetic = quiet_trainer(tiny_config(tmp_path / "s", epochs=1))
     assert synthetic.samples_per_epoch == 8  # one crop per synthetic training image
     assert synthetic.sampler.foreground_fraction == 0  # the demo's crops stay uniform
-    assert "placed uniformly" in synthetic.data_description
+    assert "placed uniformly; augmentation: flips, turns, elastic" in synthetic.data_description
     counted = []
     trainer = quiet_trainer(tiny_config(tmp_path / "n", epochs=1, samples_per_epoch=10))
     original = trainer._batch
@@ -338,6 +340,46 @@ def test_an_epoch_is_samples_per_epoch_crops(tmp_path):
     trainer.fit()
     assert counted == [4, 4, 2]
     assert "10 crops of 32x32 (3 steps of 4)" in trainer.data_description
+
+
+@pytest.mark.parametrize("augment", AUGMENTATIONS)
+def test_each_augmentation_choice_changes_the_crops_as_it_says(tmp_path, augment):
+    """'none' trains on the sampler's crops as cut; 'flips' only flips and turns them
+    (the same pixel values, moved); 'full' also deforms and jitters them."""
+    trainer = quiet_trainer(tiny_config(tmp_path, augment=augment))
+    crops = []
+    original = trainer.sampler.crop
+    trainer.sampler.crop = lambda *a: crops.append(original(*a)) or crops[-1]
+    images, _, _ = trainer._batch(np.arange(8) % len(trainer.train_set))
+    pairs = [(image, crop) for image, (crop, _, _) in zip(images, crops, strict=True)]
+    moved = [not np.array_equal(image, crop) for image, crop in pairs]
+    same_values = [np.array_equal(np.sort(image, None), np.sort(crop, None))
+                   for image, crop in pairs]
+    if augment == "none":
+        assert not any(moved)
+    elif augment == "flips":
+        assert any(moved) and all(same_values)
+    else:
+        assert not any(same_values)  # the intensity jitter changes every crop's values
+
+
+def test_checkpoints_of_the_old_yes_or_no_augment_option_still_load():
+    assert config_from_checkpoint("old.npz", {"augment": True}).augment == "full"
+    assert config_from_checkpoint("old.npz", {"augment": False}).augment == "none"
+    with pytest.raises(CheckpointError, match="old.npz: .*config augment"):
+        config_from_checkpoint("old.npz", {"augment": 3})
+    with pytest.raises(ValueError, match="--augment: Expect: one of"):
+        tiny_config("x", augment="elastic").validate()
+
+
+def test_augment_is_a_train_option():
+    from tinyunet.cli import _given, build_parser
+
+    parser = build_parser()
+    assert _given(parser.parse_args(["train", "--augment", "flips"]))["augment"] == "flips"
+    assert "augment" not in _given(parser.parse_args(["train"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--augment", "elastic"])
 
 
 def test_a_single_large_image_trains_on_its_top_and_validates_on_its_bottom(tmp_path):
