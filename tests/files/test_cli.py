@@ -126,6 +126,7 @@ def test_train_on_a_data_folder(tmp_path):
     out = tmp_path / "run"
     done = run("train", "--data", data, *TINY[2:], "--epochs", "1", "--out", out)
     assert "on 4 training and 1 validation images" in done.stdout
+    assert "augmentation: flips and turns only" in done.stdout  # the real-data default
     assert (out / "best.npz").is_file()
 
 

@@ -34,6 +34,7 @@ def test_fit_on_arrays_then_predict(tmp_path):
     images, masks = _cells(3)
     trainer = tu.fit(images, masks, verbose=False, out=str(tmp_path / "run"), **TINY)
     assert trainer.num_classes == 1 and len(trainer.history) == 1
+    assert trainer.config.augment == "flips"  # the real-data default
     assert "rows" in trainer.data_description  # 3 images: validation strips
     for model in (trainer, trainer.model, tmp_path / "run" / "last.npz"):
         probabilities, labels = tu.predict(model, images[0])
