@@ -84,10 +84,11 @@ AUGMENTATIONS = tuple(AUGMENTATION_WORDS)
 # TrainConfig's defaults are the built-in demo's (96 small synthetic images, about a
 # minute). Real images (a --data folder, or arrays through tinyunet.fit) start from these
 # instead: the paper's depth and 128-pixel crops for context around cells of 10-50 px,
-# Adam at 1e-3 with the cosine schedule, flips and turns without the elastic deformation
-# and jitter (which cost Dice on real sets, docs/real-data.md), and a fixed budget of 8
+# Adam at 1e-3 with the cosine schedule, flips and turns only, and a fixed budget of 8
 # epochs of 300 crops (600 steps), so that the run takes minutes on 2 cores whatever
 # the number and size of the images; more data gives more varied crops, not more steps.
+# The paper's deformation with 1600 steps scored lower on two of three real sets
+# (docs/real-data.md).
 REAL_DATA_DEFAULTS = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3, "epochs": 8,
                       "samples_per_epoch": 300, "augment": "flips"}
 # Options that fix the model or the data; a resumed run must keep them.
