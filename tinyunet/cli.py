@@ -47,6 +47,7 @@ from .files import (
 )
 from .memory import keep_freed_memory
 from .train import (
+    AUGMENTATION_WORDS,
     AUGMENTATIONS,
     LOSSES,
     OPTIMIZERS,
@@ -143,8 +144,8 @@ def _add_train(commands):
     add("--crop", type=_positive_int, help="side of the training crops' masks; in 'valid' "
         f"mode the image crops are larger by the network's margins [{_both('crop')}]")
     add("--augment", choices=AUGMENTATIONS,
-        help="'full': flips, 90-degree turns, elastic deformation and intensity jitter; "
-        f"'flips': flips and turns only; 'none' [{_both('augment')}]")
+        help="; ".join(f"'{name}': {words}" for name, words in AUGMENTATION_WORDS.items())
+        + f" [{_both('augment')}]")
     add("--val-fraction", type=float,
         help="share of a --data folder kept for validation: of its images with 5 or more, "
         f"of each image's rows (a strip at the bottom) with fewer [{d.val_fraction}]")
