@@ -12,10 +12,11 @@ Data: a folder (``data``), the built-in synthetic cells, or datasets passed to
 ``Trainer`` (``tinyunet.fit`` passes arrays). Validation is a separate folder
 (``val_data``), held-out images, or, with fewer than 5 images, a strip of each image
 that training never sees (``tinyunet.data.sampling``). An epoch is
-``samples_per_epoch`` random crops drawn over the whole area of the images; by
-default one crop per image for the synthetic cells (the demo's epoch is its 96
-images), and enough crops to cover the training pixels about once, 256 to 1024, for
-other data. A third of the crops of folder and array data are centred on foreground
+``samples_per_epoch`` random crops drawn over the whole area of the images: 300 for
+real data from the command line and ``tinyunet.fit`` (``REAL_DATA_DEFAULTS``). Left
+at None in a TrainConfig, it is one crop per image for the synthetic cells (the demo's
+epoch is its 96 images) and enough crops to cover the training pixels about once, 256
+to 1024, for other data. A third of the crops of folder and array data are centred on foreground
 (``foreground_fraction``); the synthetic cells cover about a third of every image, so
 uniform crops already see plenty of them, and there centred crops lowered the demo's
 final Dice: their default share is 0. ``Trainer.data_description`` says what was
