@@ -13,10 +13,9 @@ Data: a folder (``data``), the built-in synthetic cells, or datasets passed to
 (``val_data``), held-out images, or, with fewer than 5 images, a strip of each image
 that training never sees (``tinyunet.data.sampling``). An epoch is
 ``samples_per_epoch`` random crops drawn over the whole area of the images: 300 for
-real data from the command line and ``tinyunet.fit`` (``REAL_DATA_DEFAULTS``). Left
-at None in a TrainConfig, it is one crop per image for the synthetic cells (the demo's
-epoch is its 96 images) and enough crops to cover the training pixels about once, 256
-to 1024, for other data. A third of the crops of folder and array data are centred on foreground
+folder and array data (``REAL_DATA_DEFAULTS``, also what a TrainConfig left at None
+gives them) and one crop per image for the synthetic cells (the demo's epoch is its 96
+images). A third of the crops of folder and array data are centred on foreground
 (``foreground_fraction``); the synthetic cells cover about a third of every image, so
 uniform crops already see plenty of them, and there centred crops lowered the demo's
 final Dice: their default share is 0. ``Trainer.data_description`` says what was
@@ -48,6 +47,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +67,7 @@ from .data.augment import Augmenter
 from .data.folder import DataError, FolderDataset
 from .data.instances import weight_map
 from .data.masks import MASK_KINDS
-from .data.sampling import CropSampler, default_samples_per_epoch, split_for_validation
+from .data.sampling import CropSampler, split_for_validation
 from .data.synthetic import SyntheticCells
 from .data.tiling import default_tile, logits_to_labels, predict_logits, receptive_halo
 from .distributed import Communicator, RankMismatch, dataset_digest, digest, file_digest
@@ -90,8 +90,8 @@ AUGMENTATIONS = tuple(AUGMENTATION_WORDS)
 # the number and size of the images; more data gives more varied crops, not more steps.
 # The paper's deformation with 1600 steps scored lower on two of three real sets
 # (docs/real-data.md).
-REAL_DATA_DEFAULTS = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3, "epochs": 8,
-                      "samples_per_epoch": 300, "augment": "flips"}
+REAL_DATA_DEFAULTS: dict[str, Any] = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3,
+                                      "epochs": 8, "samples_per_epoch": 300, "augment": "flips"}
 # Options that fix the model or the data; a resumed run must keep them.
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
@@ -725,10 +725,9 @@ class Trainer:
     def _samples_per_epoch(self) -> int:
         if self.config.samples_per_epoch is not None:
             return self.config.samples_per_epoch
-        if isinstance(self.train_set, SyntheticCells):
-            return max(len(self.train_set), self.config.batch_size)
-        return default_samples_per_epoch(self.train_set, self.output_hw,
-                                         self.config.batch_size)
+        synthetic = isinstance(self.train_set, SyntheticCells)
+        samples = len(self.train_set) if synthetic else REAL_DATA_DEFAULTS["samples_per_epoch"]
+        return max(samples, self.config.batch_size)
 
     # -- one epoch --
     def _batch(self, indices):

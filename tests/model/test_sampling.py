@@ -9,7 +9,6 @@ from tinyunet.data import Augmenter, sampling
 from tinyunet.data.arrays import ArrayDataset
 from tinyunet.data.sampling import (
     CropSampler,
-    default_samples_per_epoch,
     foreground_points,
     split_for_validation,
     split_indices,
@@ -202,14 +201,6 @@ def test_large_images_give_shorter_strips():
     assert "at most 0.0015 Mpx" in description
     _, val, _ = split_for_validation(dataset, 0.2, seed=0, min_rows=16, max_pixels=1500)
     assert [m.shape for m in val.masks] == [(16, 50)] * 3  # never under a crop's rows
-
-
-def test_default_samples_per_epoch_scales_with_the_pixels():
-    assert default_samples_per_epoch(_dataset([(64, 64)]), (64, 64), 8) == 256
-    big = _dataset([(200, 300)] * 3, foreground=0.0)
-    assert default_samples_per_epoch(big, (8, 8), 8) == 1024
-    assert default_samples_per_epoch(big, (16, 16), 8) == 704  # 180000 / 256, rounded up
-    assert default_samples_per_epoch(big, (16, 16), 2000) == 2000  # at least one batch
 
 
 def test_an_image_of_one_row_cannot_give_a_strip():

@@ -17,6 +17,7 @@ from tinyunet.checkpoint import (
 )
 from tinyunet.train import (
     AUGMENTATIONS,
+    REAL_DATA_DEFAULTS,
     TrainConfig,
     Trainer,
     TrainingDiverged,
@@ -389,8 +390,8 @@ def test_a_single_large_image_trains_on_its_top_and_validates_on_its_bottom(tmp_
     assert train_mask.shape == (160, 72) and val_mask.shape == (40, 72)  # 20% of the rows
     assert "last 40 rows" in trainer.data_description
     assert "33% of them centred on foreground" in trainer.data_description
-    # Defaults for folder data: at least 256 crops, even for one small image.
-    assert trainer.samples_per_epoch == 256
+    # Folder data left at None gets the command line's epoch length, whatever its size.
+    assert trainer.samples_per_epoch == REAL_DATA_DEFAULTS["samples_per_epoch"]
     trainer.samples_per_epoch = 8  # a shorter epoch keeps the test fast
     result = trainer.fit()
     assert 0 <= result["val_dice"] <= 1

@@ -31,12 +31,6 @@ foreground gets uniform crops only. The foreground pixels of each image are foun
 their flat indices, a seeded random subsample of at most ``MAX_FOREGROUND_POINTS`` kept
 as int32 (int64 past 2**31 pixels), found by row blocks so that a large image's full
 coordinate list is never built.
-
-**Epoch length** (``default_samples_per_epoch``): enough crops to cover the training
-pixels about once (training pixels / output crop area), clamped to
-[``MIN_SAMPLES_PER_EPOCH``, ``MAX_SAMPLES_PER_EPOCH``] = [256, 1024] crops and at least
-one batch. Three 1024x1024 images with 64-pixel crops give 768 crops (96 steps of 8);
-one 256x256 image gives 256; twenty 1100x1100 images give 1024.
 """
 
 from __future__ import annotations
@@ -52,8 +46,6 @@ from .images import DataError
 STRIP_SPLIT_BELOW = 5
 MAX_FOREGROUND_POINTS = 10_000
 MAX_VALIDATION_PIXELS = 2_000_000
-MIN_SAMPLES_PER_EPOCH = 256
-MAX_SAMPLES_PER_EPOCH = 1024
 # Pixels per row block when foreground pixels are listed.
 _BLOCK_PIXELS = 1 << 22
 
@@ -154,13 +146,6 @@ def split_for_validation(dataset, val_fraction: float, seed: int, min_rows: int,
                    "them")
     return (_part(dataset, train_pieces, train_names), _part(dataset, val_pieces, val_names),
             description)
-
-
-def default_samples_per_epoch(dataset, output_hw, batch_size: int) -> int:
-    """Crops per epoch that cover the training pixels about once (module docstring)."""
-    pixels = sum(dataset[i][1].size for i in range(len(dataset)))
-    crops = math.ceil(pixels / (output_hw[0] * output_hw[1]))
-    return max(min(max(crops, MIN_SAMPLES_PER_EPOCH), MAX_SAMPLES_PER_EPOCH), batch_size)
 
 
 # ---- crops ---------------------------------------------------------------------------------
