@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -137,11 +138,17 @@ def _header(path, archive, entries, name):
     if info is None:
         raise CheckpointError(f"{path}: Expect: a member '{name}'. Actual: none.")
     with archive.open(info) as file:
-        version = np.lib.format.read_magic(file)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        # numpy reports a garbled header as ValueError, or as the parser's SyntaxError or
+        # tokenize.TokenError (an unclosed bracket); all of them are one damaged member.
+        try:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        except (ValueError, SyntaxError, tokenize.TokenError) as error:
+            raise CheckpointError(f"{path}: Expect: an .npy header in '{name}'. "
+                                  f"Actual: {type(error).__name__}: {error}") from None
         offset = file.tell()
     if dtype.hasobject:
         raise CheckpointError(f"{path}: Expect: plain arrays (no pickled objects). "

@@ -141,6 +141,24 @@ def test_a_member_larger_than_its_shape_says_is_refused_unread(good, tmp_path):
     assert "head.bias" in message
 
 
+@pytest.mark.parametrize("header", [
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4,",  # cut short: EOF in a '('
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 1, 1), }}",
+    b"not a dictionary at all",
+])
+def test_a_broken_array_header_is_one_clear_error(good, tmp_path, header):
+    """One flipped bit of an .npy header can leave an unclosed bracket, which numpy's
+    header parser reports as tokenize.TokenError, not ValueError."""
+    meta, arrays = members(good)
+    del arrays["model/head.weight"]
+    path = craft(tmp_path / "header.npz", meta, arrays)
+    text = header.ljust(118) + b"\n"  # magic (8) + length (2) + 118 = 128 bytes
+    member = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + bytes(16)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("model/head.weight.npy", member)
+    assert "head.weight" in refused(path)
+
+
 # ---- crafted metadata and weights ---------------------------------------------------------
 
 SHAPE = (1, 4, 1, 1)  # head.weight of the fixture's binary depth-2 U-Net
