@@ -44,8 +44,9 @@ try:
 except ImportError:
     print(\"torch not installed\")
 '"
-stage tests "${TESTS_LIMIT:-300}" "$PY" -m pytest -v --tb=short --maxfail=10 -k cuda \
-    -p no:cacheprovider
+# One process (-o addopts: no xdist workers): one GPU, and a lent machine may lack xdist.
+stage tests "${TESTS_LIMIT:-300}" "$PY" -m pytest -o addopts=-ra -v --tb=short --maxfail=10 \
+    -k cuda -p no:cacheprovider
 stage bench "${BENCH_LIMIT:-240}" "$PY" -m benchmarks.gpu
 stage train "${TRAIN_LIMIT:-120}" "$PY" -m tinyunet train --backend cuda --epochs 4 \
     --out /tmp/tinyunet-gpu-run
