@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint
 from .data.folder import FolderDataset
 from .data.images import (
     EXTENSIONS,
@@ -37,6 +37,7 @@ from .data.images import (
 )
 from .data.masks import MASK_KINDS
 from .distributed import DistributedError, from_launcher, launcher_processes, launcher_rank
+from .ensemble import load_ensemble
 from .files import (
     OutputError,
     atomic_write,
@@ -59,7 +60,10 @@ from .train import (
     TrainingDiverged,
     claim_run_folder,
     config_from_checkpoint,
+    member_configs,
+    member_folder,
     one_class_warning,
+    run_checkpoints,
 )
 
 BACKENDS = ("numpy", "numba", "cuda")
@@ -168,6 +172,10 @@ def _add_train(commands):
     add("--backend", choices=BACKENDS, help="compute backend [tinyunet's default]")
     add("--seed", type=_non_negative_int, help="seed of initialisation, split, order, "
         f"augmentation [{d.seed}]")
+    add("--members", type=_positive_int, metavar="K",
+        help="train an ensemble of K models, one after another, with seeds seed..seed+K-1 "
+        "into OUT/member1..K; predict and evaluate --checkpoint OUT average them "
+        f"[{_both('members')}]")
     add("--out", metavar="DIR", help=f"output folder; one that holds another run is "
         f"refused [{d.out}]")
     add("--resume", nargs="?", const="", metavar="CKPT",
@@ -176,6 +184,11 @@ def _add_train(commands):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in --out: its files are deleted first")
     parser.set_defaults(run=_train)
+
+
+CHECKPOINT_HELP = ("a tinyunet checkpoint (.npz), or a run folder (its best.npz; an "
+                   "ensemble's, its members'); several: an ensemble, which averages the "
+                   "models' probabilities")
 
 
 def _add_predict(commands):
@@ -189,7 +202,8 @@ def _add_predict(commands):
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", metavar="CKPT", help="a tinyunet checkpoint (.npz)")
+    model.add_argument("--checkpoint", action="append", metavar="CKPT",
+                       help=CHECKPOINT_HELP)
     model.add_argument("--model", metavar="ONNX", help="a U-Net exported by `tinyunet export "
                        "--format onnx`, run by ONNX Runtime (needs tinyunet[export]; "
                        "--backend does not apply)")
@@ -217,7 +231,8 @@ def _add_evaluate(commands):
         "without --data, on the checkpoint's held-out synthetic images).",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                        help=CHECKPOINT_HELP)
     parser.add_argument("--data", metavar="DIR", help="folder with images/ and masks/")
     parser.add_argument("--csv", metavar="FILE", help="also write the scores to FILE")
     _add_reading_options(parser)
@@ -322,7 +337,6 @@ def _refuse_array_run(meta: dict, path, remedy: str):
 
 def _start_training(args) -> Trainer:
     """The Trainer of a new run, or of the resumed one (restored), announced on stdout."""
-    _parse_channels_option(args)
     given = _given(args)
     _select_backend(args.backend)
     if args.resume is None:
@@ -332,6 +346,8 @@ def _start_training(args) -> Trainer:
         # before anything is written to --out.
         trainer = Trainer(config, comm=args.comm)
         if args.comm is None or args.comm.rank == 0:
+            if getattr(args, "ensemble_out", None):  # the first member of an ensemble
+                claim_run_folder(args.ensemble_out, args.overwrite)
             claim_run_folder(config.out, args.overwrite)
     else:
         if args.resume:
@@ -372,6 +388,74 @@ def _start_training(args) -> Trainer:
 
 
 def _train(args):
+    _parse_channels_option(args)
+    runs = _member_runs(args)
+    if runs is None:
+        return _train_run(args)
+    out = Path(runs[0][0].out).parent
+    for index, (member, member_args) in enumerate(runs):
+        print(f"member {index + 1} of {len(runs)} of the ensemble in {out}: "
+              f"--seed {member.seed}, --out {member.out}")
+        code = _train_run(member_args)
+        if code:
+            return code
+    print(f"an ensemble of {len(runs)} models: `tinyunet evaluate|predict --checkpoint "
+          f"{out}` averages their probabilities")
+    return 0
+
+
+def _member_runs(args):
+    """With --members K > 1 (given, the real-data default, or a resumed ensemble's), for
+    each member of the ensemble its TrainConfig (train.member_configs) and the train
+    options that start or resume it; None for one run."""
+    given = _given(args)
+    out = Path(given.get("out", DEFAULTS.out))
+    if args.resume is None:
+        defaults = REAL_DATA_DEFAULTS if "data" in given else {}
+        members = given.get("members", defaults.get("members", 1))
+        if members == 1:
+            return None
+        config = TrainConfig(**{**defaults, **given, "members": members})
+        config.validate()
+        runs = [(member, _options(args, dataclasses.asdict(member), resume=None))
+                for member in member_configs(config)]
+        runs[0][1].ensemble_out = str(out)
+        return runs
+    first = out / member_folder(0) / "last.npz"
+    if args.resume or (out / "last.npz").exists() or not first.exists():
+        return None  # one run, or an error about it
+    meta, _ = read_checkpoint(first)
+    _refuse_array_run(meta, first, "resume it from Python (Trainer.restore)")
+    saved = config_from_checkpoint(first, meta.get("config"), out=str(out))
+    for name, value in given.items():
+        if name in RUN_DEFINING and value != getattr(saved, name):
+            raise UserError(
+                f"--resume continues the ensemble in {out}, whose --"
+                f"{name.replace('_', '-')} is {getattr(saved, name)!r}, not {value!r}. "
+                "Drop the option, or start a new run with another --out.")
+    changes = {name: value for name, value in given.items()
+               if name not in RUN_DEFINING and name != "out"}
+    runs = []
+    for member in member_configs(saved):
+        if (Path(member.out) / "last.npz").exists():
+            options = _options(args, {**changes, "out": member.out}, resume="")
+        else:  # not started when the ensemble stopped
+            options = _options(args, {**dataclasses.asdict(member), **changes}, resume=None)
+        runs.append((member, options))
+    return runs
+
+
+def _options(args, values: dict, resume):
+    """A copy of the train options ``args`` with the TrainConfig fields ``values`` (the
+    others not given) and ``resume``."""
+    options = argparse.Namespace(**vars(args))
+    for field in dataclasses.fields(TrainConfig):
+        setattr(options, field.name, values.get(field.name))
+    options.resume = resume
+    return options
+
+
+def _train_run(args):
     comm = args.comm
     trainer = _start_training(args) if comm is None else comm.together(_start_training, args)
     try:
@@ -425,17 +509,45 @@ def _input_files(inputs) -> list[Path]:
     return list(unique.values())
 
 
+def checkpoint_paths(texts) -> list[Path]:
+    """The checkpoint files of the --checkpoint options: a file itself, a run folder its
+    best.npz (an ensemble's folder, its members')."""
+    paths = []
+    for text in texts:
+        path = Path(text)
+        paths.extend(run_checkpoints(path) if path.is_dir() else [path])
+    return paths
+
+
 def _load(args):
+    """(model, metas, mask kind) of the --checkpoint(s): one U-Net, or an Ensemble of
+    several trained on the same kind of masks."""
     _select_backend(args.backend)
-    return load_model(args.checkpoint)
+    paths = checkpoint_paths(args.checkpoint)
+    try:
+        model, metas = load_ensemble(paths)
+    except ValueError as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise UserError(f"--checkpoint: {error}") from error
+    members = getattr(model, "members", [model])
+    kinds = [model_mask_kind(member, meta)
+             for member, meta in zip(members, metas, strict=True)]
+    for path, kind in zip(paths[1:], kinds[1:], strict=True):
+        if kind != kinds[0]:
+            raise UserError(f"--checkpoint: Expect: models trained on the same kind of "
+                            f"masks. Actual: {paths[0]} on {kinds[0]}, {path} on {kind}.")
+    if len(paths) > 1:
+        print(f"ensemble of {len(paths)} models: the mean of their probabilities")
+    return model, metas, kinds[0]
 
 
 def _predictor(args):
     """(model, mask kind) that ``predict`` runs: a checkpoint's U-Net and the kind of masks
     it trained on, or an ONNX file's (--model), whose kind is not recorded (None)."""
     if args.model is None:
-        model, meta = _load(args)
-        return model, model_mask_kind(model, meta)
+        model, _, mask_kind = _load(args)
+        return model, mask_kind
     if args.backend is not None:
         raise UserError(f"--backend {args.backend}: applies to --checkpoint; --model "
                         f"{args.model} runs on ONNX Runtime's CPU provider")
@@ -552,10 +664,9 @@ def _evaluate(args):
     from .train import build_datasets, pixel_scores
 
     _parse_channels_option(args)
-    model, meta = _load(args)
+    model, metas, model_kind = _load(args)
     if args.csv:
         check_writable_file(args.csv, "--csv")  # before the work, not after it
-    model_kind = model_mask_kind(model, meta)
     if args.data is not None:
         dataset = FolderDataset(args.data, masks=args.masks or "auto",
                                 channels=args.channels, page=args.page)
@@ -563,11 +674,15 @@ def _evaluate(args):
             print(line)
         for line in dataset.warnings:
             print(line, file=sys.stderr)
+    elif len(metas) > 1:
+        raise UserError("evaluate: Expect: --data DIR for several checkpoints (each run "
+                        "held out other synthetic images). Actual: no --data.")
     else:
-        _refuse_array_run(meta, args.checkpoint, "give --data DIR")
-        _, dataset = build_datasets(config_from_checkpoint(args.checkpoint, meta.get("config")))
+        path = checkpoint_paths(args.checkpoint)[0]
+        _refuse_array_run(metas[0], path, "give --data DIR")
+        _, dataset = build_datasets(config_from_checkpoint(path, metas[0].get("config")))
     num_classes = model.config["num_classes"]
-    _check_evaluable(dataset, model_kind, num_classes, args.data or args.checkpoint)
+    _check_evaluable(dataset, model_kind, num_classes, args.data or args.checkpoint[0])
     truth_kind = getattr(dataset, "mask_kind", None)
     # Pixel scores of the foreground where either side is instances; objects where the
     # truth has them (instance ids, or a binary mask's connected components).

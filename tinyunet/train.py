@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,13 +92,14 @@ AUGMENTATIONS = tuple(AUGMENTATION_WORDS)
 # The paper's deformation with 1600 steps scored lower on two of three real sets
 # (docs/real-data.md).
 REAL_DATA_DEFAULTS: dict[str, Any] = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3,
-                                      "epochs": 8, "samples_per_epoch": 300, "augment": "flips"}
+                                      "epochs": 8, "samples_per_epoch": 300, "augment": "flips",
+                                      "members": 1}
 # Options that fix the model or the data; a resumed run must keep them.
 RUN_DEFINING = ("data", "classes", "depth", "base_channels", "padding", "up", "seed",
                 "crop", "loss", "optimizer", "synthetic_train", "synthetic_val",
                 "synthetic_size", "val_fraction", "val_data", "foreground_fraction",
                 "masks", "channels", "page", "border_weight", "border_sigma",
-                "class_balance")
+                "class_balance", "members")
 # What a run writes to its output folder.
 RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "curves.png",
              "samples.png")
@@ -149,6 +151,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/tinyunet"
     samples: int = 4                 # validation samples drawn in samples.png
+    members: int = 1                 # >1: an ensemble, see member_configs
 
     def validate(self):
         def need(condition, option, expect, actual):
@@ -169,7 +172,7 @@ class TrainConfig:
         need(self.up in ("transpose", "upsample"), "--up", "'transpose' or 'upsample'",
              repr(self.up))
         for name in ("epochs", "batch_size", "depth", "base_channels", "crop",
-                     "synthetic_train", "synthetic_val", "synthetic_size"):
+                     "synthetic_train", "synthetic_val", "synthetic_size", "members"):
             value = getattr(self, name)
             need(value >= 1, f"--{name.replace('_', '-')}", ">= 1", value)
         need(self.lr > 0 and math.isfinite(self.lr), "--lr", "a positive number", self.lr)
@@ -197,26 +200,73 @@ class TrainConfig:
              "--val-data without --data")
 
 
+def member_configs(config: TrainConfig) -> list[TrainConfig]:
+    """The runs of ``config``: itself, or with ``members`` K > 1 the K members of an
+    ensemble, trained one after another: member i (1..K) has seed ``seed + i - 1`` (its
+    own initialisation, crops and held-out images) and the folder ``out/member<i>``.
+    ``predict`` and ``evaluate --checkpoint out`` average their probabilities
+    (``tinyunet.ensemble``)."""
+    if config.members == 1:
+        return [config]
+    return [dataclasses.replace(config, seed=config.seed + index,
+                                out=str(Path(config.out) / member_folder(index)))
+            for index in range(config.members)]
+
+
+def member_folder(index: int) -> str:
+    """The folder name of an ensemble's member ``index`` (from 0)."""
+    return f"member{index + 1}"
+
+
+MEMBER_FOLDER = re.compile(r"member[1-9][0-9]*")
+
+
+def run_checkpoints(folder) -> list[Path]:
+    """The checkpoints a run folder stands for: its best.npz, or an ensemble's, the
+    best.npz of each member folder (member1, member2, ... in order) that has one."""
+    folder = Path(folder)
+    if (folder / "best.npz").exists():
+        return [folder / "best.npz"]
+    names = [name for name in os.listdir(folder) if MEMBER_FOLDER.fullmatch(name)]
+    members = [folder / name / "best.npz" for name in sorted(names, key=lambda n: int(n[6:]))]
+    found = [path for path in members if path.exists()]
+    if not found:
+        raise CheckpointError(f"{folder}: Expect: a run folder (best.npz, or member folders "
+                          "with one). Actual: none there.")
+    return found
+
+
 def claim_run_folder(out, overwrite: bool = False, resuming=None) -> Path:
     """The output folder of a new run, or of one resumed from checkpoint ``resuming``:
     created if missing and known to be writable (else an OutputError naming --out).
 
     A new run never destroys an old one: a folder that holds another run's files
-    (RUN_FILES) is refused, unless ``overwrite``, which deletes them first so that no file
-    of the old run is mistaken for one of the new. A resume may write into the folder
-    of the checkpoint it continues.
+    (RUN_FILES, in it or in an ensemble's member folders) is refused, unless
+    ``overwrite``, which deletes them first so that no file of the old run is mistaken
+    for one of the new. A resume may write into the folder of the checkpoint it continues.
     """
     out = prepare_output_folder(out, "--out")
     if resuming is not None and Path(resuming).resolve().parent == out.resolve():
         return out
+    members = [name for name in sorted(os.listdir(out))
+               if MEMBER_FOLDER.fullmatch(name) and (out / name).is_dir()]
     found = [name for name in RUN_FILES if os.path.lexists(out / name)]
-    if found and not overwrite:
+    found_members = [(name, [file for file in RUN_FILES if os.path.lexists(out / name / file)])
+                     for name in members]
+    found_members = [(name, files) for name, files in found_members if files]
+    if (found or found_members) and not overwrite:
+        held = found + [f"{name}/ (an ensemble's member)" for name, _ in found_members]
         raise OutputError(
             f"--out {out}: Expect: a folder without a previous run. Actual: it holds "
-            f"{', '.join(found)}. Continue that run with --resume --out {out}, choose "
+            f"{', '.join(held)}. Continue that run with --resume --out {out}, choose "
             "another --out, or pass --overwrite to replace it.")
     for name in found:
         (out / name).unlink()
+    for name, files in found_members:
+        for file in files:
+            (out / name / file).unlink()
+        if not os.listdir(out / name):
+            (out / name).rmdir()
     return out
 
 
@@ -680,9 +730,11 @@ class Trainer:
         if self.saved_epoch is None:
             return (f"interrupted during epoch {self.epoch + 1}; no checkpoint had been "
                     f"written to {self.out} yet")
+        # An ensemble's member goes on with the ensemble, which then trains the rest.
+        out = self.out.parent if self.config.members > 1 else self.out
         return (f"interrupted during epoch {self.saved_epoch + 1}; {self.out / 'last.npz'} "
                 f"holds epoch {self.saved_epoch}. Continue with: tinyunet train --resume "
-                f"--out {self.out}")
+                f"--out {out}")
 
     def restore(self, path):
         """Continue from checkpoint ``path``: weights, optimizer, schedule, RNG, history."""

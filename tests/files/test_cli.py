@@ -112,6 +112,109 @@ def test_evaluate_scores_each_image_of_a_folder(trained, tmp_path):
     assert 0 <= mean_dice <= 1
 
 
+def test_several_checkpoints_predict_and_evaluate_as_an_ensemble(trained, tmp_path):
+    out, _ = trained
+    other = tmp_path / "other"
+    run("train", *TINY, "--seed", "1", "--out", other)
+    data = _cell_folder(tmp_path / "data", 2, (40, 44), seed=5)
+    singles = []
+    for index, checkpoint in enumerate((out / "best.npz", other / "best.npz")):
+        run("predict", "--checkpoint", checkpoint, "--out", tmp_path / f"single{index}",
+            "--probabilities", data / "images")
+        singles.append(np.load(tmp_path / f"single{index}" / "c0_prob.npy"))
+    # A run folder stands for its best.npz.
+    done = run("predict", "--checkpoint", out, "--checkpoint", other, "--out",
+               tmp_path / "both", "--probabilities", data / "images")
+    assert "ensemble of 2 models: the mean of their probabilities" in done.stdout
+    both = np.load(tmp_path / "both" / "c0_prob.npy")
+    np.testing.assert_allclose(both, (singles[0] + singles[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(singles[0], singles[1])
+    with Image.open(tmp_path / "both" / "c0_mask.png") as mask:
+        np.testing.assert_array_equal(np.asarray(mask), (both[0] > 0.5) * 255)
+
+    scores = run("evaluate", "--checkpoint", out, "--checkpoint", other, "--data", data)
+    assert "ensemble of 2 models" in scores.stdout
+    assert scores.stdout.splitlines()[-1].startswith("mean")
+    synthetic = run("evaluate", "--checkpoint", out, "--checkpoint", other, check=False)
+    assert synthetic.returncode == 2 and "--data DIR for several checkpoints" in \
+        synthetic.stderr
+
+    classes = tmp_path / "classes"
+    run("train", *TINY, "--classes", "multiclass", "--out", classes)
+    mixed = run("predict", "--checkpoint", out, "--checkpoint", classes, "--out",
+                tmp_path / "mixed", data / "images", check=False)
+    assert mixed.returncode == 2 and "Expect: num_classes 1 in every member" in mixed.stderr
+    assert f"Actual: 3 in {classes / 'best.npz'}" in mixed.stderr
+
+
+def test_train_members_trains_an_ensemble_that_resumes_where_it_stopped(tmp_path,
+                                                                       monkeypatch, capsys):
+    out = tmp_path / "ensemble"
+    real_fit = cli.Trainer.fit
+    seeds = []
+
+    def fit_then_stop_in_the_second(trainer, *args, **kwargs):
+        seeds.append(trainer.config.seed)
+        if len(seeds) == 2:  # Ctrl-C in member 2's second epoch
+            real_fit(trainer, stop_after=1)
+            raise KeyboardInterrupt
+        return real_fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(cli.Trainer, "fit", fit_then_stop_in_the_second)
+    assert cli.main(["train", *TINY, "--seed", "5", "--members", "3", "--out", str(out)]) == 130
+    printed = capsys.readouterr()
+    assert seeds == [5, 6]
+    assert "member 2 of 3 of the ensemble" in printed.out and "--seed 6" in printed.out
+    assert f"holds epoch 1. Continue with: tinyunet train --resume --out {out}\n" in \
+        printed.err
+    assert (out / "member1" / "best.npz").is_file() and not (out / "member3").exists()
+
+    refused = run("train", *TINY, "--out", out, check=False)
+    assert refused.returncode == 2 and "member1/ (an ensemble's member)" in refused.stderr
+    clash = run("train", "--resume", "--seed", "0", "--out", out, check=False)
+    assert clash.returncode == 2 and "ensemble in" in clash.stderr and \
+        "--seed is 5, not 0" in clash.stderr
+
+    # In a fresh process, as a user resumes it, so that member 3 compares with a run
+    # trained alone (the tests before this one may have switched kernels in this one).
+    printed = run("train", "--resume", "--out", out).stdout
+    assert "nothing to do: the run had reached epoch 2 of 2" in printed  # member 1
+    assert f"resuming {out / 'member2' / 'last.npz'} after epoch 1 of 2" in printed
+    assert "member 3 of 3 of the ensemble" in printed and "--seed 7" in printed
+    for member in ("member1", "member2", "member3"):
+        assert len(json.loads((out / member / "history.json").read_text())) == 2
+    # Member 3, started on resume, is the run its seed gives.
+    alone = tmp_path / "alone"
+    run("train", *TINY, "--seed", "7", "--out", alone)
+    for name, weights in np.load(alone / "last.npz").items():
+        if name.startswith("model/"):
+            np.testing.assert_array_equal(np.load(out / "member3" / "last.npz")[name], weights)
+
+    data = _cell_folder(tmp_path / "data", 1, (40, 40), seed=3)
+    scores = run("evaluate", "--checkpoint", out, "--data", data)
+    assert "ensemble of 3 models" in scores.stdout
+    run("train", *TINY, "--epochs", "1", "--out", out, "--overwrite")
+    assert not (out / "member1").exists()  # the ensemble's files went, then its folders
+    assert (out / "best.npz").is_file()
+
+
+def test_an_ensemble_refuses_models_of_other_mask_kinds(tmp_path, capsys):
+    from tinyunet.checkpoint import save_checkpoint
+    from tinyunet.nn import UNet
+
+    # Both have 3 classes, but the labels mean other things: border or class 2.
+    for kind in ("instances", "classes"):
+        save_checkpoint(tmp_path / f"{kind}.npz", UNet(1, 3, depth=2, base_channels=2),
+                        meta={"mask_kind": kind})
+    code = cli.main(["predict", "--checkpoint", str(tmp_path / "instances.npz"),
+                     "--checkpoint", str(tmp_path / "classes.npz"), "--out",
+                     str(tmp_path / "out"), str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == 2 and "Expect: models trained on the same kind of masks" in error
+    assert "instances.npz on instances" in error and "classes.npz on classes" in error
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_train_on_a_data_folder(tmp_path):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)

@@ -45,6 +45,15 @@ def test_fit_on_arrays_then_predict(tmp_path):
     # predict normalises as training did: the raw and the normalised image agree.
     same, _ = tu.predict(trainer, normalize_percentile(images[0][None].astype(np.float32)))
     np.testing.assert_allclose(same, tu.predict(trainer, images[0])[0], rtol=1e-4, atol=1e-5)
+    # A list is an ensemble: the mean of its members' probabilities.
+    tu.manual_seed(1)
+    other = tu.nn.UNet(1, 1, depth=1, base_channels=2)
+    mean, labels = tu.predict([trainer, other], images[0])
+    np.testing.assert_allclose(mean, (tu.predict(trainer, images[0])[0]
+                                      + tu.predict(other, images[0])[0]) / 2, rtol=1e-5)
+    np.testing.assert_array_equal(labels, mean[0] > 0.5)
+    with pytest.raises(ValueError, match="one model per call.*Actual: members=3"):
+        tu.fit(images, masks, members=3)
 
 
 def test_fit_with_validation_arrays_and_a_stack(tmp_path, capsys):

@@ -19,6 +19,7 @@ from tinyunet.data.tiling import (
     predict_tiled,
     receptive_halo,
 )
+from tinyunet.ensemble import Ensemble
 from tinyunet.nn import UNet
 
 
@@ -170,6 +171,36 @@ def test_tta_averages_the_probabilities_of_the_eight_views():
                                   predict_logits(model, image))
     np.testing.assert_allclose(predict_logits(model, image), _whole(model, image),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members_probabilities():
+    # Members of other depths and paddings: each predicts with its own tiles.
+    members = [_model("same", num_classes=3, seed=1),
+               _model("valid", num_classes=3, seed=2),
+               _model("same", num_classes=3, depth=3, seed=3)]
+    ensemble = Ensemble(members)
+    image = np.random.default_rng(4).normal(size=(1, 30, 26)).astype(np.float32)
+    for tta in (False, True):
+        expected = np.mean([predict_tiled(member, image, tta=tta) for member in members],
+                           axis=0)
+        np.testing.assert_allclose(predict_tiled(ensemble, image, tta=tta), expected,
+                                   rtol=1e-6, atol=1e-7)
+        labels = logits_to_labels(predict_logits(ensemble, image, tta=tta))
+        np.testing.assert_array_equal(labels, expected.argmax(axis=0))
+    # The members disagree somewhere, so the mean is not any one member's.
+    assert not np.allclose(predict_tiled(ensemble, image), predict_tiled(members[0], image))
+
+
+def test_an_ensemble_refuses_members_of_other_classes_or_channels():
+    with pytest.raises(ValueError, match=r"num_classes 3 in every member \(as in a.npz\)\. "
+                       r"Actual: 2 in b.npz"):
+        Ensemble([_model("same", num_classes=3), _model("same", num_classes=2)],
+                 ["a.npz", "b.npz"])
+    rgb = UNet(in_channels=3, num_classes=3, depth=2, base_channels=2)
+    with pytest.raises(ValueError, match="in_channels 1 in every member.*Actual: 3 in member 2"):
+        Ensemble([_model("same", num_classes=3), rgb])
+    with pytest.raises(ValueError, match="at least one model"):
+        Ensemble([])
 
 
 def test_dihedral_views_are_the_eight_symmetries_and_invert():

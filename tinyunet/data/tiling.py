@@ -48,6 +48,7 @@ import math
 import numpy as np
 
 from ..autograd import no_grad, tensor
+from ..ensemble import Ensemble
 
 
 def _batch_forward(model):
@@ -145,9 +146,10 @@ def predict_logits(model, image: np.ndarray, tile=None, halo=None, batch_size: i
     the smallest valid input of at least that ('valid'). ``halo`` ('same' only): context
     kept out of each tile's kept part, default ``receptive_halo(depth)``. ``tta``: average
     the probabilities of the 8 flipped and rotated views (module docstring) and return
-    their logits.
+    their logits. ``model`` may be a ``tinyunet.ensemble.Ensemble``: then the logits of
+    its members' mean probabilities.
     """
-    if not tta:
+    if not tta and not isinstance(model, Ensemble):
         return _predict_view(model, image, tile, halo, batch_size)
     return probabilities_to_logits(predict_tiled(model, image, tile, halo, batch_size, tta))
 
@@ -260,17 +262,31 @@ def probabilities_to_logits(probabilities: np.ndarray) -> np.ndarray:
 def predict_tiled(model, image: np.ndarray, tile=None, halo=None, batch_size: int = 4,
                   tta: bool = False) -> np.ndarray:
     """Probabilities (K, H, W) float32 for one image (C, H, W) of any size; see
-    ``predict_logits``. With ``tta`` the mean of the 8 views' probabilities.
+    ``predict_logits``. With ``tta`` the mean of the 8 views' probabilities; for an
+    ``Ensemble``, the mean of its members' (each with ``tta`` if given).
     """
+    if isinstance(model, Ensemble):
+        image = _checked_image(model, image)
+        return _mean(predict_tiled(member, image, tile, halo, batch_size, tta)
+                     for member in model.members)
     if not tta:
         return logits_to_probabilities(_predict_view(model, image, tile, halo, batch_size))
     image = _checked_image(model, image)
-    total: np.ndarray | None = None
-    for turns, mirror in DIHEDRAL:
+
+    def view_probabilities(turns, mirror):
         view = np.ascontiguousarray(dihedral_transform(image, turns, mirror))
         logits = _predict_view(model, view, tile, halo, batch_size)
-        probabilities = dihedral_inverse(logits_to_probabilities(logits), turns, mirror)
-        # Summed in float64, so that the order of the views hardly changes the rounding.
-        total = probabilities.astype(np.float64) if total is None else total + probabilities
-    assert total is not None  # DIHEDRAL holds 8 views
-    return (total / len(DIHEDRAL)).astype(np.float32)
+        return dihedral_inverse(logits_to_probabilities(logits), turns, mirror)
+
+    return _mean(view_probabilities(turns, mirror) for turns, mirror in DIHEDRAL)
+
+
+def _mean(probabilities) -> np.ndarray:
+    """The mean of an iterable of (K, H, W) arrays as float32, summed in float64 so that
+    their order hardly changes the rounding (one array held at a time)."""
+    total, count = None, 0
+    for array in probabilities:
+        total = array.astype(np.float64) if total is None else total + array
+        count += 1
+    assert total is not None, "nothing to average"
+    return (total / count).astype(np.float32)
