@@ -11,7 +11,7 @@ files share stems (TIFF, PNG or NPY; grey, or channels last and averaged to grey
 method runs in a process of its own:
 
 - ``tinyunet``: ``tinyunet train --data SET/train --out RUN`` with the defaults (its wall
-  clock is the train time), then ``tinyunet evaluate --checkpoint RUN/best.npz --data
+  clock is the train time), then ``tinyunet evaluate --checkpoint RUN --data
   SET/test --csv`` (the mean Dice of its CSV) and ``tinyunet predict`` on the test images,
   whose masks are scored with the shared Dice below.
 - ``torch``: the recipe of issue 18, written here: a U-Net of depth 4 with 16 base
@@ -271,7 +271,7 @@ def run_tinyunet(set_dir: Path, work: Path, timeout: float, train_args: list[str
     if done.returncode != 0:
         return {**result, "status": f"train failed: {_error_line(done)}"}
 
-    checkpoint = str(run_dir / "best.npz")
+    checkpoint = str(run_dir)  # its best.npz, or an ensemble's members
     table = work / "test.csv"
     done = _tinyunet(["evaluate", "--checkpoint", checkpoint, "--data", str(test), "--csv",
                       str(table)], timeout, work / "evaluate.log")

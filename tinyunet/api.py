@@ -34,8 +34,8 @@ def fit(images, masks, val_images=None, val_masks=None, weights=None, verbose: b
 
     ``options`` are ``TrainConfig`` fields (epochs, depth, lr, out, ...); those not given
     come from ``train.REAL_DATA_DEFAULTS``, then TrainConfig's defaults, but ``fit``
-    trains one model: an ensemble is several calls with other seeds (module docstring). Without
-    ``val_images`` the images are split as a folder is (``tinyunet.data.sampling``).
+    trains one model: an ensemble is several calls with other seeds (module docstring).
+    Without ``val_images`` the images are split as a folder is (``tinyunet.data.sampling``).
     ``mask_kind``: 'auto', 'binary', 'classes' or 'instances', read by the rule a folder's
     masks follow (``tinyunet.data.masks``); instance ids train as 3 classes, with the
     paper's weight map when ``border_weight`` > 0 (``border_sigma``, ``class_balance``)

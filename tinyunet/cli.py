@@ -252,7 +252,8 @@ def _add_export(commands):
         "Both record the input normalisation and the output activation in their metadata.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="a tinyunet checkpoint (.npz), or a run folder (its best.npz)")
     parser.add_argument("--out", required=True, metavar="FILE")
     parser.add_argument("--format", choices=EXPORT_FORMATS,
                         help="default: from the --out suffix (.onnx, .safetensors)")
@@ -741,9 +742,13 @@ def _evaluate(args):
 def _export(args):
     from .export import export_checkpoint
 
-    format = export_checkpoint(args.checkpoint, args.out, args.format, args.opset,
-                               args.overwrite)
-    print(f"wrote {args.out} ({format}) from {args.checkpoint}")
+    paths = checkpoint_paths([args.checkpoint])
+    if len(paths) > 1:
+        raise UserError(f"--checkpoint {args.checkpoint}: Expect: one model. Actual: an "
+                        f"ensemble of {len(paths)}; export each member's, such as "
+                        f"{paths[0]}.")
+    format = export_checkpoint(paths[0], args.out, args.format, args.opset, args.overwrite)
+    print(f"wrote {args.out} ({format}) from {paths[0]}")
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import tinyunet
 from tinyunet import cli
+from tinyunet.train import REAL_DATA_DEFAULTS
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -193,6 +194,12 @@ def test_train_members_trains_an_ensemble_that_resumes_where_it_stopped(tmp_path
     data = _cell_folder(tmp_path / "data", 1, (40, 40), seed=3)
     scores = run("evaluate", "--checkpoint", out, "--data", data)
     assert "ensemble of 3 models" in scores.stdout
+    refused = run("export", "--checkpoint", out, "--out", tmp_path / "m.safetensors",
+                  check=False)
+    assert refused.returncode == 2 and "Actual: an ensemble of 3; export each member's" \
+        in refused.stderr
+    exported = run("export", "--checkpoint", out / "member3", "--out", tmp_path / "m.safetensors")
+    assert f"from {out / 'member3' / 'best.npz'}" in exported.stdout
     run("train", *TINY, "--epochs", "1", "--out", out, "--overwrite")
     assert not (out / "member1").exists()  # the ensemble's files went, then its folders
     assert (out / "best.npz").is_file()
@@ -229,8 +236,12 @@ def test_train_on_a_data_folder(tmp_path):
     out = tmp_path / "run"
     done = run("train", "--data", data, *TINY[2:], "--epochs", "1", "--out", out)
     assert "on 4 training and 1 validation images" in done.stdout
-    assert "augmentation: flips and turns only" in done.stdout  # the real-data default
-    assert (out / "best.npz").is_file()
+    # The real-data defaults: flips and turns, an ensemble.
+    assert "augmentation: flips and turns only" in done.stdout
+    members = REAL_DATA_DEFAULTS["members"]
+    assert members > 1 and f"member {members} of {members} of the ensemble" in done.stdout
+    assert [(out / f"member{i}" / "best.npz").is_file() for i in range(1, members + 2)] == \
+        [True] * members + [False]
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -287,8 +298,8 @@ def test_val_data_samples_per_epoch_tile_and_tta(tmp_path):
     assert too_small.returncode == 2 and "--tile: Expect: more than 2 * halo = 64" in \
         too_small.stderr and "epoch" not in too_small.stderr  # refused before training
     done = run("train", "--data", data, "--val-data", val, "--samples-per-epoch", "6",
-               "--tile", "80", "--foreground-fraction", "0.5", *TINY[2:], "--epochs", "1",
-               "--out", out)
+               "--members", "1", "--tile", "80", "--foreground-fraction", "0.5", *TINY[2:],
+               "--epochs", "1", "--out", out)
     assert "validation: the 1 images of" in done.stdout and "all 2 training images train" \
         in done.stdout
     assert "an epoch is 6 crops of 32x32 (2 steps of 4), 50% of them centred" in done.stdout

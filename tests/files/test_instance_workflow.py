@@ -157,7 +157,7 @@ def test_the_cli_trains_evaluates_and_predicts_instances(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "--channels: Expect: channel indices separated by commas" in bad.stderr
     done = run("train", "--data", data, "--masks", "auto", "--channels", "1",
-               "--border-sigma", "4", *TINY, "--out", out)
+               "--border-sigma", "4", "--members", "1", *TINY, "--out", out)
     assert "masks: instances" in done.stdout
     meta = json.loads(np.load(out / "last.npz")["meta"].item())
     assert meta["mask_kind"] == "instances" and meta["config"]["channels"] == [1]
@@ -205,7 +205,7 @@ def test_the_cli_trains_evaluates_and_predicts_instances(tmp_path):
 def test_evaluate_scores_binary_truth_as_connected_components(tmp_path):
     data = binary_folder(tmp_path / "data")
     out = tmp_path / "run"
-    run("train", "--data", data, *TINY, "--out", out)
+    run("train", "--data", data, *TINY, "--members", "1", "--out", out)
     done = run("evaluate", "--checkpoint", out / "last.npz", "--data", data)
     assert "masks: binary" in done.stdout and "connected components" in done.stdout
     assert "ap50" in done.stdout and done.stdout.count("mean") >= 1
