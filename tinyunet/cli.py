@@ -527,9 +527,9 @@ def _load(args):
     paths = checkpoint_paths(args.checkpoint)
     try:
         model, metas = load_ensemble(paths)
-    except ValueError as error:
-        if isinstance(error, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except ValueError as error:  # the Ensemble's: members that disagree
         raise UserError(f"--checkpoint: {error}") from error
     members = getattr(model, "members", [model])
     kinds = [model_mask_kind(member, meta)
