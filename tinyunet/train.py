@@ -95,8 +95,8 @@ AUGMENTATIONS = tuple(AUGMENTATION_WORDS)
 # The paper's deformation with 1600 steps scored lower on two of three real sets
 # (docs/real-data.md). The command line trains 2 such models (an ensemble, averaged
 # by predict and evaluate): every ensemble measured on the real sets scored above the
-# mean of its models; 3 took over 10 minutes on the largest folder. tinyunet.fit trains
-# one model per call.
+# mean of its models, and 3 averaged no better than 2 over 13 confocal seeds.
+# tinyunet.fit trains one model per call.
 REAL_DATA_DEFAULTS: dict[str, Any] = {"depth": 4, "crop": 128, "batch_size": 4, "lr": 1e-3,
                                       "epochs": 8, "samples_per_epoch": 300, "augment": "flips",
                                       "members": 2}
